@@ -1,0 +1,291 @@
+"""The one intervention mechanism: pytrees applied at named sites of the forward pass.
+
+An intervention's *structure* (its site kind and edit kind) is static; its *leaves* (values,
+vectors, scales, and the layer/position/head indices it is restricted to) are arrays. So
+``jax.jit`` compiles once per structure, ``jax.vmap`` sweeps over a batch of interventions,
+and ``jax.grad`` with respect to the leaves is attribution.
+
+The protocol is one method: ``intervention(value, at) -> value``, called at every site of its
+kind. ``Edit`` subclasses implement ``edit(value, at)`` and get layer/position/head
+restriction for free; ``Capture`` records the value. Interventions compose by listing them:
+at a site they apply in order (``chain``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from jinterp import sites as S
+
+
+class At(NamedTuple):
+    """Where an intervention is being applied: the site kind, its axes, and the layer."""
+
+    kind: str
+    axes: tuple[str, ...]
+    layer: Array | int | None  # traced inside the layer scan
+    records: dict
+
+
+class Intervention(eqx.Module):
+    """Protocol: ``__call__(value, at)`` returns the value the forward continues with."""
+
+    site: eqx.AbstractVar[str]  # the site kind, e.g. "resid_pre" or "attn.z"
+
+    def __call__(self, value: Array, at: At) -> Array:
+        raise NotImplementedError
+
+    def check(self, cfg, seq_len: int) -> None:
+        """Raise a clear error if this intervention cannot apply to a model (eager values only)."""
+
+
+def _indices(values, what: str) -> Int[Array, "n"] | None:
+    if values is None:
+        return None
+    arr = values if hasattr(values, "dtype") else np.asarray(values)
+    if arr.ndim == 0:
+        arr = arr[None]
+    if not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise TypeError(f"{what} must be integer indices, got dtype {arr.dtype}")
+    return jnp.asarray(arr, jnp.int32)
+
+
+def _split_site(site, layers) -> tuple[str, Array | None]:
+    """A site name (with or without its layer) plus optional layers -> (kind, layer indices)."""
+    parsed = S.parse(site)
+    if parsed.kind not in S.SITE_AXES:
+        close = difflib.get_close_matches(parsed.kind, list(S.SITE_AXES), n=5, cutoff=0.5)
+        hint = f" Closest: {', '.join(close)}." if close else ""
+        raise ValueError(f"Unknown site {site!r}: no site kind {parsed.kind!r}.{hint} "
+                         f"Valid kinds: {', '.join(S.SITE_AXES)}.")
+    in_block = parsed.kind in S.BLOCK_KINDS
+    if parsed.layer is not None and not in_block:
+        raise ValueError(f"Site {site!r}: {parsed.kind!r} is outside the blocks and has no layer")
+    if isinstance(parsed.layer, int):
+        if layers is not None:
+            raise ValueError(f"Site {site!r} already names layer {parsed.layer}; do not pass layers= too")
+        layers = [parsed.layer]
+    elif in_block and parsed.layer is None and layers is None:
+        raise ValueError(f"Site {site!r} is inside the blocks: name a layer (blocks.3.{parsed.kind}), "
+                         f"every layer (blocks.*.{parsed.kind}), or pass layers=[...]")
+    if layers is not None and not in_block:
+        raise ValueError(f"Site {site!r} is outside the blocks; layers= does not apply")
+    return parsed.kind, _indices(layers, f"layers of {site!r}")
+
+
+def _axis_mask(indices: Array, axis_size: int) -> Array:
+    """Boolean mask over an axis from (possibly negative) indices."""
+    return jnp.any(jnp.arange(axis_size)[:, None] == (indices % axis_size)[None, :], axis=-1)
+
+
+class Edit(Intervention):
+    """An edit restricted to some layers, positions and heads (None = all of them).
+
+    ``positions`` index the ``pos`` axis (the query position for ``attn.scores`` and
+    ``attn.pattern``); negative indices count from the end. ``heads`` index query heads, or
+    key/value heads at the kv-head sites ``attn.k``, ``attn.v``, ``attn.rot_k``.
+    """
+
+    site: str = eqx.field(static=True)
+    layers: Int[Array, "n"] | None
+    positions: Int[Array, "n"] | None
+    heads: Int[Array, "n"] | None
+
+    def edit(self, value: Array, at: At) -> Array:
+        raise NotImplementedError
+
+    def __call__(self, value: Array, at: At) -> Array:
+        new = self.edit(value, at)
+        mask = self._mask(value, at)
+        return new if mask is None else jnp.where(mask, new, value)
+
+    def _mask(self, value: Array, at: At) -> Array | None:
+        mask = None
+        if self.layers is not None and at.layer is not None:
+            mask = jnp.any(self.layers == at.layer)
+        for indices, axis_names in ((self.positions, ("pos", "query_pos")), (self.heads, ("head", "kv_head"))):
+            if indices is None:
+                continue
+            axis = next(i for i, a in enumerate(at.axes) if a in axis_names)
+            shape = [1] * value.ndim
+            shape[axis] = value.shape[axis]
+            axis_mask = _axis_mask(indices, value.shape[axis]).reshape(shape)
+            mask = axis_mask if mask is None else mask & axis_mask
+        return mask
+
+    def check(self, cfg, seq_len: int) -> None:
+        axes = S.SITE_AXES[self.site]
+        where = f"edit at {self.site!r}"
+        if self.heads is not None:
+            head_axis = next((a for a in axes if a in ("head", "kv_head")), None)
+            if head_axis is None:
+                raise ValueError(f"{where}: heads= given but this site has no head axis (axes {axes})")
+            n = cfg.n_heads if head_axis == "head" else cfg.n_kv_heads
+            _check_range(self.heads, n, f"{where}: head", "kv heads" if head_axis == "kv_head" else "heads")
+        if self.positions is not None:
+            _check_range(self.positions, seq_len, f"{where}: position", "positions", negative=True)
+        if self.layers is not None:
+            _check_range(self.layers, cfg.n_layers, f"{where}: layer", "layers")
+
+    def _value(self, value: Array, at: At, given: Array, what: str) -> Array:
+        """Check that ``given`` broadcasts to the site's value and has a float dtype; cast it."""
+        if not jnp.issubdtype(given.dtype, jnp.floating):
+            raise TypeError(f"{what} at {at.kind!r} must be a float array, got dtype {given.dtype}")
+        try:
+            shape = np.broadcast_shapes(given.shape, value.shape)
+        except ValueError:
+            shape = None
+        if shape != value.shape:
+            raise ValueError(
+                f"{what} at {at.kind!r} has shape {given.shape}, which does not broadcast to the "
+                f"site's shape {value.shape} (axes {at.axes})")
+        return given.astype(value.dtype)
+
+
+def _check_range(indices: Array, size: int, what: str, plural: str, negative: bool = False) -> None:
+    if not _concrete(indices):
+        return
+    values = np.asarray(indices)
+    low = -size if negative else 0
+    bad = values[(values < low) | (values >= size)]
+    if bad.size:
+        raise ValueError(f"{what} {int(bad[0])} is out of range: there are {size} {plural} "
+                         f"(valid {low}..{size - 1})")
+
+
+def _concrete(x) -> bool:
+    try:
+        np.asarray(x)
+        return True
+    except Exception:  # a tracer: checked values are not available under jit
+        return False
+
+
+class Replace(Edit):
+    """Replace the value with ``value`` (broadcast to the site's shape)."""
+
+    value: Float[Array, "..."]
+
+    def __init__(self, site, value, *, layers=None, positions=None, heads=None):
+        self.site, self.layers = _split_site(site, layers)
+        self.positions = _indices(positions, "positions")
+        self.heads = _indices(heads, "heads")
+        self.value = jnp.asarray(value)
+
+    def edit(self, value, at):
+        return jnp.broadcast_to(self._value(value, at, self.value, "Replace value"), value.shape)
+
+
+class Add(Edit):
+    """Add ``scale * vector`` (steering)."""
+
+    vector: Float[Array, "..."]
+    scale: Float[Array, ""]
+
+    def __init__(self, site, vector, scale=1.0, *, layers=None, positions=None, heads=None):
+        self.site, self.layers = _split_site(site, layers)
+        self.positions = _indices(positions, "positions")
+        self.heads = _indices(heads, "heads")
+        self.vector = jnp.asarray(vector)
+        self.scale = jnp.asarray(scale, jnp.float32)
+
+    def edit(self, value, at):
+        vector = self._value(value, at, self.vector, "Add vector")
+        return value + (self.scale.astype(value.dtype) * vector)
+
+
+class Scale(Edit):
+    """Multiply the value by ``factor`` (a scalar or anything that broadcasts)."""
+
+    factor: Float[Array, "..."]
+
+    def __init__(self, site, factor, *, layers=None, positions=None, heads=None):
+        self.site, self.layers = _split_site(site, layers)
+        self.positions = _indices(positions, "positions")
+        self.heads = _indices(heads, "heads")
+        self.factor = jnp.asarray(factor, jnp.float32) if isinstance(factor, (int, float)) else jnp.asarray(factor)
+
+    def edit(self, value, at):
+        return value * self._value(value, at, self.factor, "Scale factor")
+
+
+class Zero(Edit):
+    """Set the value to zero (zero ablation)."""
+
+    def __init__(self, site, *, layers=None, positions=None, heads=None):
+        self.site, self.layers = _split_site(site, layers)
+        self.positions = _indices(positions, "positions")
+        self.heads = _indices(heads, "heads")
+
+    def edit(self, value, at):
+        return jnp.zeros_like(value)
+
+
+class Capture(Intervention):
+    """Record the value at a site (all of its layers are recorded inside the scan; the cache keeps
+    the requested ones). Placed before an edit at the same site it records the unedited value."""
+
+    site: str = eqx.field(static=True)
+    layers: tuple[int, ...] | None = eqx.field(static=True)  # None: outside the blocks
+
+    def __call__(self, value, at):
+        if at.kind in at.records:
+            raise ValueError(f"Site {at.kind!r} is captured twice in one run")
+        at.records[at.kind] = value
+        return value
+
+    def names(self) -> list[str]:
+        if self.layers is None:
+            return [self.site]
+        return [f"blocks.{layer}.{self.site}" for layer in self.layers]
+
+
+def chain(*interventions) -> tuple[Intervention, ...]:
+    """Compose interventions: at each site they apply in the order given."""
+    return flatten(interventions)
+
+
+def flatten(interventions) -> tuple[Intervention, ...]:
+    """Interventions given as one, a list, or nested lists/chains -> a flat tuple."""
+    if interventions is None:
+        return ()
+    if isinstance(interventions, Intervention):
+        return (interventions,)
+    if isinstance(interventions, Iterable) and not isinstance(interventions, (str, bytes)):
+        return tuple(i for item in interventions for i in flatten(item))
+    raise TypeError(f"Expected an Intervention (Replace, Add, Scale, Zero, Capture, ...) or a list of "
+                    f"them, got {type(interventions).__name__}: {interventions!r}")
+
+
+class SiteHook:
+    """What the forward calls at each site: the interventions of that kind, in order.
+
+    Built during tracing only; ``records`` collects captured values for this layer.
+    """
+
+    def __init__(self, by_kind: dict[str, Sequence[Intervention]], layer):
+        self.by_kind = by_kind
+        self.layer = layer
+        self.records: dict[str, Array] = {}
+
+    def __call__(self, kind: str, value: Array) -> Array:
+        for intervention in self.by_kind.get(kind, ()):
+            value = intervention(value, At(kind, S.SITE_AXES[kind], self.layer, self.records))
+        return value
+
+    def wants(self, kind: str) -> bool:
+        return kind in self.by_kind
+
+
+def by_kind(interventions: Sequence[Intervention]) -> dict[str, list[Intervention]]:
+    grouped: dict[str, list[Intervention]] = {}
+    for intervention in interventions:
+        grouped.setdefault(intervention.site, []).append(intervention)
+    return grouped

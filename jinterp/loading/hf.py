@@ -1,0 +1,423 @@
+"""HF-format model directories (``config.json`` + safetensors) -> ``Config`` and ``Transformer``.
+
+Supported ``model_type``s: see ``ARCHITECTURES``. Weights are read one tensor at a time from
+the safetensors files (never unpickled) and converted into jinterp's layout:
+W_Q ``[n_heads, d_model, d_head]``, W_O ``[n_heads, d_head, d_model]``, W_in ``[d_model, d_mlp]``, ...
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jinterp.loading.errors import LoadError
+from jinterp.models.config import Config
+from jinterp.models.layers import MLP, Attention, Block, Norm
+from jinterp.models.transformer import Transformer
+
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu", "gelu_new": "gelu_tanh",
+               "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+
+
+class HFConfig:
+    """config.json with errors that name the file and the key."""
+
+    def __init__(self, data: dict, path: Path):
+        self.data, self.path = data, path
+
+    def __getitem__(self, key):
+        if key not in self.data or self.data[key] is None:
+            raise LoadError(self.path, f"missing required key {key!r} for model_type {self.data.get('model_type')!r}")
+        return self.data[key]
+
+    def get(self, key, default=None):
+        value = self.data.get(key)
+        return default if value is None else value
+
+    def act(self, key: str, default: str | None = None) -> str:
+        name = self.get(key, default)
+        if name not in ACTIVATIONS:
+            raise LoadError(self.path, f"unsupported activation {key}={name!r}; supported: {sorted(ACTIVATIONS)}")
+        return ACTIVATIONS[name]
+
+    def rope(self, layer_type: str | None = None, theta_default: float = 10_000.0):
+        """(theta, scaling) from either `rope_parameters` (transformers 5) or legacy keys."""
+        params = self.get("rope_parameters", {})
+        if layer_type is not None and isinstance(params.get(layer_type), dict):
+            params = params[layer_type]
+        theta = params.get("rope_theta", self.get("rope_theta", self.get("rotary_emb_base", theta_default)))
+        scaling = params if params.get("rope_type", params.get("type", "default")) != "default" else None
+        legacy = self.get("rope_scaling")
+        if scaling is None and legacy and layer_type != "sliding_attention":
+            scaling = legacy
+        if not scaling:
+            return float(theta), None
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind not in ("linear", "llama3"):
+            raise LoadError(self.path, f"unsupported rope scaling type {kind!r}; supported: 'default', 'linear', 'llama3'")
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        return float(theta), (("type", kind),) + tuple((k, float(scaling[k])) for k in keys if k in scaling)
+
+    def partial_rotary(self) -> float:
+        params = self.get("rope_parameters", {})
+        return float(params.get("partial_rotary_factor", self.get("partial_rotary_factor", self.get("rotary_pct", 1.0))))
+
+    def layer_types(self, n_layers: int) -> tuple[str, ...] | None:
+        types = self.get("layer_types")
+        if types is None:
+            return None
+        mapping = {"full_attention": "global", "sliding_attention": "local"}
+        for t in types:
+            if t not in mapping:
+                raise LoadError(self.path, f"unsupported layer type {t!r}; supported: {sorted(mapping)}")
+        return tuple(mapping[t] for t in types)
+
+
+class Tensors:
+    """Lazy, named access to the tensors of one or more safetensors files."""
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+
+        index = directory / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise LoadError(index, "no 'weight_map' object")
+            files = sorted(set(weight_map.values()))
+        elif (directory / "model.safetensors").exists():
+            files = ["model.safetensors"]
+        else:
+            raise LoadError(directory, "no model.safetensors or model.safetensors.index.json "
+                                       "(only safetensors weights are read; pickled .bin files are refused)")
+        self.handles: dict[Path, object] = {}
+        self.where: dict[str, Path] = {}
+        for name in files:
+            path = directory / name
+            if not path.exists():
+                raise LoadError(path, "shard listed in the index is missing")
+            try:
+                handle = safe_open(str(path), framework="numpy")
+            except Exception as error:  # safetensors raises its own error types for bad headers
+                raise LoadError(path, f"not a readable safetensors file ({error})") from None
+            self.handles[path] = handle
+            for key in handle.keys():
+                self.where[key] = path
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        if name not in self.where:
+            raise LoadError(next(iter(self.handles)), f"missing tensor {name!r}")
+        path = self.where[name]
+        try:
+            array = self.handles[path].get_tensor(name)
+        except Exception as error:
+            raise LoadError(path, f"cannot read tensor {name!r} ({error})") from None
+        if shape is not None and tuple(array.shape) != tuple(shape):
+            raise LoadError(path, f"tensor {name!r} has shape {tuple(array.shape)}, config implies {tuple(shape)}")
+        if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
+            raise LoadError(path, f"tensor {name!r} has non-float dtype {array.dtype}")
+        return array.astype(np.float32)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LoadError(path, f"not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise LoadError(path, "expected a JSON object")
+    return data
+
+
+# --- configs --------------------------------------------------------------------------------
+
+def _llama_like(c: HFConfig, arch: str) -> Config:
+    d_model, n_heads = c["hidden_size"], c["num_attention_heads"]
+    n_layers = c["num_hidden_layers"]
+    gemma = arch.startswith("gemma3")
+    theta, scaling = c.rope("full_attention" if gemma else None, 1_000_000.0 if gemma else 10_000.0)
+    layer_types = c.layer_types(n_layers)
+    if gemma and layer_types is None:
+        pattern = c.get("sliding_window_pattern", 6)
+        layer_types = tuple("global" if (i + 1) % pattern == 0 else "local" for i in range(n_layers))
+    window = c.get("sliding_window")
+    if arch == "mistral" and window is not None and layer_types is None:
+        layer_types = ("local",) * n_layers
+    if arch in ("qwen2", "qwen3") and not c.get("use_sliding_window", False):
+        layer_types = None
+    if gemma and c.get("use_bidirectional_attention", False):
+        raise LoadError(c.path, "bidirectional Gemma 3 (embedding models) is not supported")
+    d_head = c.get("head_dim", d_model // n_heads)
+    return Config(
+        d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=c.get("num_key_value_heads", n_heads),
+        d_head=d_head, d_mlp=c["intermediate_size"], d_vocab=c["vocab_size"],
+        n_ctx=c["max_position_embeddings"], norm="rms", norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+        norm_placement="sandwich" if gemma else "pre",
+        act=c.act("hidden_activation" if gemma else "hidden_act", "gelu_pytorch_tanh" if gemma else "silu"),
+        gated_mlp=True, positional="rotary", rotary_dim=int(d_head * c.partial_rotary()),
+        rope_theta=theta, rope_scaling=scaling,
+        rope_theta_local=c.rope("sliding_attention", c.get("rope_local_base_freq", 10_000.0))[0] if gemma else None,
+        layer_types=layer_types, sliding_window=window if layer_types and "local" in layer_types else None,
+        qk_norm=gemma or arch == "qwen3",
+        attn_scale=c["query_pre_attn_scalar"] ** -0.5 if gemma else None,
+        attn_softcap=c.get("attn_logit_softcapping"), final_softcap=c.get("final_logit_softcapping"),
+        embed_scale=math.sqrt(d_model) if gemma else 1.0,
+        tied_embeddings=bool(c.get("tie_word_embeddings", gemma)),
+        qkv_bias=arch == "qwen2" or bool(c.get("attention_bias", False)),
+        out_bias=arch not in ("qwen2",) and bool(c.get("attention_bias", False)),
+        mlp_bias=bool(c.get("mlp_bias", False)),
+        architecture=arch,
+    )
+
+
+def _gpt2(c: HFConfig, arch: str) -> Config:
+    if c.get("scale_attn_by_inverse_layer_idx", False):
+        raise LoadError(c.path, "scale_attn_by_inverse_layer_idx=True is not supported")
+    if not c.get("scale_attn_weights", True):
+        raise LoadError(c.path, "scale_attn_weights=False is not supported")
+    d_model, n_heads = c["n_embd"], c["n_head"]
+    return Config(
+        d_model=d_model, n_layers=c["n_layer"], n_heads=n_heads, d_head=d_model // n_heads,
+        d_mlp=c.get("n_inner", 4 * d_model), d_vocab=c["vocab_size"], n_ctx=c["n_positions"],
+        norm="layer", norm_eps=float(c.get("layer_norm_epsilon", 1e-5)), act=c.act("activation_function", "gelu_new"),
+        positional="learned", tied_embeddings=True, qkv_bias=True, out_bias=True, mlp_bias=True,
+        architecture=arch)
+
+
+def _neox(c: HFConfig, arch: str) -> Config:
+    d_model, n_heads = c["hidden_size"], c["num_attention_heads"]
+    d_head = d_model // n_heads
+    theta, scaling = c.rope()
+    bias = bool(c.get("attention_bias", True))
+    return Config(
+        d_model=d_model, n_layers=c["num_hidden_layers"], n_heads=n_heads, d_head=d_head,
+        d_mlp=c["intermediate_size"], d_vocab=c["vocab_size"], n_ctx=c["max_position_embeddings"],
+        norm="layer", norm_eps=float(c.get("layer_norm_eps", 1e-5)), act=c.act("hidden_act", "gelu"),
+        parallel=bool(c.get("use_parallel_residual", True)), positional="rotary",
+        rotary_dim=int(d_head * c.partial_rotary()), rope_theta=theta, rope_scaling=scaling,
+        tied_embeddings=bool(c.get("tie_word_embeddings", False)),
+        qkv_bias=bias, out_bias=bias, mlp_bias=True, architecture=arch)
+
+
+def _bert(c: HFConfig, arch: str) -> Config:
+    if c.get("position_embedding_type", "absolute") != "absolute":
+        raise LoadError(c.path, f"position_embedding_type={c.get('position_embedding_type')!r} is not supported; "
+                                "supported: 'absolute'")
+    d_model, n_heads = c["hidden_size"], c["num_attention_heads"]
+    return Config(
+        d_model=d_model, n_layers=c["num_hidden_layers"], n_heads=n_heads, d_head=d_model // n_heads,
+        d_mlp=c["intermediate_size"], d_vocab=c["vocab_size"], n_ctx=c["max_position_embeddings"],
+        norm="layer", norm_eps=float(c.get("layer_norm_eps", 1e-12)), norm_placement="post",
+        act=c.act("hidden_act", "gelu"), causal=False, positional="learned",
+        n_token_types=c.get("type_vocab_size", 2), embed_norm=True, unembed=False,
+        qkv_bias=True, out_bias=True, mlp_bias=True, architecture=arch)
+
+
+CONFIGS: dict[str, Callable[[HFConfig, str], Config]] = {
+    "llama": _llama_like, "mistral": _llama_like, "qwen2": _llama_like, "qwen3": _llama_like,
+    "gemma3_text": _llama_like, "gemma3": _llama_like,
+    "gpt2": _gpt2, "gpt_neox": _neox, "bert": _bert,
+}
+ARCHITECTURES = tuple(CONFIGS)
+
+
+def config_from_hf(data: dict, path: Path) -> Config:
+    """An HF ``config.json`` dict -> jinterp ``Config``."""
+    arch = data.get("model_type")
+    if arch == "gemma3" and isinstance(data.get("text_config"), dict):
+        data = {**data["text_config"], "model_type": "gemma3_text"}
+        arch = "gemma3_text"
+    if arch not in CONFIGS:
+        raise LoadError(path, f"unsupported model_type {arch!r}; supported: {', '.join(ARCHITECTURES)}")
+    try:
+        return CONFIGS[arch](HFConfig(data, path), arch)
+    except (TypeError, ValueError) as error:
+        if isinstance(error, LoadError):
+            raise
+        raise LoadError(path, f"contradictory or invalid config: {error}") from None
+
+
+# --- weights --------------------------------------------------------------------------------
+
+def _prefix(tensors: Tensors, candidates: tuple[str, ...], probe: str) -> str:
+    for prefix in candidates:
+        if prefix + probe in tensors:
+            return prefix
+    raise LoadError(next(iter(tensors.handles)), f"no tensor named like {'|'.join(candidates)}{probe}; "
+                                                 "is this the right architecture?")
+
+
+def _heads_in(w: np.ndarray, n: int, d_head: int) -> np.ndarray:
+    """nn.Linear weight [n*d_head, d_model] -> [n, d_model, d_head]."""
+    return w.reshape(n, d_head, -1).transpose(0, 2, 1)
+
+
+def _heads_out(w: np.ndarray, n: int, d_head: int) -> np.ndarray:
+    """nn.Linear weight [d_model, n*d_head] -> [n, d_head, d_model]."""
+    return w.T.reshape(n, d_head, -1)
+
+
+def _llama_layer(t: Tensors, cfg: Config, p: str, gemma: bool) -> dict:
+    H, K, E = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+    offset = 1.0 if gemma else 0.0  # Gemma norms scale by (1 + w)
+    get = t.get
+    norm = lambda name: Norm(get(p + name + ".weight") + offset, None)  # noqa: E731
+    bias = lambda name, n: get(p + name + ".bias").reshape(n, E) if cfg.qkv_bias else None  # noqa: E731
+    attn = Attention(
+        W_Q=_heads_in(get(p + "self_attn.q_proj.weight", (H * E, cfg.d_model)), H, E),
+        W_K=_heads_in(get(p + "self_attn.k_proj.weight", (K * E, cfg.d_model)), K, E),
+        W_V=_heads_in(get(p + "self_attn.v_proj.weight", (K * E, cfg.d_model)), K, E),
+        W_O=_heads_out(get(p + "self_attn.o_proj.weight", (cfg.d_model, H * E)), H, E),
+        b_Q=bias("self_attn.q_proj", H), b_K=bias("self_attn.k_proj", K), b_V=bias("self_attn.v_proj", K),
+        b_O=get(p + "self_attn.o_proj.bias") if cfg.out_bias else None,
+        q_norm=norm("self_attn.q_norm") if cfg.qk_norm else None,
+        k_norm=norm("self_attn.k_norm") if cfg.qk_norm else None)
+    mlp = MLP(W_in=get(p + "mlp.up_proj.weight", (cfg.d_mlp, cfg.d_model)).T,
+              W_gate=get(p + "mlp.gate_proj.weight", (cfg.d_mlp, cfg.d_model)).T,
+              W_out=get(p + "mlp.down_proj.weight", (cfg.d_model, cfg.d_mlp)).T,
+              b_in=get(p + "mlp.up_proj.bias") if cfg.mlp_bias else None,
+              b_out=get(p + "mlp.down_proj.bias") if cfg.mlp_bias else None)
+    if cfg.mlp_bias and p + "mlp.gate_proj.bias" in t:
+        raise LoadError(t.where[p + "mlp.gate_proj.bias"], "a bias on the MLP gate projection is not supported")
+    if gemma:
+        return Block(ln1=norm("input_layernorm"), attn=attn, ln1_post=norm("post_attention_layernorm"),
+                     ln2=norm("pre_feedforward_layernorm"), mlp=mlp, ln2_post=norm("post_feedforward_layernorm"))
+    return Block(ln1=norm("input_layernorm"), attn=attn, ln1_post=None,
+                 ln2=norm("post_attention_layernorm"), mlp=mlp, ln2_post=None)
+
+
+def _convert_llama(t: Tensors, cfg: Config) -> dict:
+    gemma = cfg.architecture.startswith("gemma3")
+    prefix = _prefix(t, ("model.", "model.language_model.", "language_model.model.", ""), "embed_tokens.weight")
+    blocks = [_llama_layer(t, cfg, f"{prefix}layers.{i}.", gemma) for i in range(cfg.n_layers)]
+    head = None
+    if not cfg.tied_embeddings:
+        head = t.get("lm_head.weight" if "lm_head.weight" in t else "language_model.lm_head.weight",
+                     (cfg.d_vocab, cfg.d_model)).T
+    return dict(W_E=t.get(prefix + "embed_tokens.weight", (cfg.d_vocab, cfg.d_model)), blocks=blocks,
+                ln_final=Norm(t.get(prefix + "norm.weight") + (1.0 if gemma else 0.0), None), W_U=head)
+
+
+def _convert_gpt2(t: Tensors, cfg: Config) -> dict:
+    prefix = _prefix(t, ("transformer.", ""), "wte.weight")
+    D, H, E = cfg.d_model, cfg.n_heads, cfg.d_head
+
+    def ln(name):
+        return Norm(t.get(name + ".weight", (D,)), t.get(name + ".bias", (D,)))
+
+    def layer(i):
+        p = f"{prefix}h.{i}."
+        qkv_w = t.get(p + "attn.c_attn.weight", (D, 3 * D))  # Conv1D: x @ W
+        qkv_b = t.get(p + "attn.c_attn.bias", (3 * D,))
+        W_Q, W_K, W_V = (w.reshape(D, H, E).transpose(1, 0, 2) for w in np.split(qkv_w, 3, axis=1))
+        b_Q, b_K, b_V = (b.reshape(H, E) for b in np.split(qkv_b, 3))
+        attn = Attention(W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=t.get(p + "attn.c_proj.weight", (D, D)).reshape(H, E, D),
+                         b_Q=b_Q, b_K=b_K, b_V=b_V, b_O=t.get(p + "attn.c_proj.bias", (D,)), q_norm=None, k_norm=None)
+        mlp = MLP(W_in=t.get(p + "mlp.c_fc.weight", (D, cfg.d_mlp)), W_gate=None,
+                  W_out=t.get(p + "mlp.c_proj.weight", (cfg.d_mlp, D)),
+                  b_in=t.get(p + "mlp.c_fc.bias"), b_out=t.get(p + "mlp.c_proj.bias"))
+        return Block(ln1=ln(p + "ln_1"), attn=attn, ln1_post=None, ln2=ln(p + "ln_2"), mlp=mlp, ln2_post=None)
+
+    return dict(W_E=t.get(prefix + "wte.weight", (cfg.d_vocab, D)), W_pos=t.get(prefix + "wpe.weight", (cfg.n_ctx, D)),
+                blocks=[layer(i) for i in range(cfg.n_layers)], ln_final=ln(prefix + "ln_f"))
+
+
+def _convert_neox(t: Tensors, cfg: Config) -> dict:
+    prefix = _prefix(t, ("gpt_neox.", ""), "embed_in.weight")
+    D, H, E = cfg.d_model, cfg.n_heads, cfg.d_head
+
+    def ln(name):
+        return Norm(t.get(name + ".weight", (D,)), t.get(name + ".bias", (D,)))
+
+    def layer(i):
+        p = f"{prefix}layers.{i}."
+        # Fused projection rows are laid out [head, (q|k|v), d_head].
+        qkv = t.get(p + "attention.query_key_value.weight", (3 * D, D)).reshape(H, 3, E, D)
+        W_Q, W_K, W_V = (qkv[:, j].transpose(0, 2, 1) for j in range(3))
+        b_Q = b_K = b_V = b_O = None
+        if cfg.qkv_bias:
+            qkv_b = t.get(p + "attention.query_key_value.bias", (3 * D,)).reshape(H, 3, E)
+            b_Q, b_K, b_V = (qkv_b[:, j] for j in range(3))
+            b_O = t.get(p + "attention.dense.bias", (D,))
+        attn = Attention(W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=_heads_out(t.get(p + "attention.dense.weight", (D, D)), H, E),
+                         b_Q=b_Q, b_K=b_K, b_V=b_V, b_O=b_O, q_norm=None, k_norm=None)
+        mlp = MLP(W_in=t.get(p + "mlp.dense_h_to_4h.weight", (cfg.d_mlp, D)).T, W_gate=None,
+                  W_out=t.get(p + "mlp.dense_4h_to_h.weight", (D, cfg.d_mlp)).T,
+                  b_in=t.get(p + "mlp.dense_h_to_4h.bias"), b_out=t.get(p + "mlp.dense_4h_to_h.bias"))
+        return Block(ln1=ln(p + "input_layernorm"), attn=attn, ln1_post=None,
+                     ln2=ln(p + "post_attention_layernorm"), mlp=mlp, ln2_post=None)
+
+    head = None if cfg.tied_embeddings else t.get("embed_out.weight", (cfg.d_vocab, D)).T
+    return dict(W_E=t.get(prefix + "embed_in.weight", (cfg.d_vocab, D)), blocks=[layer(i) for i in range(cfg.n_layers)],
+                ln_final=ln(prefix + "final_layer_norm"), W_U=head)
+
+
+def _convert_bert(t: Tensors, cfg: Config) -> dict:
+    prefix = _prefix(t, ("bert.", ""), "embeddings.word_embeddings.weight")
+    D, H, E = cfg.d_model, cfg.n_heads, cfg.d_head
+
+    def ln(name):
+        weight, bias = (".weight", ".bias") if name + ".weight" in t else (".gamma", ".beta")
+        return Norm(t.get(name + weight, (D,)), t.get(name + bias, (D,)))
+
+    def layer(i):
+        p = f"{prefix}encoder.layer.{i}."
+        proj = lambda n: _heads_in(t.get(p + f"attention.self.{n}.weight", (D, D)), H, E)  # noqa: E731
+        bias = lambda n: t.get(p + f"attention.self.{n}.bias", (D,)).reshape(H, E)  # noqa: E731
+        attn = Attention(W_Q=proj("query"), W_K=proj("key"), W_V=proj("value"),
+                         W_O=_heads_out(t.get(p + "attention.output.dense.weight", (D, D)), H, E),
+                         b_Q=bias("query"), b_K=bias("key"), b_V=bias("value"),
+                         b_O=t.get(p + "attention.output.dense.bias", (D,)), q_norm=None, k_norm=None)
+        mlp = MLP(W_in=t.get(p + "intermediate.dense.weight", (cfg.d_mlp, D)).T, W_gate=None,
+                  W_out=t.get(p + "output.dense.weight", (D, cfg.d_mlp)).T,
+                  b_in=t.get(p + "intermediate.dense.bias"), b_out=t.get(p + "output.dense.bias"))
+        return Block(ln1=ln(p + "attention.output.LayerNorm"), attn=attn, ln1_post=None,
+                     ln2=ln(p + "output.LayerNorm"), mlp=mlp, ln2_post=None)
+
+    e = prefix + "embeddings."
+    weights = dict(
+        W_E=t.get(e + "word_embeddings.weight", (cfg.d_vocab, D)),
+        W_pos=t.get(e + "position_embeddings.weight", (cfg.n_ctx, D)),
+        W_token_type=t.get(e + "token_type_embeddings.weight", (cfg.n_token_types, D)),
+        ln_embed=ln(e + "LayerNorm"), blocks=[layer(i) for i in range(cfg.n_layers)])
+    if prefix + "pooler.dense.weight" in t:
+        weights.update(W_pool=t.get(prefix + "pooler.dense.weight", (D, D)).T, b_pool=t.get(prefix + "pooler.dense.bias"))
+    return weights
+
+
+CONVERTERS = {"gpt2": _convert_gpt2, "gpt_neox": _convert_neox, "bert": _convert_bert}
+
+
+def assemble(cfg: Config, weights: dict, dtype) -> Transformer:
+    """Per-layer numpy weights -> a Transformer with stacked block parameters in ``dtype``."""
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)  # noqa: E731
+    blocks = weights.pop("blocks")
+    stacked = jax.tree.map(lambda *layers: jnp.asarray(np.stack(layers), dtype), *blocks)
+    fields = dict(W_pos=None, W_token_type=None, ln_embed=None, ln_final=None, W_U=None, b_U=None,
+                  W_pool=None, b_pool=None)
+    fields.update({name: cast(value) for name, value in weights.items()})
+    cfg = cfg.replace(dtype=dtype.name, pooler=fields["W_pool"] is not None)
+    return Transformer(cfg=cfg, blocks=stacked, **fields)
+
+
+def load_hf_dir(directory, dtype=None) -> Transformer:
+    """Load an HF-format directory (config.json + safetensors, single file or sharded)."""
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        raise LoadError(directory, "no config.json; an HF-format directory needs config.json and safetensors weights")
+    cfg = config_from_hf(_read_json(config_path), config_path)
+    tensors = Tensors(directory)
+    convert = CONVERTERS.get(cfg.architecture, _convert_llama)
+    return assemble(cfg, convert(tensors, cfg), dtype)

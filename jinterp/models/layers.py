@@ -1,0 +1,227 @@
+"""The shared layers every family is assembled from: norms, rotary, attention, MLP, block.
+
+Each layer is a parameter module plus a pure function of (parameters, input, config, hook).
+``hook(kind, value)`` is called at every site and returns the value the forward continues
+with; that single call is how capture and every edit reach the computation.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+from jinterp.models.config import Config
+
+
+class Hook(Protocol):
+    def __call__(self, kind: str, value: Array) -> Array: ...
+    def wants(self, kind: str) -> bool: ...
+
+
+class Norm(eqx.Module):
+    """LayerNorm (with bias) or RMSNorm weights."""
+
+    w: Float[Array, "d"]
+    b: Float[Array, "d"] | None
+
+
+class Attention(eqx.Module):
+    W_Q: Float[Array, "n_heads d_model d_head"]
+    W_K: Float[Array, "n_kv_heads d_model d_head"]
+    W_V: Float[Array, "n_kv_heads d_model d_head"]
+    W_O: Float[Array, "n_heads d_head d_model"]
+    b_Q: Float[Array, "n_heads d_head"] | None
+    b_K: Float[Array, "n_kv_heads d_head"] | None
+    b_V: Float[Array, "n_kv_heads d_head"] | None
+    b_O: Float[Array, "d_model"] | None
+    q_norm: Norm | None
+    k_norm: Norm | None
+
+
+class MLP(eqx.Module):
+    W_in: Float[Array, "d_model d_mlp"]
+    W_gate: Float[Array, "d_model d_mlp"] | None
+    W_out: Float[Array, "d_mlp d_model"]
+    b_in: Float[Array, "d_mlp"] | None
+    b_out: Float[Array, "d_model"] | None
+
+
+class Block(eqx.Module):
+    """One transformer block. In a model every leaf carries a leading n_layers axis."""
+
+    ln1: Norm | None
+    attn: Attention
+    ln1_post: Norm | None
+    ln2: Norm | None
+    mlp: MLP | None
+    ln2_post: Norm | None
+
+
+# --- functions -----------------------------------------------------------------------------
+
+def activation(name: str, x: Array) -> Array:
+    if name == "relu":
+        return jax.nn.relu(x)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    return jax.nn.silu(x)
+
+
+def normalize(ln: Norm | None, x: Float[Array, "... d"], cfg: Config, hook: Hook, name: str) -> Array:
+    """LayerNorm: (x - mean) / scale * w + b;  RMSNorm: x / scale * w;  scale = sqrt(mean sq + eps).
+
+    Computed in float32 whatever the model dtype (as the reference implementations do).
+    """
+    if ln is None:
+        return x
+    h = x.astype(jnp.float32)
+    if cfg.norm == "layer":
+        h = h - h.mean(-1, keepdims=True)
+    scale = hook(f"{name}.scale", jnp.sqrt(jnp.mean(h * h, -1, keepdims=True) + cfg.norm_eps))
+    normalized = hook(f"{name}.normalized", h / scale)
+    out = normalized * ln.w.astype(jnp.float32)
+    if ln.b is not None:
+        out = out + ln.b.astype(jnp.float32)
+    return out.astype(x.dtype)
+
+
+def rms_head_norm(ln: Norm, x: Float[Array, "... d_head"], eps: float) -> Array:
+    """Gemma 3's q/k norm: RMS over each head's vector."""
+    h = x.astype(jnp.float32)
+    h = h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + eps)
+    return (h * ln.w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_frequencies(cfg: Config, theta: float, scaling) -> Float[Array, "rotary_dim/2"]:
+    """Inverse frequencies theta^(-2i/d), with linear or Llama-3 scaling when configured."""
+    d = cfg.rotary_dim
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    if not scaling:
+        return inv_freq
+    scaling = dict(scaling)
+    factor = float(scaling.get("factor", 1.0))
+    if scaling["type"] == "linear":
+        return inv_freq / factor
+    if scaling["type"] == "llama3":
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        wavelen = 2 * jnp.pi / inv_freq
+        scaled = jnp.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        return jnp.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(inv_freq: Array, positions: Array) -> tuple[Array, Array]:
+    """cos and sin of position * frequency, laid out [freqs, freqs] for rotate-half rotary."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    angles = jnp.concatenate([angles, angles], -1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def rotate(x: Float[Array, "batch pos heads d_head"], cos: Array, sin: Array) -> Array:
+    """Rotary position embedding on the first rotary_dim features (rotate-half convention)."""
+    d = cos.shape[-1]
+    x_rot, x_pass = x[..., :d], x[..., d:]
+    x1, x2 = jnp.split(x_rot, 2, axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    rotated = x_rot * cos + jnp.concatenate([-x2, x1], -1) * sin
+    return jnp.concatenate([rotated, x_pass], -1)
+
+
+def attention(
+    p: Attention,
+    x: Float[Array, "batch pos d_model"],
+    mask: Bool[Array, "batch query_pos key_pos"],
+    rope: tuple[Array, Array] | None,
+    cfg: Config,
+    hook: Hook,
+) -> Float[Array, "batch pos d_model"]:
+    """softmax(q k^T * scale + mask) v W_O, grouped-query: query head h reads kv head h // group."""
+    def project(W, b):
+        y = jnp.einsum("bsd,hde->bshe", x, W)
+        return y if b is None else y + b
+
+    q = hook("attn.q", project(p.W_Q, p.b_Q))
+    k = hook("attn.k", project(p.W_K, p.b_K))
+    v = hook("attn.v", project(p.W_V, p.b_V))
+    if p.q_norm is not None:
+        q, k = rms_head_norm(p.q_norm, q, cfg.norm_eps), rms_head_norm(p.k_norm, k, cfg.norm_eps)
+    if rope is not None:
+        q = hook("attn.rot_q", rotate(q, *rope))
+        k = hook("attn.rot_k", rotate(k, *rope))
+
+    batch, seq, _, d_head = q.shape
+    q_grouped = q.reshape(batch, seq, cfg.n_kv_heads, cfg.group_size, d_head)
+    scores = jnp.einsum("bqkge,bske->bkgqs", q_grouped, k) * jnp.asarray(cfg.attn_scale, q.dtype)
+    scores = scores.reshape(batch, cfg.n_heads, seq, k.shape[1])
+    if cfg.attn_softcap is not None:
+        scores = cfg.attn_softcap * jnp.tanh(scores / cfg.attn_softcap)
+    scores = jnp.where(mask[:, None], scores, jnp.finfo(scores.dtype).min)
+    scores = hook("attn.scores", scores)
+    pattern = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+    pattern = hook("attn.pattern", pattern)
+
+    pattern_grouped = pattern.reshape(batch, cfg.n_kv_heads, cfg.group_size, seq, -1)
+    z = jnp.einsum("bkgqs,bske->bqkge", pattern_grouped, v).reshape(batch, seq, cfg.n_heads, d_head)
+    z = hook("attn.z", z)
+    if hook.wants("attn.result"):
+        out = hook("attn.result", jnp.einsum("bqhe,hed->bqhd", z, p.W_O)).sum(2)
+    else:
+        out = jnp.einsum("bqhe,hed->bqd", z, p.W_O)
+    return out if p.b_O is None else out + p.b_O
+
+
+def mlp(p: MLP, x: Float[Array, "batch pos d_model"], cfg: Config, hook: Hook) -> Array:
+    """act(x W_in + b_in) W_out + b_out, or gated: (act(x W_gate) * x W_in) W_out."""
+    def linear(W, b):
+        y = x @ W
+        return y if b is None else y + b
+
+    if p.W_gate is not None:
+        pre = hook("mlp.pre", linear(p.W_gate, None))
+        pre_linear = hook("mlp.pre_linear", linear(p.W_in, p.b_in))
+        post = activation(cfg.act, pre) * pre_linear
+    else:
+        post = activation(cfg.act, hook("mlp.pre", linear(p.W_in, p.b_in)))
+    post = hook("mlp.post", post)
+    out = post @ p.W_out
+    return out if p.b_out is None else out + p.b_out
+
+
+def block(
+    p: Block,
+    resid_pre: Float[Array, "batch pos d_model"],
+    mask: Array,
+    rope: tuple[Array, Array] | None,
+    cfg: Config,
+    hook: Hook,
+) -> Float[Array, "batch pos d_model"]:
+    """One block: pre-norm (Llama, GPT-2), parallel (GPT-NeoX), sandwich (Gemma) or post-norm (BERT)."""
+    resid_pre = hook("resid_pre", resid_pre)
+
+    if cfg.norm_placement == "post":
+        attn_out = hook("attn_out", attention(p.attn, resid_pre, mask, rope, cfg, hook))
+        resid_mid = hook("resid_mid", resid_pre + attn_out)
+        h = normalize(p.ln1, resid_mid, cfg, hook, "ln1")
+        mlp_out = hook("mlp_out", mlp(p.mlp, h, cfg, hook))
+        resid_post = hook("resid_post", h + mlp_out)
+        return hook("normalized_resid_post", normalize(p.ln2, resid_post, cfg, hook, "ln2"))
+
+    attn_out = attention(p.attn, normalize(p.ln1, resid_pre, cfg, hook, "ln1"), mask, rope, cfg, hook)
+    attn_out = hook("attn_out", normalize(p.ln1_post, attn_out, cfg, hook, "ln1_post"))
+    if cfg.attn_only:
+        return hook("resid_post", resid_pre + attn_out)
+
+    mlp_in = resid_pre if cfg.parallel else hook("resid_mid", resid_pre + attn_out)
+    mlp_out = mlp(p.mlp, normalize(p.ln2, mlp_in, cfg, hook, "ln2"), cfg, hook)
+    mlp_out = hook("mlp_out", normalize(p.ln2_post, mlp_out, cfg, hook, "ln2_post"))
+    return hook("resid_post", mlp_in + attn_out + mlp_out if cfg.parallel else mlp_in + mlp_out)

@@ -1,0 +1,218 @@
+"""The transformer: embeddings, a stack of blocks run with ``lax.scan``, final norm, unembedding.
+
+Every family is this one module with a different ``Config``. Decoders return logits; an
+encoder (``unembed=False``, e.g. BERT) returns its final hidden states.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from jinterp import interventions as iv
+from jinterp.models.config import Config
+from jinterp.models.layers import MLP, Attention, Block, Norm, block, normalize, rope_frequencies, rope_tables
+
+
+class Transformer(eqx.Module):
+    """A pure transformer. Block parameters are stacked along a leading ``n_layers`` axis."""
+
+    cfg: Config = eqx.field(static=True)
+    W_E: Float[Array, "d_vocab d_model"]
+    W_pos: Float[Array, "n_ctx d_model"] | None
+    W_token_type: Float[Array, "n_token_types d_model"] | None
+    ln_embed: Norm | None
+    blocks: Block
+    ln_final: Norm | None
+    W_U: Float[Array, "d_model d_vocab"] | None  # None when tied to W_E (or an encoder)
+    b_U: Float[Array, "d_vocab"] | None
+    W_pool: Float[Array, "d_model d_model"] | None
+    b_pool: Float[Array, "d_model"] | None
+
+    def __call__(
+        self,
+        tokens: Int[Array, "batch pos"],
+        attention_mask: Bool[Array, "batch pos"] | None = None,
+        token_type_ids: Int[Array, "batch pos"] | None = None,
+    ) -> Float[Array, "batch pos out"]:
+        """Logits ``[batch, pos, d_vocab]`` (an encoder: hidden states ``[batch, pos, d_model]``)."""
+        check_inputs(self.cfg, tokens, attention_mask, token_type_ids)
+        return self.forward(tokens, (), attention_mask, token_type_ids)[0]
+
+    @property
+    def W_unembed(self) -> Float[Array, "d_model d_vocab"]:
+        return self.W_E.T if self.W_U is None else self.W_U
+
+    def forward(self, tokens, interventions=(), attention_mask=None, token_type_ids=None):
+        """The forward pass with interventions at its sites.
+
+        Returns (output, records outside the blocks, records inside the blocks stacked over
+        layers). Inputs are not validated here; ``jinterp.run`` and ``__call__`` do that.
+        """
+        cfg = self.cfg
+        grouped = iv.by_kind(iv.flatten(interventions))
+        top = iv.SiteHook(grouped, layer=None)
+        batch, seq = tokens.shape
+        valid = jnp.ones((batch, seq), bool) if attention_mask is None else attention_mask.astype(bool)
+        # Positions count real tokens only, so a padded row equals the unpadded run.
+        positions = jnp.maximum(jnp.cumsum(valid, -1) - 1, 0)
+
+        # Out-of-vocabulary ids embed as NaN rather than being silently clamped.
+        embed = self.W_E.at[tokens].get(mode="fill", fill_value=jnp.nan)
+        x = top("embed", embed * jnp.asarray(cfg.embed_scale, embed.dtype))
+        if self.W_pos is not None:
+            x = x + top("pos_embed", self.W_pos[positions])
+        if self.W_token_type is not None:
+            types = jnp.zeros_like(tokens) if token_type_ids is None else token_type_ids
+            x = x + top("token_type_embed", self.W_token_type.at[types].get(mode="fill", fill_value=jnp.nan))
+        x = normalize(self.ln_embed, x, cfg, top, "ln_embed")
+
+        # Global and local (sliding-window) layers differ only in mask and rotary base.
+        masks, ropes = attention_masks(cfg, valid, positions), rope_pair(cfg, positions)
+        is_local = jnp.asarray([t == "local" for t in cfg.layer_types])
+        pick = lambda local, pair: jax.tree.map(lambda g, l: jnp.where(local, l, g), *pair)  # noqa: E731
+
+        def layer(x, inputs):
+            params, index, local = inputs
+            hook = iv.SiteHook(grouped, layer=index)
+            mask, rope = pick(local, masks), ropes and pick(local, ropes)
+            return block(params, x, mask, rope, cfg, hook), hook.records
+
+        x, block_records = jax.lax.scan(layer, x, (self.blocks, jnp.arange(cfg.n_layers), is_local))
+
+        x = normalize(self.ln_final, x, cfg, top, "ln_final")
+        if cfg.unembed:
+            x = x @ self.W_unembed.astype(x.dtype)
+            if self.b_U is not None:
+                x = x + self.b_U
+            if cfg.final_softcap is not None:
+                x = cfg.final_softcap * jnp.tanh(x / cfg.final_softcap)
+            x = top("logits", x)
+        return x, top.records, block_records
+
+    def pool(self, hidden: Float[Array, "batch pos d_model"], attention_mask=None, how: str = "mean"):
+        """Sentence vectors from an encoder's hidden states: masked ``mean``, ``cls`` (the first
+        token), or ``pooler`` (BERT's tanh(W h_cls + b))."""
+        if how == "mean":
+            if attention_mask is None:
+                return hidden.mean(1)
+            m = attention_mask.astype(hidden.dtype)[..., None]
+            return (hidden * m).sum(1) / jnp.maximum(m.sum(1), 1)
+        if how == "cls":
+            return hidden[:, 0]
+        if how == "pooler":
+            if self.W_pool is None:
+                raise ValueError("This model has no pooler weights; use how='mean' or how='cls'")
+            return jnp.tanh(hidden[:, 0] @ self.W_pool + self.b_pool)
+        raise ValueError(f"Unknown pooling {how!r}; valid choices: 'mean', 'cls', 'pooler'")
+
+    def astype(self, dtype) -> Transformer:
+        """The same model with floating-point parameters cast to ``dtype`` (e.g. jnp.bfloat16)."""
+        dtype = jnp.dtype(dtype)
+        cast = lambda x: x.astype(dtype) if eqx.is_array(x) and jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+        return dataclasses.replace(jax.tree.map(cast, self), cfg=self.cfg.replace(dtype=dtype.name))
+
+    @classmethod
+    def init(cls, cfg: Config, key: jax.Array, std: float = 0.02) -> Transformer:
+        """A randomly initialised model (normal(0, std) weights, zero biases, unit norm weights)."""
+        keys = iter(jax.random.split(key, 16))
+        dtype = jnp.dtype(cfg.dtype)
+        L, D, H, K, E, M = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp
+
+        def normal(*shape):
+            return (std * jax.random.normal(next(keys), shape)).astype(dtype)
+
+        def zeros(*shape, when=True):
+            return jnp.zeros(shape, dtype) if when else None
+
+        def norm(*lead, when=True):
+            if not when or cfg.norm is None:
+                return None
+            return Norm(jnp.ones((*lead, D), dtype), zeros(*lead, D, when=cfg.norm == "layer"))
+
+        head_norm = Norm(jnp.ones((L, E), dtype), None) if cfg.qk_norm else None
+        attn = Attention(
+            W_Q=normal(L, H, D, E), W_K=normal(L, K, D, E), W_V=normal(L, K, D, E), W_O=normal(L, H, E, D),
+            b_Q=zeros(L, H, E, when=cfg.qkv_bias), b_K=zeros(L, K, E, when=cfg.qkv_bias),
+            b_V=zeros(L, K, E, when=cfg.qkv_bias), b_O=zeros(L, D, when=cfg.out_bias),
+            q_norm=head_norm, k_norm=head_norm)
+        mlp = None
+        if cfg.has_mlp:
+            mlp = MLP(W_in=normal(L, D, M), W_gate=normal(L, D, M) if cfg.gated_mlp else None,
+                      W_out=normal(L, M, D), b_in=zeros(L, M, when=cfg.mlp_bias),
+                      b_out=zeros(L, D, when=cfg.mlp_bias))
+        sandwich = cfg.norm_placement == "sandwich"
+        blocks = Block(ln1=norm(L), attn=attn, ln1_post=norm(L, when=sandwich),
+                       ln2=norm(L, when=cfg.has_mlp), mlp=mlp, ln2_post=norm(L, when=sandwich and cfg.has_mlp))
+        return cls(
+            cfg=cfg,
+            W_E=normal(cfg.d_vocab, D),
+            W_pos=normal(cfg.n_ctx, D) if cfg.positional == "learned" else None,
+            W_token_type=normal(cfg.n_token_types, D) if cfg.n_token_types else None,
+            ln_embed=norm(when=cfg.embed_norm),
+            blocks=blocks,
+            ln_final=norm(when=cfg.final_norm),
+            W_U=normal(D, cfg.d_vocab) if cfg.unembed and not cfg.tied_embeddings else None,
+            b_U=zeros(cfg.d_vocab, when=cfg.unembed_bias),
+            W_pool=normal(D, D) if cfg.pooler else None,
+            b_pool=zeros(D, when=cfg.pooler),
+        )
+
+
+def attention_masks(cfg: Config, valid: Bool[Array, "batch pos"], positions: Int[Array, "batch pos"]):
+    """(global, local) boolean masks [batch, query, key]: real keys, causal, within the window."""
+    seq = valid.shape[1]
+    allowed = jnp.broadcast_to(valid[:, None, :], (valid.shape[0], seq, seq))
+    if cfg.causal:
+        allowed = allowed & jnp.tril(jnp.ones((seq, seq), bool))
+    if "local" not in cfg.layer_types:
+        return allowed, allowed
+    distance = positions[:, :, None] - positions[:, None, :]
+    return allowed, allowed & (distance < cfg.sliding_window)
+
+
+def rope_pair(cfg: Config, positions):
+    """Rotary (cos, sin) tables for global layers and for local layers (None if not rotary)."""
+    if cfg.positional != "rotary":
+        return None
+    global_ = rope_tables(rope_frequencies(cfg, cfg.rope_theta, cfg.rope_scaling), positions)
+    if "local" not in cfg.layer_types:
+        return global_, global_
+    theta_local = cfg.rope_theta if cfg.rope_theta_local is None else cfg.rope_theta_local
+    return global_, rope_tables(rope_frequencies(cfg, theta_local, None), positions)
+
+
+def check_inputs(cfg: Config, tokens, attention_mask=None, token_type_ids=None) -> None:
+    """Clear errors for inputs a model cannot take. Value checks run only on concrete arrays."""
+    shape = getattr(tokens, "shape", None)
+    if shape is None or len(shape) != 2:
+        raise ValueError(f"tokens must be an int array [batch, seq], got shape {shape}; "
+                         f"for one sequence use tokens[None]")
+    dtype = np.dtype(tokens.dtype)
+    if not np.issubdtype(dtype, np.integer):
+        raise TypeError(f"tokens must be integer ids, got dtype {dtype}")
+    if shape[1] > cfg.n_ctx:
+        raise ValueError(f"Sequence length {shape[1]} exceeds this model's context of n_ctx={cfg.n_ctx} tokens")
+    if shape[1] == 0:
+        raise ValueError("tokens has no positions (seq = 0)")
+    for name, extra in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+        if extra is not None and tuple(extra.shape) != tuple(shape):
+            raise ValueError(f"{name} has shape {tuple(extra.shape)}, tokens have {tuple(shape)}; they must match")
+    if token_type_ids is not None and not cfg.n_token_types:
+        raise ValueError("token_type_ids given, but this model has no token-type embeddings")
+    if iv._concrete(tokens):
+        ids = np.asarray(tokens)
+        bad = np.argwhere((ids < 0) | (ids >= cfg.d_vocab))
+        if bad.size:
+            b, p = bad[0]
+            raise ValueError(f"Token id {int(ids[b, p])} at [batch {b}, position {p}] is outside the "
+                             f"vocabulary (valid ids 0..{cfg.d_vocab - 1})")
+    if token_type_ids is not None and iv._concrete(token_type_ids):
+        types = np.asarray(token_type_ids)
+        if types.size and (types.min() < 0 or types.max() >= cfg.n_token_types):
+            raise ValueError(f"token_type_ids must be in 0..{cfg.n_token_types - 1}, got {types.min()}..{types.max()}")
