@@ -11,44 +11,70 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from jinterp import interventions as iv
-from jinterp import sites as S
+from jinterp import names as S
 from jinterp.models.transformer import Transformer, check_inputs
 
 
 class Cache(eqx.Module, Mapping):
     """Captured site values by name. Any accepted spelling of a name works as a key
-    (``cache["blocks.3.attn.z"]``, ``cache["blocks.3.attn.hook_z"]``, ``cache["z", 3]``)."""
+    (``cache["blocks.3.attn.z"]``, ``cache["blocks.3.attn.hook_z"]``, ``cache["z", 3]``).
 
-    values: dict[str, Array]
+    Block sites are held stacked over the captured layers (no per-layer copies);
+    ``cache.stack(kind)`` returns that stack, ``[n_layers_captured, batch, ...]``.
+    """
+
+    stacked: dict[str, Array]  # kind -> value (outside the blocks) or [captured layers, ...]
+    layers: tuple[tuple[str, tuple[int, ...]], ...] = eqx.field(static=True)  # kind -> captured layers
+
+    def _locate(self, name) -> tuple[str, int | None] | None:
+        site = S.parse(name)
+        if site.kind not in self.stacked:
+            return None
+        if site.layer is None:
+            return (site.kind, None) if site.kind not in dict(self.layers) else None
+        layers = dict(self.layers).get(site.kind, ())
+        return (site.kind, layers.index(site.layer)) if site.layer in layers else None
 
     def __getitem__(self, name) -> Array:
-        key = S.parse(name).name
-        if key in self.values:
-            return self.values[key]
-        close = difflib.get_close_matches(key, list(self.values), n=5, cutoff=0.5)
+        where = self._locate(name)
+        if where is not None:
+            kind, index = where
+            return self.stacked[kind] if index is None else self.stacked[kind][index]
+        names = list(self)
+        close = difflib.get_close_matches(S.parse(name).name, names, n=5, cutoff=0.5)
         hint = f" Closest captured: {', '.join(close)}." if close else ""
-        raise KeyError(f"Site {name!r} was not captured.{hint} Captured: {', '.join(self.values) or 'nothing'}; "
+        shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
+        raise KeyError(f"Site {name!r} was not captured.{hint} Captured: {shown or 'nothing'}; "
                        f"pass it in capture=[...] to jinterp.run")
 
     def __iter__(self):
-        return iter(self.values)
+        layers = dict(self.layers)
+        for kind in self.stacked:
+            if kind in layers:
+                yield from (f"blocks.{layer}.{kind}" for layer in layers[kind])
+            else:
+                yield kind
 
     def __len__(self) -> int:
-        return len(self.values)
+        layers = dict(self.layers)
+        return sum(len(layers[kind]) if kind in layers else 1 for kind in self.stacked)
 
     def __contains__(self, name) -> bool:
         try:
-            return S.parse(name).name in self.values
+            return self._locate(name) is not None
         except (ValueError, TypeError):
             return False
 
-    def stack(self, kind: str) -> Array:
-        """One kind's captured values over layers, stacked: ``[n_layers_captured, ...]``."""
-        layers = sorted((S.parse(n).layer, n) for n in self.values if S.parse(n).kind == S.parse(kind).kind
-                        and S.parse(n).layer is not None)
-        if not layers:
-            raise KeyError(f"No layer of {kind!r} was captured; captured: {', '.join(self.values)}")
-        return jnp.stack([self.values[n] for _, n in layers])
+    def stack(self, kind) -> Array:
+        """One block site kind over the captured layers: ``[n_layers_captured, ...]``."""
+        kind = S.parse(kind).kind
+        if kind not in dict(self.layers):
+            raise KeyError(f"No layer of {kind!r} was captured; captured: {', '.join(self.stacked)}")
+        return self.stacked[kind]
+
+    def captured_layers(self, kind) -> tuple[int, ...]:
+        """The layers a stacked kind holds, in order."""
+        return dict(self.layers).get(S.parse(kind).kind, ())
 
 
 def _names(capture) -> list:
@@ -82,8 +108,7 @@ def captures(model: Transformer, capture) -> tuple[iv.Capture, ...]:
                 layers_by_kind[site.kind] = None
             else:
                 layers_by_kind.setdefault(site.kind, set()).add(site.layer)
-    return tuple(iv.Capture(kind, None if layers is None else tuple(sorted(layers)))
-                 for kind, layers in layers_by_kind.items())
+    return tuple(iv.Capture(kind, None if layers is None else sorted(layers)) for kind, layers in layers_by_kind.items())
 
 
 def _validate(model: Transformer, interventions, seq_len: int) -> None:
@@ -99,12 +124,18 @@ def _validate(model: Transformer, interventions, seq_len: int) -> None:
 @eqx.filter_jit
 def _run(model, tokens, interventions, attention_mask, token_type_ids):
     output, top, blocks = model.forward(tokens, interventions, attention_mask, token_type_ids)
-    values = {}
+    stacked, layers = {}, []
     for capture in interventions:
-        if isinstance(capture, iv.Capture):
-            for name, layer in zip(capture.names(), capture.layers or [None]):
-                values[name] = top[capture.site] if layer is None else blocks[capture.site][layer]
-    return output, values
+        if not isinstance(capture, iv.Capture):
+            continue
+        if capture.site in top:
+            stacked[capture.site] = top[capture.site]
+            continue
+        chosen = tuple(layer for _, layer in capture.entries(model.cfg.n_layers))
+        every = chosen == tuple(range(model.cfg.n_layers))
+        stacked[capture.site] = blocks[capture.site] if every else blocks[capture.site][jnp.asarray(chosen)]
+        layers.append((capture.site, chosen))
+    return output, Cache(stacked, tuple(layers))
 
 
 def run(model: Transformer, tokens, *, capture=(), edits=(), attention_mask=None, token_type_ids=None):
@@ -130,8 +161,7 @@ def run(model: Transformer, tokens, *, capture=(), edits=(), attention_mask=None
     edits = iv.flatten(edits)
     _validate(model, edits, tokens.shape[1])
     interventions = edits + captures(model, capture)
-    output, values = _run(model, jnp.asarray(tokens), interventions, attention_mask, token_type_ids)
-    return output, Cache(values)
+    return _run(model, jnp.asarray(tokens), interventions, attention_mask, token_type_ids)
 
 
 def sites(model: Transformer, batch="batch", seq="pos") -> dict[str, tuple]:

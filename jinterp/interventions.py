@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from jinterp import sites as S
+from jinterp import names as S
 
 
 class At(NamedTuple):
@@ -229,11 +229,21 @@ class Zero(Edit):
 
 
 class Capture(Intervention):
-    """Record the value at a site (all of its layers are recorded inside the scan; the cache keeps
-    the requested ones). Placed before an edit at the same site it records the unedited value."""
+    """Record the value at a site, e.g. ``Capture("blocks.3.attn.z")`` or ``Capture("blocks.*.resid_pre")``.
+
+    ``jinterp.run(capture=[...])`` records after the run's edits; listed among the edits, a
+    Capture records the value at that point of the chain (before an edit that follows it).
+    """
 
     site: str = eqx.field(static=True)
-    layers: tuple[int, ...] | None = eqx.field(static=True)  # None: outside the blocks
+    layers: tuple[int, ...] | None = eqx.field(static=True)  # None: every layer (or not a block site)
+
+    def __init__(self, site, layers=None):
+        parsed = S.parse(site)
+        self.site = parsed.kind
+        if isinstance(parsed.layer, int):
+            layers = (parsed.layer,) if layers is None else layers
+        self.layers = None if layers is None else tuple(int(layer) for layer in layers)
 
     def __call__(self, value, at):
         if at.kind in at.records:
@@ -241,10 +251,16 @@ class Capture(Intervention):
         at.records[at.kind] = value
         return value
 
-    def names(self) -> list[str]:
-        if self.layers is None:
-            return [self.site]
-        return [f"blocks.{layer}.{self.site}" for layer in self.layers]
+    def entries(self, n_layers: int) -> list[tuple[str, int | None]]:
+        """(cache name, layer) pairs this capture produces."""
+        if self.site not in S.BLOCK_KINDS:
+            return [(self.site, None)]
+        layers = range(n_layers) if self.layers is None else self.layers
+        return [(f"blocks.{layer}.{self.site}", layer) for layer in layers]
+
+    def check(self, cfg, seq_len: int) -> None:
+        if self.layers is not None:
+            _check_range(np.asarray(self.layers), cfg.n_layers, f"capture of {self.site!r}: layer", "layers")
 
 
 def chain(*interventions) -> tuple[Intervention, ...]:

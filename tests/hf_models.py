@@ -46,7 +46,7 @@ FAMILIES = {
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0}})),
     "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(
-        vocab_size=199, n_embd=60, n_layer=3, n_head=5, n_positions=48)),
+        vocab_size=199, n_embd=60, n_layer=3, n_head=5, n_positions=48, n_ctx=48)),  # n_ctx: read by TransformerLens
     "neox": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
         vocab_size=197, hidden_size=72, intermediate_size=120, num_hidden_layers=3, num_attention_heads=3,
         max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
@@ -68,3 +68,41 @@ def build(family: str, seed: int = 0) -> torch.nn.Module:
 
 def save(model: torch.nn.Module, directory) -> None:
     model.save_pretrained(directory, safe_serialization=True)
+
+
+# TransformerLens 3.9 builds these offline from a saved directory. Not covered: Gemma 3
+# (TL 3.9 supports Gemma3ForCausalLM only by official name, with hard-coded sizes) and Llama
+# with attention biases (TL's Llama conversion drops them).
+TL_FAMILIES = ("gpt2", "llama", "qwen2", "neox", "neox_sequential", "bert")
+
+
+def build_tl(family: str, hf: torch.nn.Module, directory):
+    """A TransformerLens model with the same weights as ``hf`` (saved in ``directory``)."""
+    import json
+    from pathlib import Path
+
+    from transformer_lens import HookedEncoder, HookedTransformer
+    from transformer_lens import loading_from_pretrained as tl_loading
+    from transformer_lens.pretrained.weight_conversions import convert_bert_weights
+
+    if family == "bert":
+        # TL reads BERT from a BertForMaskedLM config and a model with a pooler.
+        full = tf.BertForPreTraining(hf.config)
+        full.bert.load_state_dict(hf.state_dict())
+        directory = Path(directory) / "bert_for_tl"
+        save(full.eval(), directory)
+        config_path = directory / "config.json"
+        config = json.loads(config_path.read_text())
+        config_path.write_text(json.dumps({**config, "architectures": ["BertForMaskedLM"]}))
+    cfg = tl_loading.get_pretrained_model_config(str(directory), hf_cfg=hf.config.to_dict(), fold_ln=False,
+                                                 device="cpu")
+    cfg.tokenizer_name = None  # no hub: TL would fetch a tokenizer
+    if family == "bert":
+        model = HookedEncoder(cfg)
+        model.load_state_dict(convert_bert_weights(full, cfg), strict=False)
+    else:
+        model = HookedTransformer(cfg)
+        state = tl_loading.get_pretrained_state_dict(str(directory), cfg, hf_model=hf)
+        model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False,
+                                          fold_value_biases=False, refactor_factored_attn_matrices=False)
+    return model.eval()

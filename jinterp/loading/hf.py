@@ -69,6 +69,12 @@ class HFConfig:
         params = self.get("rope_parameters", {})
         return float(params.get("partial_rotary_factor", self.get("partial_rotary_factor", self.get("rotary_pct", 1.0))))
 
+    def head_dim(self, d_model_key: str, heads_key: str) -> int:
+        d_model, heads = self[d_model_key], self[heads_key]
+        if d_model % heads:
+            raise LoadError(self.path, f"{d_model_key}={d_model} is not a multiple of {heads_key}={heads}")
+        return d_model // heads
+
     def layer_types(self, n_layers: int) -> tuple[str, ...] | None:
         types = self.get("layer_types")
         if types is None:
@@ -157,7 +163,7 @@ def _llama_like(c: HFConfig, arch: str) -> Config:
         layer_types = None
     if gemma and c.get("use_bidirectional_attention", False):
         raise LoadError(c.path, "bidirectional Gemma 3 (embedding models) is not supported")
-    d_head = c.get("head_dim", d_model // n_heads)
+    d_head = c.get("head_dim") or c.head_dim("hidden_size", "num_attention_heads")
     return Config(
         d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=c.get("num_key_value_heads", n_heads),
         d_head=d_head, d_mlp=c["intermediate_size"], d_vocab=c["vocab_size"],
@@ -187,7 +193,7 @@ def _gpt2(c: HFConfig, arch: str) -> Config:
         raise LoadError(c.path, "scale_attn_weights=False is not supported")
     d_model, n_heads = c["n_embd"], c["n_head"]
     return Config(
-        d_model=d_model, n_layers=c["n_layer"], n_heads=n_heads, d_head=d_model // n_heads,
+        d_model=d_model, n_layers=c["n_layer"], n_heads=n_heads, d_head=c.head_dim("n_embd", "n_head"),
         d_mlp=c.get("n_inner", 4 * d_model), d_vocab=c["vocab_size"], n_ctx=c["n_positions"],
         norm="layer", norm_eps=float(c.get("layer_norm_epsilon", 1e-5)), act=c.act("activation_function", "gelu_new"),
         positional="learned", tied_embeddings=True, qkv_bias=True, out_bias=True, mlp_bias=True,
@@ -196,7 +202,7 @@ def _gpt2(c: HFConfig, arch: str) -> Config:
 
 def _neox(c: HFConfig, arch: str) -> Config:
     d_model, n_heads = c["hidden_size"], c["num_attention_heads"]
-    d_head = d_model // n_heads
+    d_head = c.head_dim("hidden_size", "num_attention_heads")
     theta, scaling = c.rope()
     bias = bool(c.get("attention_bias", True))
     return Config(
@@ -215,7 +221,8 @@ def _bert(c: HFConfig, arch: str) -> Config:
                                 "supported: 'absolute'")
     d_model, n_heads = c["hidden_size"], c["num_attention_heads"]
     return Config(
-        d_model=d_model, n_layers=c["num_hidden_layers"], n_heads=n_heads, d_head=d_model // n_heads,
+        d_model=d_model, n_layers=c["num_hidden_layers"], n_heads=n_heads,
+        d_head=c.head_dim("hidden_size", "num_attention_heads"),
         d_mlp=c["intermediate_size"], d_vocab=c["vocab_size"], n_ctx=c["max_position_embeddings"],
         norm="layer", norm_eps=float(c.get("layer_norm_eps", 1e-12)), norm_placement="post",
         act=c.act("hidden_act", "gelu"), causal=False, positional="learned",

@@ -147,7 +147,8 @@ _TL_ALIAS = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query
 _TL_LAYER_TYPE = {"a": "attn", "m": "mlp", "b": "", "block": "", "blocks": "", "attention": "attn"}
 _TL_RENAMES = {"attn.attn_scores": "attn.scores", "embed.ln.scale": "ln_embed.scale",
                "embed.ln.normalized": "ln_embed.normalized", "embed.embed": "embed",
-               "embed.pos_embed": "pos_embed", "embed.token_type_embed": "token_type_embed"}
+               "embed.pos_embed": "pos_embed", "embed.token_type_embed": "token_type_embed",
+               "unembed.out": "logits"}
 
 
 def tl_act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:

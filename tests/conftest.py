@@ -1,0 +1,48 @@
+"""Shared fixtures: small reference models saved as HF-format directories, and toy jinterp models."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import jax
+import numpy as np
+import pytest
+
+import jinterp
+
+# A Llama-style toy with grouped-query attention (6 query heads over 2 kv heads) and odd sizes.
+TOY = jinterp.Config(d_model=36, n_layers=3, n_heads=6, n_kv_heads=2, d_head=7, d_mlp=44, d_vocab=53, n_ctx=24,
+                     norm="rms", positional="rotary", rotary_dim=6, act="silu", gated_mlp=True)
+
+
+@pytest.fixture(scope="session")
+def toy():
+    return jinterp.Transformer.init(TOY, jax.random.key(0), std=0.3)
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """family -> (torch model, saved directory, jinterp model); built once per session."""
+    pytest.importorskip("torch", reason="the `reference` extra (torch, transformers) is not installed")
+    pytest.importorskip("transformers", reason="the `reference` extra (transformers) is not installed")
+    import hf_models
+
+    built = {}
+
+    def get(family: str):
+        if family not in built:
+            hf = hf_models.build(family)
+            directory = tmp_path_factory.mktemp("ref")  # TL guesses architectures from names like "llama"
+            hf_models.save(hf, directory)
+            model, _ = jinterp.load(directory)
+            built[family] = (hf, directory, model)
+        return built[family]
+
+    return get
+
+
+def random_tokens(d_vocab: int, shape=(2, 11), seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, d_vocab, shape).astype(np.int32)

@@ -1,0 +1,197 @@
+"""The intervention mechanism: edits change exactly what they should; jit, vmap and grad work."""
+
+import chex
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TOY, random_tokens
+
+import jinterp
+from jinterp import names as S
+
+TOKENS = random_tokens(TOY.d_vocab, (2, 9))
+
+
+def all_sites(model, tokens=TOKENS, edits=()):
+    logits, cache = jinterp.run(model, tokens, capture="all", edits=edits)
+    return logits, {name: np.asarray(value) for name, value in cache.items()}
+
+
+def test_edit_at_layer_leaves_earlier_sites_bit_identical(toy):
+    _, clean = all_sites(toy)
+    vector = jax.random.normal(jax.random.key(1), (TOY.d_model,))
+    _, edited = all_sites(toy, edits=jinterp.Add("blocks.1.resid_mid", vector))
+    order = S.site_names(TOY)
+    edit_index = order.index("blocks.1.resid_mid")
+    for name in order[:edit_index]:
+        assert np.array_equal(clean[name], edited[name]), f"{name} precedes the edit but changed"
+    np.testing.assert_allclose(edited["blocks.1.resid_mid"], clean["blocks.1.resid_mid"] + np.asarray(vector),
+                               rtol=1e-6, atol=1e-6)
+    for name in ("blocks.1.ln2.normalized", "blocks.1.mlp.post", "blocks.1.resid_post", "blocks.2.attn.pattern",
+                 "blocks.2.resid_post", "logits"):
+        assert not np.allclose(clean[name], edited[name]), f"{name} follows the edit but did not change"
+
+
+def test_positions_and_causality(toy):
+    _, clean = all_sites(toy)
+    vector = jnp.ones(TOY.d_model)
+    _, edited = all_sites(toy, edits=jinterp.Add("blocks.0.resid_post", vector, positions=[4]))
+    diff = np.abs(edited["blocks.0.resid_post"] - clean["blocks.0.resid_post"])
+    assert np.allclose(diff[:, 4], 1.0) and not diff[:, :4].any() and not diff[:, 5:].any()
+    # Causal attention: positions before 4 are untouched everywhere downstream.
+    for name in ("blocks.2.resid_post", "logits"):
+        np.testing.assert_allclose(edited[name][:, :4], clean[name][:, :4], rtol=0, atol=1e-6)
+        assert not np.allclose(edited[name][:, 4:], clean[name][:, 4:])
+
+
+def test_negative_positions_count_from_the_end(toy):
+    a, _ = jinterp.run(toy, TOKENS, edits=jinterp.Zero("blocks.1.attn_out", positions=[-1]))
+    b, _ = jinterp.run(toy, TOKENS, edits=jinterp.Zero("blocks.1.attn_out", positions=[TOKENS.shape[1] - 1]))
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_head_mask_edits_only_that_head(toy):
+    _, clean = all_sites(toy)
+    _, edited = all_sites(toy, edits=jinterp.Zero("blocks.1.attn.z", heads=[4]))
+    z_clean, z_edit = clean["blocks.1.attn.z"], edited["blocks.1.attn.z"]
+    assert not z_edit[:, :, 4].any()
+    others = [h for h in range(TOY.n_heads) if h != 4]
+    assert np.array_equal(z_clean[:, :, others], z_edit[:, :, others])
+    r_clean, r_edit = clean["blocks.1.attn.result"], edited["blocks.1.attn.result"]
+    assert not r_edit[:, :, 4].any()
+    np.testing.assert_allclose(r_clean[:, :, others], r_edit[:, :, others], rtol=0, atol=1e-6)
+
+
+def test_gqa_kv_head_index_maps_to_its_query_heads(toy):
+    """Query head h reads kv head h // (n_heads // n_kv_heads): editing kv head 1 changes exactly
+    the patterns of query heads 3, 4, 5 (group size 3)."""
+    _, clean = all_sites(toy)
+    _, edited = all_sites(toy, edits=jinterp.Scale("blocks.2.attn.k", 3.0, heads=[1]))
+    changed = [h for h in range(TOY.n_heads)
+               if not np.array_equal(clean["blocks.2.attn.pattern"][:, h], edited["blocks.2.attn.pattern"][:, h])]
+    assert changed == [3, 4, 5]
+    _, edited_v = all_sites(toy, edits=jinterp.Zero("blocks.2.attn.v", heads=[0]))
+    z = edited_v["blocks.2.attn.z"]
+    assert not z[:, :, :3].any() and z[:, :, 3:].any()
+
+
+def test_replace_scale_zero(toy):
+    value = jax.random.normal(jax.random.key(2), (2, 9, TOY.d_model))
+    _, cache = jinterp.run(toy, TOKENS, capture=["blocks.0.resid_pre"],
+                           edits=jinterp.Replace("blocks.0.resid_pre", value))
+    assert np.array_equal(np.asarray(cache["blocks.0.resid_pre"]), np.asarray(value))
+    plain = np.asarray(toy(TOKENS))
+    # x * 1 is exact; a different compiled program may still round later sums differently.
+    np.testing.assert_allclose(np.asarray(jinterp.run(toy, TOKENS, edits=jinterp.Scale("blocks.1.mlp_out", 1.0))[0]),
+                               plain, rtol=0, atol=1e-5)
+    zeroed = jinterp.run(toy, TOKENS, edits=jinterp.Zero("blocks.1.mlp_out"))[0]
+    scaled0 = jinterp.run(toy, TOKENS, edits=jinterp.Scale("blocks.1.mlp_out", 0.0))[0]
+    np.testing.assert_array_equal(np.asarray(zeroed), np.asarray(scaled0))
+    assert not np.allclose(np.asarray(zeroed), plain)
+
+
+def test_edits_on_every_layer_and_layer_lists(toy):
+    every = jinterp.run(toy, TOKENS, edits=jinterp.Zero("blocks.*.attn_out"))[0]
+    listed = jinterp.run(toy, TOKENS, edits=jinterp.Zero("attn_out", layers=[0, 1, 2]))[0]
+    chained = jinterp.run(toy, TOKENS, edits=[jinterp.Zero(f"blocks.{l}.attn_out") for l in range(3)])[0]
+    np.testing.assert_array_equal(np.asarray(every), np.asarray(listed))
+    np.testing.assert_allclose(np.asarray(every), np.asarray(chained), rtol=0, atol=1e-6)
+
+
+def test_composition_applies_in_order(toy):
+    vector = jnp.full(TOY.d_model, 0.5)
+    _, a = jinterp.run(toy, TOKENS, capture=["blocks.1.resid_pre"],
+                       edits=jinterp.chain(jinterp.Scale("blocks.1.resid_pre", 2.0), jinterp.Add("blocks.1.resid_pre", vector)))
+    _, b = jinterp.run(toy, TOKENS, capture=["blocks.1.resid_pre"],
+                       edits=[jinterp.Add("blocks.1.resid_pre", vector), jinterp.Scale("blocks.1.resid_pre", 2.0)])
+    _, clean = jinterp.run(toy, TOKENS, capture=["blocks.1.resid_pre"])
+    x = np.asarray(clean["blocks.1.resid_pre"])
+    np.testing.assert_allclose(np.asarray(a["blocks.1.resid_pre"]), 2 * x + 0.5, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(b["blocks.1.resid_pre"]), 2 * (x + 0.5), rtol=1e-6)
+
+
+def test_capture_placed_before_an_edit_records_the_unedited_value(toy):
+    _, clean = jinterp.run(toy, TOKENS, capture=["blocks.1.resid_pre"])
+    _, cache = jinterp.run(toy, TOKENS, edits=[jinterp.Capture("blocks.1.resid_pre"), jinterp.Zero("blocks.1.resid_pre")])
+    np.testing.assert_array_equal(np.asarray(cache["blocks.1.resid_pre"]), np.asarray(clean["blocks.1.resid_pre"]))
+
+
+def test_vmap_over_edits_equals_a_loop(toy):
+    vectors = jax.random.normal(jax.random.key(3), (5, TOY.d_model))
+    positions = jnp.array([0, 2, 4, 6, 8])
+    layers = jnp.array([0, 1, 2, 1, 0])
+
+    def patched(vector, position, layer):
+        edit = jinterp.Add("resid_pre", vector, layers=layer, positions=position)
+        return jinterp.run(toy, TOKENS, edits=edit)[0][:, -1]
+
+    batched = jax.jit(jax.vmap(patched))(vectors, positions, layers)
+    looped = jnp.stack([patched(v, p, l) for v, p, l in zip(vectors, positions, layers)])
+    chex.assert_trees_all_close(batched, looped, atol=1e-5, rtol=1e-5)
+    assert not np.allclose(np.asarray(batched[0]), np.asarray(batched[1]))
+
+
+def test_grad_wrt_additive_edit_equals_finite_difference(toy):
+    target = int(TOKENS[0, -1])
+
+    def metric(vector):
+        logits = jinterp.run(toy, TOKENS, edits=jinterp.Add("blocks.1.resid_mid", vector, positions=[5]))[0]
+        return jax.nn.log_softmax(logits[0, -1])[target]
+
+    vector = jnp.zeros(TOY.d_model)
+    grad = jax.grad(metric)(vector)
+    direction = jax.random.normal(jax.random.key(4), (TOY.d_model,))
+    eps = 1e-2
+    finite = (metric(vector + eps * direction) - metric(vector - eps * direction)) / (2 * eps)
+    assert abs(float(grad @ direction)) > 1e-3
+    np.testing.assert_allclose(float(grad @ direction), float(finite), rtol=2e-2)
+
+
+def test_grad_wrt_scale_of_a_head(toy):
+    def metric(scale):
+        return jinterp.run(toy, TOKENS, edits=jinterp.Scale("blocks.2.attn.z", scale, heads=[2]))[0][0, -1, 0]
+
+    grad = jax.grad(metric)(jnp.float32(1.0))
+    eps = 1e-2
+    finite = (metric(jnp.float32(1 + eps)) - metric(jnp.float32(1 - eps))) / (2 * eps)
+    np.testing.assert_allclose(float(grad), float(finite), rtol=2e-2, atol=1e-5)
+
+
+def test_changing_only_edit_values_does_not_retrace(toy, monkeypatch):
+    traces = []
+    forward = jinterp.Transformer.forward
+    monkeypatch.setattr(jinterp.Transformer, "forward", lambda *a, **k: (traces.append(1), forward(*a, **k))[1])
+
+    def edits(vector, scale, layer, position, head):
+        return [jinterp.Add("resid_pre", vector, scale, layers=[layer], positions=[position]),
+                jinterp.Zero("attn.z", layers=[layer], heads=[head])]
+
+    for i in range(4):
+        vector = jax.random.normal(jax.random.key(i), (TOY.d_model,))
+        jinterp.run(toy, TOKENS, capture=["blocks.1.resid_post"], edits=edits(vector, 0.5 * i, i % 3, i, i))
+    assert len(traces) == 1, f"jinterp.run traced {len(traces)} times for 4 calls differing only in values"
+
+    user = eqx.filter_jit(lambda model, e: jinterp.run(model, TOKENS, edits=e)[0])
+    for i in range(3):
+        user(toy, edits(jnp.ones(TOY.d_model) * i, float(i), i, i, i))
+    assert len(traces) == 2  # one more trace: the user's own jit of a new function
+
+
+def test_layer_index_is_data_so_a_layer_sweep_is_one_program(toy):
+    """The layer an edit applies at is an array leaf: vmap over layers in one compiled call."""
+    def ablate(layer):
+        return jinterp.run(toy, TOKENS, edits=jinterp.Zero("attn_out", layers=layer))[0][0, -1]
+
+    swept = jax.vmap(ablate)(jnp.arange(TOY.n_layers))
+    for layer in range(TOY.n_layers):
+        single = jinterp.run(toy, TOKENS, edits=jinterp.Zero(f"blocks.{layer}.attn_out"))[0][0, -1]
+        np.testing.assert_allclose(np.asarray(swept[layer]), np.asarray(single), atol=1e-5, rtol=1e-5)
+
+
+def test_edits_outside_the_blocks(toy):
+    logits, cache = jinterp.run(toy, TOKENS, capture=["embed"], edits=jinterp.Zero("embed", positions=[0]))
+    assert not np.asarray(cache["embed"])[:, 0].any()
+    boosted, _ = jinterp.run(toy, TOKENS, edits=jinterp.Add("logits", jnp.eye(TOY.d_vocab)[7], scale=100.0))
+    assert (np.asarray(boosted).argmax(-1) == 7).all()
