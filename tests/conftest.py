@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 
+import tempfile
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Tests convert weights into their own cache, never the user's.
+os.environ["JINTERP_CACHE"] = tempfile.mkdtemp(prefix="jinterp-test-cache-")
 
 import jax
 import numpy as np
@@ -40,6 +44,35 @@ def reference(tmp_path_factory):
             model, _ = jinterp.load(directory)
             built[family] = (hf, directory, model)
         return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def named():
+    """name -> (jinterp model, jinterp tokenizer, HF model, HF tokenizer) for the registered models."""
+    pytest.importorskip("torch", reason="the `reference` extra (torch, transformers) is not installed")
+    import torch
+    import transformers
+
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            entry = jinterp.loading.registry.MODELS[name]
+            if not jinterp.loading.registry.installed(entry):
+                pytest.skip(f"{entry.package} is not installed (the Makefile installs it: {entry.install})")
+            model, tokenizer = jinterp.load(name, progress=False)
+            source = jinterp.loading.registry.locate(entry)
+            if source.is_dir():
+                hf = transformers.AutoModel.from_pretrained(source, dtype=torch.float32)
+                hf_tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+            else:
+                hf = transformers.AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name,
+                                                                       dtype=torch.float32)
+                hf_tokenizer = transformers.AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+            built[name] = (model, tokenizer, hf.eval(), hf_tokenizer)
+        return built[name]
 
     return get
 

@@ -45,6 +45,14 @@ FAMILIES = {
         query_pre_attn_scalar=20, rms_norm_eps=1e-6,
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0}})),
+    # As llama.cpp can describe it: queries scaled by head_dim^-1/2, a local rotary base of 10k.
+    "gemma3_gguf": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
+        vocab_size=211, hidden_size=66, intermediate_size=96, num_hidden_layers=3, num_attention_heads=3,
+        num_key_value_heads=1, head_dim=24, max_position_embeddings=64, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        query_pre_attn_scalar=24, rms_norm_eps=1e-6,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0}})),
     "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(
         vocab_size=199, n_embd=60, n_layer=3, n_head=5, n_positions=48, n_ctx=48)),  # n_ctx: read by TransformerLens
     "neox": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(

@@ -17,6 +17,12 @@ def pad(tokens: np.ndarray, n: int, side: str, pad_id: int = 0):
     return np.concatenate([tokens, padding], 1), np.concatenate([real, np.zeros_like(padding, bool)], 1)
 
 
+def close(actual, expected, message=""):
+    """Equal up to float32 rounding of differently shaped computations: 1e-5 of the values' scale."""
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(actual, expected, atol=1e-5 * scale, rtol=0, err_msg=message)
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "neox", "bert"])
 def test_padded_rows_equal_unpadded_runs(reference, family, side):
@@ -32,11 +38,10 @@ def test_padded_rows_equal_unpadded_runs(reference, family, side):
     alone_long, _ = jinterp.run(model, long)
 
     real = mask[0]
-    np.testing.assert_allclose(np.asarray(out[0])[real], np.asarray(alone_short[0]), atol=2e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(out[1]), np.asarray(alone_long[0]), atol=2e-5, rtol=0)
+    close(np.asarray(out[0])[real], np.asarray(alone_short[0]))
+    close(np.asarray(out[1]), np.asarray(alone_long[0]))
     for name in cache:
-        np.testing.assert_allclose(np.asarray(cache[name][0])[real], np.asarray(cache_short[name][0]),
-                                   atol=2e-5, rtol=0, err_msg=f"{family} {side}: {name}")
+        close(np.asarray(cache[name][0])[real], np.asarray(cache_short[name][0]), f"{family} {side}: {name}")
     assert np.isfinite(np.asarray(out)).all(), "padding positions must stay finite (no NaN from empty rows)"
 
 

@@ -12,14 +12,11 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-import equinox as eqx
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jinterp.loading.errors import LoadError
 from jinterp.models.config import Config
-from jinterp.models.layers import MLP, Attention, Block, Norm
+from jinterp.models import flat
 from jinterp.models.transformer import Transformer
 
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu", "gelu_new": "gelu_tanh",
@@ -255,6 +252,7 @@ def config_from_hf(data: dict, path: Path) -> Config:
 
 
 # --- weights --------------------------------------------------------------------------------
+# Each converter fills jinterp's flat parameter arrays (see jinterp.models.flat) from HF tensors.
 
 def _prefix(tensors: Tensors, candidates: tuple[str, ...], probe: str) -> str:
     for prefix in candidates:
@@ -264,167 +262,171 @@ def _prefix(tensors: Tensors, candidates: tuple[str, ...], probe: str) -> str:
                                                  "is this the right architecture?")
 
 
-def _heads_in(w: np.ndarray, n: int, d_head: int) -> np.ndarray:
+def heads_in(w: np.ndarray, n: int, d_head: int) -> np.ndarray:
     """nn.Linear weight [n*d_head, d_model] -> [n, d_model, d_head]."""
     return w.reshape(n, d_head, -1).transpose(0, 2, 1)
 
 
-def _heads_out(w: np.ndarray, n: int, d_head: int) -> np.ndarray:
+def heads_out(w: np.ndarray, n: int, d_head: int) -> np.ndarray:
     """nn.Linear weight [d_model, n*d_head] -> [n, d_head, d_model]."""
     return w.T.reshape(n, d_head, -1)
 
 
-def _llama_layer(t: Tensors, cfg: Config, p: str, gemma: bool) -> dict:
-    H, K, E = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
-    offset = 1.0 if gemma else 0.0  # Gemma norms scale by (1 + w)
-    get = t.get
-    norm = lambda name: Norm(get(p + name + ".weight") + offset, None)  # noqa: E731
-    bias = lambda name, n: get(p + name + ".bias").reshape(n, E) if cfg.qkv_bias else None  # noqa: E731
-    attn = Attention(
-        W_Q=_heads_in(get(p + "self_attn.q_proj.weight", (H * E, cfg.d_model)), H, E),
-        W_K=_heads_in(get(p + "self_attn.k_proj.weight", (K * E, cfg.d_model)), K, E),
-        W_V=_heads_in(get(p + "self_attn.v_proj.weight", (K * E, cfg.d_model)), K, E),
-        W_O=_heads_out(get(p + "self_attn.o_proj.weight", (cfg.d_model, H * E)), H, E),
-        b_Q=bias("self_attn.q_proj", H), b_K=bias("self_attn.k_proj", K), b_V=bias("self_attn.v_proj", K),
-        b_O=get(p + "self_attn.o_proj.bias") if cfg.out_bias else None,
-        q_norm=norm("self_attn.q_norm") if cfg.qk_norm else None,
-        k_norm=norm("self_attn.k_norm") if cfg.qk_norm else None)
-    mlp = MLP(W_in=get(p + "mlp.up_proj.weight", (cfg.d_mlp, cfg.d_model)).T,
-              W_gate=get(p + "mlp.gate_proj.weight", (cfg.d_mlp, cfg.d_model)).T,
-              W_out=get(p + "mlp.down_proj.weight", (cfg.d_model, cfg.d_mlp)).T,
-              b_in=get(p + "mlp.up_proj.bias") if cfg.mlp_bias else None,
-              b_out=get(p + "mlp.down_proj.bias") if cfg.mlp_bias else None)
-    if cfg.mlp_bias and p + "mlp.gate_proj.bias" in t:
-        raise LoadError(t.where[p + "mlp.gate_proj.bias"], "a bias on the MLP gate projection is not supported")
-    if gemma:
-        return Block(ln1=norm("input_layernorm"), attn=attn, ln1_post=norm("post_attention_layernorm"),
-                     ln2=norm("pre_feedforward_layernorm"), mlp=mlp, ln2_post=norm("post_feedforward_layernorm"))
-    return Block(ln1=norm("input_layernorm"), attn=attn, ln1_post=None,
-                 ln2=norm("post_attention_layernorm"), mlp=mlp, ln2_post=None)
-
-
-def _convert_llama(t: Tensors, cfg: Config) -> dict:
-    gemma = cfg.architecture.startswith("gemma3")
+def _convert_llama(t: Tensors, cfg: Config, out: dict) -> None:
+    H, K, E, D, M = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp
     prefix = _prefix(t, ("model.", "model.language_model.", "language_model.model.", ""), "embed_tokens.weight")
-    blocks = [_llama_layer(t, cfg, f"{prefix}layers.{i}.", gemma) for i in range(cfg.n_layers)]
-    head = None
-    if not cfg.tied_embeddings:
-        head = t.get("lm_head.weight" if "lm_head.weight" in t else "language_model.lm_head.weight",
-                     (cfg.d_vocab, cfg.d_model)).T
-    return dict(W_E=t.get(prefix + "embed_tokens.weight", (cfg.d_vocab, cfg.d_model)), blocks=blocks,
-                ln_final=Norm(t.get(prefix + "norm.weight") + (1.0 if gemma else 0.0), None), W_U=head)
-
-
-def _convert_gpt2(t: Tensors, cfg: Config) -> dict:
-    prefix = _prefix(t, ("transformer.", ""), "wte.weight")
-    D, H, E = cfg.d_model, cfg.n_heads, cfg.d_head
-
-    def ln(name):
-        return Norm(t.get(name + ".weight", (D,)), t.get(name + ".bias", (D,)))
-
-    def layer(i):
-        p = f"{prefix}h.{i}."
-        qkv_w = t.get(p + "attn.c_attn.weight", (D, 3 * D))  # Conv1D: x @ W
-        qkv_b = t.get(p + "attn.c_attn.bias", (3 * D,))
-        W_Q, W_K, W_V = (w.reshape(D, H, E).transpose(1, 0, 2) for w in np.split(qkv_w, 3, axis=1))
-        b_Q, b_K, b_V = (b.reshape(H, E) for b in np.split(qkv_b, 3))
-        attn = Attention(W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=t.get(p + "attn.c_proj.weight", (D, D)).reshape(H, E, D),
-                         b_Q=b_Q, b_K=b_K, b_V=b_V, b_O=t.get(p + "attn.c_proj.bias", (D,)), q_norm=None, k_norm=None)
-        mlp = MLP(W_in=t.get(p + "mlp.c_fc.weight", (D, cfg.d_mlp)), W_gate=None,
-                  W_out=t.get(p + "mlp.c_proj.weight", (cfg.d_mlp, D)),
-                  b_in=t.get(p + "mlp.c_fc.bias"), b_out=t.get(p + "mlp.c_proj.bias"))
-        return Block(ln1=ln(p + "ln_1"), attn=attn, ln1_post=None, ln2=ln(p + "ln_2"), mlp=mlp, ln2_post=None)
-
-    return dict(W_E=t.get(prefix + "wte.weight", (cfg.d_vocab, D)), W_pos=t.get(prefix + "wpe.weight", (cfg.n_ctx, D)),
-                blocks=[layer(i) for i in range(cfg.n_layers)], ln_final=ln(prefix + "ln_f"))
-
-
-def _convert_neox(t: Tensors, cfg: Config) -> dict:
-    prefix = _prefix(t, ("gpt_neox.", ""), "embed_in.weight")
-    D, H, E = cfg.d_model, cfg.n_heads, cfg.d_head
-
-    def ln(name):
-        return Norm(t.get(name + ".weight", (D,)), t.get(name + ".bias", (D,)))
-
-    def layer(i):
+    gemma = cfg.norm_placement == "sandwich"
+    offset = 1.0 if gemma else 0.0  # Gemma's norms scale by (1 + w)
+    norms = {"ln1": "input_layernorm", "ln2": "post_attention_layernorm"}
+    if gemma:
+        norms = {"ln1": "input_layernorm", "ln1_post": "post_attention_layernorm",
+                 "ln2": "pre_feedforward_layernorm", "ln2_post": "post_feedforward_layernorm"}
+    for i in range(cfg.n_layers):
         p = f"{prefix}layers.{i}."
+        a = p + "self_attn."
+        for ours, theirs in norms.items():
+            out[f"blocks.{ours}.w"][i] = t.get(p + theirs + ".weight", (D,)) + offset
+        out["blocks.attn.W_Q"][i] = heads_in(t.get(a + "q_proj.weight", (H * E, D)), H, E)
+        out["blocks.attn.W_K"][i] = heads_in(t.get(a + "k_proj.weight", (K * E, D)), K, E)
+        out["blocks.attn.W_V"][i] = heads_in(t.get(a + "v_proj.weight", (K * E, D)), K, E)
+        out["blocks.attn.W_O"][i] = heads_out(t.get(a + "o_proj.weight", (D, H * E)), H, E)
+        if cfg.qkv_bias:
+            for n, heads in (("Q", H), ("K", K), ("V", K)):
+                out[f"blocks.attn.b_{n}"][i] = t.get(a + f"{n.lower()}_proj.bias", (heads * E,)).reshape(heads, E)
+        if cfg.out_bias:
+            out["blocks.attn.b_O"][i] = t.get(a + "o_proj.bias", (D,))
+        if cfg.qk_norm:
+            out["blocks.attn.q_norm.w"][i] = t.get(a + "q_norm.weight", (E,)) + offset
+            out["blocks.attn.k_norm.w"][i] = t.get(a + "k_norm.weight", (E,)) + offset
+        out["blocks.mlp.W_gate"][i] = t.get(p + "mlp.gate_proj.weight", (M, D)).T
+        out["blocks.mlp.W_in"][i] = t.get(p + "mlp.up_proj.weight", (M, D)).T
+        out["blocks.mlp.W_out"][i] = t.get(p + "mlp.down_proj.weight", (D, M)).T
+        if cfg.mlp_bias:
+            if p + "mlp.gate_proj.bias" in t:
+                raise LoadError(t.where[p + "mlp.gate_proj.bias"], "a bias on the MLP gate projection is not supported")
+            out["blocks.mlp.b_in"][i] = t.get(p + "mlp.up_proj.bias", (M,))
+            out["blocks.mlp.b_out"][i] = t.get(p + "mlp.down_proj.bias", (D,))
+    out["W_E"] = t.get(prefix + "embed_tokens.weight", (cfg.d_vocab, D))
+    out["ln_final.w"] = t.get(prefix + "norm.weight", (D,)) + offset
+    if not cfg.tied_embeddings:
+        head = "lm_head.weight" if "lm_head.weight" in t else "language_model.lm_head.weight"
+        out["W_U"] = t.get(head, (cfg.d_vocab, D)).T
+
+
+def _convert_gpt2(t: Tensors, cfg: Config, out: dict) -> None:
+    prefix = _prefix(t, ("transformer.", ""), "wte.weight")
+    D, H, E, M = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp
+    for i in range(cfg.n_layers):
+        p = f"{prefix}h.{i}."
+        for ours, theirs in (("ln1", "ln_1"), ("ln2", "ln_2")):
+            out[f"blocks.{ours}.w"][i] = t.get(p + theirs + ".weight", (D,))
+            out[f"blocks.{ours}.b"][i] = t.get(p + theirs + ".bias", (D,))
+        # Conv1D weights are [in, out]: x @ W.
+        qkv = np.split(t.get(p + "attn.c_attn.weight", (D, 3 * D)), 3, axis=1)
+        qkv_bias = np.split(t.get(p + "attn.c_attn.bias", (3 * D,)), 3)
+        for n, w, b in zip("QKV", qkv, qkv_bias):
+            out[f"blocks.attn.W_{n}"][i] = w.reshape(D, H, E).transpose(1, 0, 2)
+            out[f"blocks.attn.b_{n}"][i] = b.reshape(H, E)
+        out["blocks.attn.W_O"][i] = t.get(p + "attn.c_proj.weight", (D, D)).reshape(H, E, D)
+        out["blocks.attn.b_O"][i] = t.get(p + "attn.c_proj.bias", (D,))
+        out["blocks.mlp.W_in"][i] = t.get(p + "mlp.c_fc.weight", (D, M))
+        out["blocks.mlp.b_in"][i] = t.get(p + "mlp.c_fc.bias", (M,))
+        out["blocks.mlp.W_out"][i] = t.get(p + "mlp.c_proj.weight", (M, D))
+        out["blocks.mlp.b_out"][i] = t.get(p + "mlp.c_proj.bias", (D,))
+    out["W_E"] = t.get(prefix + "wte.weight", (cfg.d_vocab, D))
+    out["W_pos"] = t.get(prefix + "wpe.weight", (cfg.n_ctx, D))
+    out["ln_final.w"] = t.get(prefix + "ln_f.weight", (D,))
+    out["ln_final.b"] = t.get(prefix + "ln_f.bias", (D,))
+
+
+def _convert_neox(t: Tensors, cfg: Config, out: dict) -> None:
+    prefix = _prefix(t, ("gpt_neox.", ""), "embed_in.weight")
+    D, H, E, M = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp
+    for i in range(cfg.n_layers):
+        p = f"{prefix}layers.{i}."
+        for ours, theirs in (("ln1", "input_layernorm"), ("ln2", "post_attention_layernorm")):
+            out[f"blocks.{ours}.w"][i] = t.get(p + theirs + ".weight", (D,))
+            out[f"blocks.{ours}.b"][i] = t.get(p + theirs + ".bias", (D,))
         # Fused projection rows are laid out [head, (q|k|v), d_head].
         qkv = t.get(p + "attention.query_key_value.weight", (3 * D, D)).reshape(H, 3, E, D)
-        W_Q, W_K, W_V = (qkv[:, j].transpose(0, 2, 1) for j in range(3))
-        b_Q = b_K = b_V = b_O = None
+        for j, n in enumerate("QKV"):
+            out[f"blocks.attn.W_{n}"][i] = qkv[:, j].transpose(0, 2, 1)
+        out["blocks.attn.W_O"][i] = heads_out(t.get(p + "attention.dense.weight", (D, D)), H, E)
         if cfg.qkv_bias:
-            qkv_b = t.get(p + "attention.query_key_value.bias", (3 * D,)).reshape(H, 3, E)
-            b_Q, b_K, b_V = (qkv_b[:, j] for j in range(3))
-            b_O = t.get(p + "attention.dense.bias", (D,))
-        attn = Attention(W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=_heads_out(t.get(p + "attention.dense.weight", (D, D)), H, E),
-                         b_Q=b_Q, b_K=b_K, b_V=b_V, b_O=b_O, q_norm=None, k_norm=None)
-        mlp = MLP(W_in=t.get(p + "mlp.dense_h_to_4h.weight", (cfg.d_mlp, D)).T, W_gate=None,
-                  W_out=t.get(p + "mlp.dense_4h_to_h.weight", (D, cfg.d_mlp)).T,
-                  b_in=t.get(p + "mlp.dense_h_to_4h.bias"), b_out=t.get(p + "mlp.dense_4h_to_h.bias"))
-        return Block(ln1=ln(p + "input_layernorm"), attn=attn, ln1_post=None,
-                     ln2=ln(p + "post_attention_layernorm"), mlp=mlp, ln2_post=None)
+            qkv_bias = t.get(p + "attention.query_key_value.bias", (3 * D,)).reshape(H, 3, E)
+            for j, n in enumerate("QKV"):
+                out[f"blocks.attn.b_{n}"][i] = qkv_bias[:, j]
+            out["blocks.attn.b_O"][i] = t.get(p + "attention.dense.bias", (D,))
+        out["blocks.mlp.W_in"][i] = t.get(p + "mlp.dense_h_to_4h.weight", (M, D)).T
+        out["blocks.mlp.b_in"][i] = t.get(p + "mlp.dense_h_to_4h.bias", (M,))
+        out["blocks.mlp.W_out"][i] = t.get(p + "mlp.dense_4h_to_h.weight", (D, M)).T
+        out["blocks.mlp.b_out"][i] = t.get(p + "mlp.dense_4h_to_h.bias", (D,))
+    out["W_E"] = t.get(prefix + "embed_in.weight", (cfg.d_vocab, D))
+    out["ln_final.w"] = t.get(prefix + "final_layer_norm.weight", (D,))
+    out["ln_final.b"] = t.get(prefix + "final_layer_norm.bias", (D,))
+    if not cfg.tied_embeddings:
+        out["W_U"] = t.get("embed_out.weight", (cfg.d_vocab, D)).T
 
-    head = None if cfg.tied_embeddings else t.get("embed_out.weight", (cfg.d_vocab, D)).T
-    return dict(W_E=t.get(prefix + "embed_in.weight", (cfg.d_vocab, D)), blocks=[layer(i) for i in range(cfg.n_layers)],
-                ln_final=ln(prefix + "final_layer_norm"), W_U=head)
+
+def _bert_prefix(t: Tensors) -> str:
+    return _prefix(t, ("bert.", ""), "embeddings.word_embeddings.weight")
 
 
-def _convert_bert(t: Tensors, cfg: Config) -> dict:
-    prefix = _prefix(t, ("bert.", ""), "embeddings.word_embeddings.weight")
-    D, H, E = cfg.d_model, cfg.n_heads, cfg.d_head
+def _convert_bert(t: Tensors, cfg: Config, out: dict) -> None:
+    prefix = _bert_prefix(t)
+    D, H, E, M = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp
 
-    def ln(name):
-        weight, bias = (".weight", ".bias") if name + ".weight" in t else (".gamma", ".beta")
-        return Norm(t.get(name + weight, (D,)), t.get(name + bias, (D,)))
+    def norm(ours: str, theirs: str, i=None):
+        weight, bias = (".weight", ".bias") if theirs + ".weight" in t else (".gamma", ".beta")
+        for suffix, theirs_suffix in (("w", weight), ("b", bias)):
+            value = t.get(theirs + theirs_suffix, (D,))
+            if i is None:
+                out[f"{ours}.{suffix}"] = value
+            else:
+                out[f"{ours}.{suffix}"][i] = value
 
-    def layer(i):
+    for i in range(cfg.n_layers):
         p = f"{prefix}encoder.layer.{i}."
-        proj = lambda n: _heads_in(t.get(p + f"attention.self.{n}.weight", (D, D)), H, E)  # noqa: E731
-        bias = lambda n: t.get(p + f"attention.self.{n}.bias", (D,)).reshape(H, E)  # noqa: E731
-        attn = Attention(W_Q=proj("query"), W_K=proj("key"), W_V=proj("value"),
-                         W_O=_heads_out(t.get(p + "attention.output.dense.weight", (D, D)), H, E),
-                         b_Q=bias("query"), b_K=bias("key"), b_V=bias("value"),
-                         b_O=t.get(p + "attention.output.dense.bias", (D,)), q_norm=None, k_norm=None)
-        mlp = MLP(W_in=t.get(p + "intermediate.dense.weight", (cfg.d_mlp, D)).T, W_gate=None,
-                  W_out=t.get(p + "output.dense.weight", (D, cfg.d_mlp)).T,
-                  b_in=t.get(p + "intermediate.dense.bias"), b_out=t.get(p + "output.dense.bias"))
-        return Block(ln1=ln(p + "attention.output.LayerNorm"), attn=attn, ln1_post=None,
-                     ln2=ln(p + "output.LayerNorm"), mlp=mlp, ln2_post=None)
-
+        for n, theirs in zip("QKV", ("query", "key", "value")):
+            out[f"blocks.attn.W_{n}"][i] = heads_in(t.get(p + f"attention.self.{theirs}.weight", (D, D)), H, E)
+            out[f"blocks.attn.b_{n}"][i] = t.get(p + f"attention.self.{theirs}.bias", (D,)).reshape(H, E)
+        out["blocks.attn.W_O"][i] = heads_out(t.get(p + "attention.output.dense.weight", (D, D)), H, E)
+        out["blocks.attn.b_O"][i] = t.get(p + "attention.output.dense.bias", (D,))
+        norm("blocks.ln1", p + "attention.output.LayerNorm", i)
+        out["blocks.mlp.W_in"][i] = t.get(p + "intermediate.dense.weight", (M, D)).T
+        out["blocks.mlp.b_in"][i] = t.get(p + "intermediate.dense.bias", (M,))
+        out["blocks.mlp.W_out"][i] = t.get(p + "output.dense.weight", (D, M)).T
+        out["blocks.mlp.b_out"][i] = t.get(p + "output.dense.bias", (D,))
+        norm("blocks.ln2", p + "output.LayerNorm", i)
     e = prefix + "embeddings."
-    weights = dict(
-        W_E=t.get(e + "word_embeddings.weight", (cfg.d_vocab, D)),
-        W_pos=t.get(e + "position_embeddings.weight", (cfg.n_ctx, D)),
-        W_token_type=t.get(e + "token_type_embeddings.weight", (cfg.n_token_types, D)),
-        ln_embed=ln(e + "LayerNorm"), blocks=[layer(i) for i in range(cfg.n_layers)])
-    if prefix + "pooler.dense.weight" in t:
-        weights.update(W_pool=t.get(prefix + "pooler.dense.weight", (D, D)).T, b_pool=t.get(prefix + "pooler.dense.bias"))
-    return weights
+    out["W_E"] = t.get(e + "word_embeddings.weight", (cfg.d_vocab, D))
+    out["W_pos"] = t.get(e + "position_embeddings.weight", (cfg.n_ctx, D))
+    out["W_token_type"] = t.get(e + "token_type_embeddings.weight", (cfg.n_token_types, D))
+    norm("ln_embed", e + "LayerNorm")
+    if cfg.pooler:
+        out["W_pool"] = t.get(prefix + "pooler.dense.weight", (D, D)).T
+        out["b_pool"] = t.get(prefix + "pooler.dense.bias", (D,))
 
 
 CONVERTERS = {"gpt2": _convert_gpt2, "gpt_neox": _convert_neox, "bert": _convert_bert}
 
 
-def assemble(cfg: Config, weights: dict, dtype) -> Transformer:
-    """Per-layer numpy weights -> a Transformer with stacked block parameters in ``dtype``."""
-    dtype = jnp.dtype(dtype or cfg.dtype)
-    cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)  # noqa: E731
-    blocks = weights.pop("blocks")
-    stacked = jax.tree.map(lambda *layers: jnp.asarray(np.stack(layers), dtype), *blocks)
-    fields = dict(W_pos=None, W_token_type=None, ln_embed=None, ln_final=None, W_U=None, b_U=None,
-                  W_pool=None, b_pool=None)
-    fields.update({name: cast(value) for name, value in weights.items()})
-    cfg = cfg.replace(dtype=dtype.name, pooler=fields["W_pool"] is not None)
-    return Transformer(cfg=cfg, blocks=stacked, **fields)
-
-
-def load_hf_dir(directory, dtype=None) -> Transformer:
-    """Load an HF-format directory (config.json + safetensors, single file or sharded)."""
+def read_hf_dir(directory) -> tuple[Config, dict[str, np.ndarray]]:
+    """An HF-format directory -> (config, flat float32 parameters)."""
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.exists():
         raise LoadError(directory, "no config.json; an HF-format directory needs config.json and safetensors weights")
     cfg = config_from_hf(_read_json(config_path), config_path)
     tensors = Tensors(directory)
-    convert = CONVERTERS.get(cfg.architecture, _convert_llama)
-    return assemble(cfg, convert(tensors, cfg), dtype)
+    if cfg.architecture == "bert":
+        cfg = cfg.replace(pooler=_bert_prefix(tensors) + "pooler.dense.weight" in tensors)
+    arrays = flat.empty(cfg)
+    CONVERTERS.get(cfg.architecture, _convert_llama)(tensors, cfg, arrays)
+    return cfg, arrays
+
+
+def load_hf_dir(directory, dtype=None) -> Transformer:
+    """Load an HF-format directory (config.json + safetensors, single file or sharded)."""
+    cfg, arrays = read_hf_dir(directory)
+    return flat.from_flat(cfg, arrays, dtype, source=str(directory))

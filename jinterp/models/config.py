@@ -147,6 +147,23 @@ class Config:
     def has_mlp(self) -> bool:
         return not self.attn_only
 
+    def to_dict(self) -> dict:
+        """A JSON-ready dict; ``Config.from_dict`` inverts it."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown Config field(s) {unknown}; valid fields: {sorted(known)}")
+        data = dict(data)
+        if data.get("layer_types") is not None:
+            data["layer_types"] = tuple(data["layer_types"])
+        if data.get("rope_scaling") is not None:
+            data["rope_scaling"] = tuple(tuple(item) for item in data["rope_scaling"])
+        return cls(**data)
+
     def replace(self, **changes) -> Config:
         """A copy with some fields changed (validated again)."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}

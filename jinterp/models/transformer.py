@@ -42,7 +42,7 @@ class Transformer(eqx.Module):
     ) -> Float[Array, "batch pos out"]:
         """Logits ``[batch, pos, d_vocab]`` (an encoder: hidden states ``[batch, pos, d_model]``)."""
         check_inputs(self.cfg, tokens, attention_mask, token_type_ids)
-        return self.forward(tokens, (), attention_mask, token_type_ids)[0]
+        return _output(self, jnp.asarray(tokens), attention_mask, token_type_ids)
 
     @property
     def W_unembed(self) -> Float[Array, "d_model d_vocab"]:
@@ -162,6 +162,11 @@ class Transformer(eqx.Module):
             W_pool=normal(D, D) if cfg.pooler else None,
             b_pool=zeros(D, when=cfg.pooler),
         )
+
+
+@eqx.filter_jit
+def _output(model: Transformer, tokens, attention_mask, token_type_ids):
+    return model.forward(tokens, (), attention_mask, token_type_ids)[0]
 
 
 def attention_masks(cfg: Config, valid: Bool[Array, "batch pos"], positions: Int[Array, "batch pos"]):

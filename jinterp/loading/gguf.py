@@ -1,0 +1,163 @@
+"""GGUF files (llama.cpp's format) -> ``Config``, float32 parameters and a ``Tokenizer``.
+
+Read with the ``gguf`` package and dequantised with ``gguf.quants.dequantize``. llama.cpp's
+converter permutes the rows of Llama-architecture q and k projections (for its interleaved
+rotary); that permutation is undone here so the rotate-half rotary of the model code applies.
+Gemma files store norm weights as ``1 + w`` already, which is what jinterp's norms use.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from jinterp.loading.errors import LoadError
+from jinterp.loading.tokenizer import Tokenizer
+from jinterp.models import flat
+from jinterp.models.config import Config
+
+ARCHITECTURES = ("llama", "gemma3")
+
+
+class GGUFFile:
+    """An opened GGUF: metadata as Python values, tensors by name, every error naming the file."""
+
+    def __init__(self, path):
+        import gguf
+
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as handle:
+                magic = handle.read(4)
+        except OSError as error:
+            raise LoadError(self.path, f"cannot read ({error.strerror})") from None
+        if magic != b"GGUF":
+            raise LoadError(self.path, f"not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+        try:
+            self.reader = gguf.GGUFReader(str(self.path))
+        except Exception as error:  # the reader raises ValueError, IndexError, struct errors... on damage
+            raise LoadError(self.path, f"damaged or unreadable GGUF ({type(error).__name__}: {error})") from None
+        self.tensors = {tensor.name: tensor for tensor in self.reader.tensors}
+
+    def field(self, key: str, default=None):
+        field = self.reader.fields.get(key)
+        if field is None:
+            return default
+        try:
+            return field.contents()
+        except Exception as error:
+            raise LoadError(self.path, f"metadata {key!r} is damaged ({error})") from None
+
+    def require(self, key: str):
+        value = self.field(key)
+        if value is None:
+            raise LoadError(self.path, f"missing metadata key {key!r}")
+        return value
+
+    def tokenizer_fields(self) -> dict:
+        return {key: self.field(key) for key in self.reader.fields if key.startswith("tokenizer.")}
+
+    def tensor(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A dequantised tensor, shaped like the HF weight ``(out_features, in_features)``."""
+        import gguf
+
+        if name not in self.tensors:
+            raise LoadError(self.path, f"missing tensor {name!r}")
+        tensor = self.tensors[name]
+        try:
+            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except Exception as error:
+            raise LoadError(self.path, f"cannot dequantise tensor {name!r} ({type(error).__name__}: {error})") from None
+        array = np.asarray(array, np.float32)
+        if array.shape != shape:
+            if array.size != np.prod(shape):
+                raise LoadError(self.path, f"tensor {name!r} has shape {array.shape}, metadata implies {shape}")
+            array = array.reshape(shape)
+        return array
+
+
+def config_from_gguf(file: GGUFFile) -> Config:
+    arch = file.require("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise LoadError(file.path, f"unsupported GGUF architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
+    get = lambda key, default=None: file.field(f"{arch}.{key}", default)  # noqa: E731
+    need = lambda key: file.require(f"{arch}.{key}")  # noqa: E731
+    d_model, n_heads, n_layers = need("embedding_length"), need("attention.head_count"), need("block_count")
+    n_kv_heads = get("attention.head_count_kv", n_heads)
+    if isinstance(n_heads, list) or isinstance(n_kv_heads, list):
+        raise LoadError(file.path, "per-layer head counts are not supported")
+    d_head = get("attention.key_length", d_model // n_heads)
+    vocab = get("vocab_size") or len(file.require("tokenizer.ggml.tokens"))
+    scaling = None
+    if get("rope.scaling.type") not in (None, "none"):
+        if get("rope.scaling.type") != "linear":
+            raise LoadError(file.path, f"unsupported rope scaling {get('rope.scaling.type')!r}; supported: 'linear'")
+        scaling = (("type", "linear"), ("factor", float(get("rope.scaling.factor"))))
+    common = dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, d_head=d_head,
+                  d_mlp=need("feed_forward_length"), d_vocab=vocab, n_ctx=need("context_length"), norm="rms",
+                  norm_eps=float(need("attention.layer_norm_rms_epsilon")), gated_mlp=True, positional="rotary",
+                  rotary_dim=get("rope.dimension_count", d_head), rope_theta=float(get("rope.freq_base", 10_000.0)),
+                  rope_scaling=scaling, tied_embeddings="output.weight" not in file.tensors)
+    try:
+        if arch == "llama":
+            return Config(**common, act="silu", architecture="llama")
+        # Gemma 3: every 6th layer global (the rest slide over 512 tokens); local rotary base 10k;
+        # queries scaled by head_dim^-1/2 (by (d_model / n_heads)^-1/2 for the 62-layer 27B), as llama.cpp does.
+        window = get("attention.sliding_window", 512)
+        scale_dim = d_model // n_heads if n_layers == 62 else d_head
+        pattern = get("attention.sliding_window_pattern", 6)  # every n-th layer global, or per-layer flags
+        if isinstance(pattern, list):
+            layer_types = tuple("local" if sliding else "global" for sliding in pattern)
+        else:
+            layer_types = tuple("global" if (i + 1) % pattern == 0 else "local" for i in range(n_layers))
+        return Config(**common, act="gelu_tanh", norm_placement="sandwich", qk_norm=True, layer_types=layer_types,
+                      sliding_window=window, rope_theta_local=float(get("rope.freq_base_swa", 10_000.0)),
+                      attn_scale=scale_dim ** -0.5, embed_scale=math.sqrt(d_model),
+                      architecture="gemma3")
+    except ValueError as error:
+        raise LoadError(file.path, f"inconsistent metadata: {error}") from None
+
+
+def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved pairs -> rotate-half halves)."""
+    d_head = w.shape[0] // n_heads
+    return w.reshape(n_heads, d_head // 2, 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf(path, progress: bool = True) -> tuple[Config, dict[str, np.ndarray], Tokenizer]:
+    """A GGUF file -> (config, flat float32 parameters, tokenizer)."""
+    file = GGUFFile(path)
+    cfg = config_from_gguf(file)
+    tokenizer = Tokenizer.from_gguf(file.tokenizer_fields(), str(file.path))
+    H, K, E, D, M = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp
+    gemma = cfg.architecture == "gemma3"
+    out = flat.empty(cfg)
+    norms = {"ln1": "attn_norm", "ln2": "ffn_norm"}
+    if gemma:
+        norms.update(ln1_post="post_attention_norm", ln2_post="post_ffw_norm")
+    layers = tqdm(range(cfg.n_layers), desc=f"Dequantising {file.path.name}", unit="layer", disable=not progress)
+    for i in layers:
+        get = lambda name, shape: file.tensor(f"blk.{i}.{name}.weight", shape)  # noqa: E731, B023
+        for ours, theirs in norms.items():
+            out[f"blocks.{ours}.w"][i] = get(theirs, (D,))
+        q, k = get("attn_q", (H * E, D)), get("attn_k", (K * E, D))
+        if not gemma:
+            q, k = unpermute_rotary(q, H), unpermute_rotary(k, K)
+        out["blocks.attn.W_Q"][i] = q.reshape(H, E, D).transpose(0, 2, 1)
+        out["blocks.attn.W_K"][i] = k.reshape(K, E, D).transpose(0, 2, 1)
+        out["blocks.attn.W_V"][i] = get("attn_v", (K * E, D)).reshape(K, E, D).transpose(0, 2, 1)
+        out["blocks.attn.W_O"][i] = get("attn_output", (D, H * E)).T.reshape(H, E, D)
+        if gemma:
+            out["blocks.attn.q_norm.w"][i] = get("attn_q_norm", (E,))
+            out["blocks.attn.k_norm.w"][i] = get("attn_k_norm", (E,))
+        out["blocks.mlp.W_gate"][i] = get("ffn_gate", (M, D)).T
+        out["blocks.mlp.W_in"][i] = get("ffn_up", (M, D)).T
+        out["blocks.mlp.W_out"][i] = get("ffn_down", (D, M)).T
+    out["W_E"] = file.tensor("token_embd.weight", (cfg.d_vocab, D))
+    out["ln_final.w"] = file.tensor("output_norm.weight", (D,))
+    if not cfg.tied_embeddings:
+        out["W_U"] = file.tensor("output.weight", (cfg.d_vocab, D)).T
+    return cfg, out, tokenizer

@@ -1,0 +1,79 @@
+"""Write small GGUF files from HF reference models, the way llama.cpp's converter lays them out."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+
+
+def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's q/k row permutation for Llama-architecture files (rotate-half -> interleaved)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write(hf, family: str, path) -> None:
+    """Save ``hf`` (the "llama" or "gemma3" test family) as an F32 GGUF with a byte-level vocabulary."""
+    cfg = hf.config
+    arch = {"llama": "llama", "gemma3": "gemma3"}[family.split("_")[0]]
+    state = {name: tensor.detach().numpy().astype(np.float32) for name, tensor in hf.state_dict().items()}
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
+    writer.add_rope_freq_base(rope["rope_theta"])
+    if rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
+    if arch == "gemma3":
+        writer.add_sliding_window(cfg.sliding_window)
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
+    # A byte-level vocabulary: single characters of GPT-2's byte alphabet, no merges.
+    alphabet = [chr(c) for c in range(ord("!"), ord("~") + 1)] + [chr(c) for c in range(0x100, 0x200)]
+    tokens = ["<unk>", "<s>"] + alphabet[: cfg.vocab_size - 2]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3] + [1] * (len(tokens) - 2))
+    writer.add_bos_token_id(1)
+    prefix = "model."
+    offset = 1.0 if arch == "gemma3" else 0.0  # llama.cpp stores Gemma norms as 1 + w
+
+    def put(name, array):
+        writer.add_tensor(name, np.ascontiguousarray(array, np.float32))
+
+    put("token_embd.weight", state[prefix + "embed_tokens.weight"])
+    put("output_norm.weight", state[prefix + "norm.weight"] + offset)
+    if "lm_head.weight" in state and not cfg.tie_word_embeddings:
+        put("output.weight", state["lm_head.weight"])
+    norms = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    if arch == "gemma3":
+        norms = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+                 "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+    for i in range(cfg.num_hidden_layers):
+        p, b = f"{prefix}layers.{i}.", f"blk.{i}."
+        for theirs, ours in norms.items():
+            put(b + ours + ".weight", state[p + theirs + ".weight"] + offset)
+        q, k = state[p + "self_attn.q_proj.weight"], state[p + "self_attn.k_proj.weight"]
+        if arch == "llama":
+            q, k = _permute(q, cfg.num_attention_heads), _permute(k, cfg.num_key_value_heads)
+        put(b + "attn_q.weight", q)
+        put(b + "attn_k.weight", k)
+        put(b + "attn_v.weight", state[p + "self_attn.v_proj.weight"])
+        put(b + "attn_output.weight", state[p + "self_attn.o_proj.weight"])
+        if arch == "gemma3":
+            put(b + "attn_q_norm.weight", state[p + "self_attn.q_norm.weight"] + offset)
+            put(b + "attn_k_norm.weight", state[p + "self_attn.k_norm.weight"] + offset)
+        put(b + "ffn_gate.weight", state[p + "mlp.gate_proj.weight"])
+        put(b + "ffn_up.weight", state[p + "mlp.up_proj.weight"])
+        put(b + "ffn_down.weight", state[p + "mlp.down_proj.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -1,0 +1,93 @@
+"""GGUF files: llama.cpp-layout files of the reference models load exactly; damaged files fail clearly."""
+
+import numpy as np
+import pytest
+from conftest import random_tokens
+
+import jinterp
+from jinterp import LoadError
+
+torch = pytest.importorskip("torch", reason="the `reference` extra (torch, transformers) is not installed")
+gguf_files = pytest.importorskip("gguf_files")
+
+
+@pytest.fixture(scope="module")
+def written(reference, tmp_path_factory):
+    """family -> (HF model, path of its GGUF)."""
+    out = {}
+    for family in ("llama", "gemma3_gguf"):
+        hf, _, _ = reference(family)
+        path = tmp_path_factory.mktemp("gguf") / f"{family}.gguf"
+        gguf_files.write(hf, family, path)
+        out[family] = (hf, path)
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_gguf"])
+def test_gguf_matches_the_model_it_was_written_from(written, family):
+    """Llama files carry llama.cpp's q/k row permutation; Gemma files carry 1 + w norms."""
+    hf, path = written[family]
+    model, tokenizer = jinterp.load(path, progress=False)
+    tokens = random_tokens(model.cfg.d_vocab)
+    with torch.no_grad():
+        expected = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(tokens)), expected, atol=1e-4, rtol=0)
+    assert tokenizer.vocab_size == model.cfg.d_vocab and tokenizer.bos_token_id == 1
+
+
+def _damaged(path, tmp_path, how):
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        data = data[: len(data) // 3]
+    elif how == "magic":
+        data[:4] = b"GGUX"
+    elif how == "header":  # flip bits in the counts and the first metadata entries
+        for i in range(8, 64):
+            data[i] ^= 0xFF
+    elif how == "empty":
+        data = bytearray()
+    out = tmp_path / f"{how}.gguf"
+    out.write_bytes(bytes(data))
+    return out
+
+
+@pytest.mark.parametrize("how", ["truncated", "magic", "header", "empty"])
+def test_damaged_gguf_gives_a_clear_error(written, tmp_path, how):
+    _, path = written["llama"]
+    bad = _damaged(path, tmp_path, how)
+    with pytest.raises(LoadError) as error:
+        jinterp.load(bad, progress=False)
+    assert str(bad) in str(error.value)
+
+
+def test_nan_weights_are_refused(written, tmp_path):
+    import gguf
+
+    hf, _ = written["llama"]
+    path = tmp_path / "nan.gguf"
+    gguf_files.write(hf, "llama", path)
+    reader = gguf.GGUFReader(str(path), "r+")
+    tensor = next(t for t in reader.tensors if t.name == "blk.1.ffn_up.weight")
+    tensor.data[0, 0] = np.nan
+    del reader
+    with pytest.raises(LoadError, match=r"nan.gguf: parameter 'blocks.mlp.W_in' has NaN or infinite values"):
+        jinterp.load(path, progress=False)
+
+
+def test_unsupported_architecture(tmp_path):
+    import gguf
+
+    path = tmp_path / "mamba.gguf"
+    writer = gguf.GGUFWriter(str(path), "mamba")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(LoadError, match=r"mamba.gguf: unsupported GGUF architecture 'mamba'; supported: llama, gemma3"):
+        jinterp.load(path, progress=False)
+
+
+def test_not_a_path_or_name():
+    with pytest.raises(LoadError, match=r"not a registered model name.*Did you mean 'smollm2-135m'"):
+        jinterp.load("smollm2-135")

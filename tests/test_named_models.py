@@ -1,0 +1,111 @@
+"""The registered real models against transformers on the same weights (GGUF read by transformers,
+MiniLM's safetensors directory): logits, residual stream, tokenizers, known completions."""
+
+import jax
+import numpy as np
+import pytest
+from texts import varied_strings
+
+import jinterp
+
+torch = pytest.importorskip("torch", reason="the `reference` extra (torch, transformers) is not installed")
+
+PROMPTS = ["The capital of France is", "When Mary and John went to the store, John gave a drink to",
+           "def fibonacci(n):\n    if n < 2:\n        return n", "In 1492, Columbus sailed the ocean blue. The",
+           "Émilie a mangé 3 pommes 🍎 et", "The quick brown fox jumps over the lazy dog. " * 3]
+DECODERS = ["smollm2-135m", "gemma3-270m"]
+
+
+def hf_run(hf, tokens, mask):
+    with torch.no_grad():
+        out = hf(torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
+                 output_hidden_states=True)
+    return out
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_logits_and_residual_stream_match_transformers(named, name):
+    model, tokenizer, hf, _ = named(name)
+    batch = tokenizer(PROMPTS)  # right-padded: HF positions are arange, so real tokens agree
+    out = hf_run(hf, batch.tokens, batch.attention_mask)
+    logits, cache = jinterp.run(model, batch.tokens, attention_mask=batch.attention_mask,
+                                capture="blocks.*.resid_pre")
+    real = batch.attention_mask
+    np.testing.assert_allclose(np.asarray(logits)[real], out.logits.numpy()[real], atol=1e-4, rtol=0)
+    for layer in range(model.cfg.n_layers):
+        ours, theirs = np.asarray(cache[f"blocks.{layer}.resid_pre"])[real], out.hidden_states[layer].numpy()[real]
+        # Residual norms grow to the hundreds in late layers: hold them to 1e-4 relative to their scale.
+        scale = max(1.0, float(np.abs(theirs).max()))
+        np.testing.assert_allclose(ours, theirs, atol=1e-4 * scale, rtol=0, err_msg=f"{name} resid_pre {layer}")
+
+
+def top_token(model, tokenizer, prompt):
+    logits = model(np.asarray([tokenizer.encode(prompt)]))
+    probs = jax.nn.softmax(logits[0, -1])
+    return tokenizer.decode([int(probs.argmax())]), float(probs.max())
+
+
+def test_smollm2_knows_paris_and_the_ioi_answer(named):
+    model, tokenizer, _, _ = named("smollm2-135m")
+    token, p = top_token(model, tokenizer, "The capital of France is")
+    assert token == " Paris" and p > 0.5
+    token, p = top_token(model, tokenizer, "When Mary and John went to the store, John gave a drink to")
+    assert token == " Mary" and p > 0.5
+
+
+def test_gemma3_ioi_answer(named):
+    model, tokenizer, _, _ = named("gemma3-270m")
+    token, p = top_token(model, tokenizer, "When Mary and John went to the store, John gave a drink to")
+    assert token == " Mary" and p > 0.5
+
+
+@pytest.mark.parametrize("name", DECODERS + ["minilm-l6"])
+def test_tokenizer_ids_identical_to_transformers(named, name):
+    _, tokenizer, _, hf_tokenizer = named(name)
+    strings = varied_strings(240)
+    mismatches = [(s, tokenizer.encode(s), hf_tokenizer(s)["input_ids"]) for s in strings
+                  if tokenizer.encode(s) != hf_tokenizer(s)["input_ids"]]
+    assert not mismatches, f"{len(mismatches)} of {len(strings)} differ, e.g. {mismatches[:3]}"
+    for s in strings[:60]:  # decoding what we encoded gives what transformers decodes
+        assert tokenizer.decode(tokenizer.encode(s)) == hf_tokenizer.decode(hf_tokenizer(s)["input_ids"])
+
+
+def test_smollm2_chat_template_matches_transformers(named):
+    _, tokenizer, _, hf_tokenizer = named("smollm2-135m")
+    messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "And <b>3+3</b>?"}]
+    for generation in (True, False):
+        expected = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+        assert tokenizer.apply_chat_template(messages, add_generation_prompt=generation) == expected
+
+
+def test_minilm_embeddings_match_bertmodel(named):
+    model, tokenizer, hf, hf_tokenizer = named("minilm-l6")
+    sentences = ["A man is eating food.", "A man is riding a horse on a sunny day in the park.", "Hello!"]
+    batch = tokenizer(sentences)
+    hidden = model(batch.tokens, attention_mask=batch.attention_mask)
+    with torch.no_grad():
+        ref = hf(**{k: torch.tensor(v) for k, v in hf_tokenizer(sentences, padding=True).items()}).last_hidden_state
+    real = batch.attention_mask
+    np.testing.assert_allclose(np.asarray(hidden)[real], ref.numpy()[real], atol=1e-4, rtol=0)
+    sentence = np.asarray(model.pool(hidden, batch.attention_mask, "mean"))
+    mask = torch.tensor(real, dtype=torch.float32)[..., None]
+    expected = ((ref * mask).sum(1) / mask.sum(1)).numpy()
+    np.testing.assert_allclose(sentence, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_processed_weights_give_the_same_probabilities(named, name):
+    model, tokenizer, _, _ = named(name)
+    processed = jinterp.process_weights(model)
+    tokens = tokenizer(PROMPTS[:3]).tokens
+    a = jax.nn.softmax(model(tokens), -1)
+    b = jax.nn.softmax(processed(tokens), -1)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=0)
+
+
+def test_models_lists_what_is_registered_and_installed():
+    listed = {m["name"]: m for m in jinterp.models()}
+    assert set(listed) == {"smollm2-135m", "gemma3-270m", "minilm-l6"}
+    assert listed["smollm2-135m"]["default"] and "Gemma" in listed["gemma3-270m"]["license"]
+    assert all(isinstance(m["installed"], bool) for m in listed.values())
