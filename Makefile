@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: setup
+	$(BIN)/ruff check jinterp tests benchmarks
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -11,6 +11,6 @@ from jinterp.models import Config, Transformer
 from jinterp.models.processing import process_weights
 
 __all__ = [
-    "Add", "At", "Cache", "LoadError", "Tokenizer", "load", "models", "Capture", "Config", "Edit", "Intervention", "Replace", "Scale",
-    "Transformer", "Zero", "chain", "process_weights", "run", "sites",
+    "Add", "At", "Cache", "Capture", "Config", "Edit", "Intervention", "LoadError", "Replace", "Scale", "Tokenizer",
+    "Transformer", "Zero", "chain", "load", "models", "process_weights", "run", "sites",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 from collections.abc import Mapping
@@ -21,13 +22,24 @@ class Cache(eqx.Module, Mapping):
 
     Block sites are held stacked over the captured layers (no per-layer copies);
     ``cache.stack(kind)`` returns that stack, ``[n_layers_captured, batch, ...]``.
+
+    ``attn.result`` (each head's write, n_heads times the size of the residual stream) is kept as
+    the captured ``attn.z`` and computed on access as ``z_h @ W_O[h]``, the forward's own formula.
     """
 
     stacked: dict[str, Array]  # kind -> value (outside the blocks) or [captured layers, ...]
     layers: tuple[tuple[str, tuple[int, ...]], ...] = eqx.field(static=True)  # kind -> captured layers
+    W_O: Array | None = None  # [n_layers, n_heads, d_head, d_model], for attn.result
+    result_layers: tuple[int, ...] = eqx.field(static=True, default=())
 
-    def _locate(self, name) -> tuple[str, int | None] | None:
-        site = S.parse(name)
+    def _result(self, layer: int) -> Array:
+        return jnp.einsum("bqhe,hed->bqhd", self[f"blocks.{layer}.attn.z"], self.W_O[layer])
+
+    def _is_result(self, site: S.Site) -> bool:
+        return site.kind == "attn.result" and site.layer in self.result_layers
+
+    def _locate(self, site: S.Site) -> tuple[str, int | None] | None:
+        """(kind, index into its stack) of a stored value."""
         if site.kind not in self.stacked:
             return None
         if site.layer is None:
@@ -36,7 +48,10 @@ class Cache(eqx.Module, Mapping):
         return (site.kind, layers.index(site.layer)) if site.layer in layers else None
 
     def __getitem__(self, name) -> Array:
-        where = self._locate(name)
+        site = S.parse(name)
+        if self._is_result(site):
+            return self._result(site.layer)
+        where = self._locate(site)
         if where is not None:
             kind, index = where
             return self.stacked[kind] if index is None else self.stacked[kind][index]
@@ -54,27 +69,32 @@ class Cache(eqx.Module, Mapping):
                 yield from (f"blocks.{layer}.{kind}" for layer in layers[kind])
             else:
                 yield kind
+        yield from (f"blocks.{layer}.attn.result" for layer in self.result_layers)
 
     def __len__(self) -> int:
         layers = dict(self.layers)
-        return sum(len(layers[kind]) if kind in layers else 1 for kind in self.stacked)
+        return sum(len(layers[kind]) if kind in layers else 1 for kind in self.stacked) + len(self.result_layers)
 
     def __contains__(self, name) -> bool:
         try:
-            return self._locate(name) is not None
+            site = S.parse(name)
         except (ValueError, TypeError):
             return False
+        return self._is_result(site) or self._locate(site) is not None
 
     def stack(self, kind) -> Array:
         """One block site kind over the captured layers: ``[n_layers_captured, ...]``."""
         kind = S.parse(kind).kind
+        if kind == "attn.result" and self.result_layers:
+            return jnp.stack([self._result(layer) for layer in self.result_layers])
         if kind not in dict(self.layers):
             raise KeyError(f"No layer of {kind!r} was captured; captured: {', '.join(self.stacked)}")
         return self.stacked[kind]
 
     def captured_layers(self, kind) -> tuple[int, ...]:
         """The layers a stacked kind holds, in order."""
-        return dict(self.layers).get(S.parse(kind).kind, ())
+        kind = S.parse(kind).kind
+        return self.result_layers if kind == "attn.result" else dict(self.layers).get(kind, ())
 
 
 def _names(capture) -> list:
@@ -108,7 +128,8 @@ def captures(model: Transformer, capture) -> tuple[iv.Capture, ...]:
                 layers_by_kind[site.kind] = None
             else:
                 layers_by_kind.setdefault(site.kind, set()).add(site.layer)
-    return tuple(iv.Capture(kind, None if layers is None else sorted(layers)) for kind, layers in layers_by_kind.items())
+    return tuple(iv.Capture(kind, None if layers is None else sorted(layers))
+                 for kind, layers in layers_by_kind.items())
 
 
 def _validate(model: Transformer, interventions, seq_len: int) -> None:
@@ -160,8 +181,27 @@ def run(model: Transformer, tokens, *, capture=(), edits=(), attention_mask=None
     check_inputs(model.cfg, tokens, attention_mask, token_type_ids)
     edits = iv.flatten(edits)
     _validate(model, edits, tokens.shape[1])
-    interventions = edits + captures(model, capture)
-    return _run(model, jnp.asarray(tokens), interventions, attention_mask, token_type_ids)
+    wanted = captures(model, capture)
+    result_layers = ()
+    if not any(edit.site == "attn.result" for edit in edits):
+        wanted, result_layers = _result_from_z(wanted, model.cfg.n_layers)
+    output, cache = _run(model, jnp.asarray(tokens), edits + wanted, attention_mask, token_type_ids)
+    if result_layers:
+        cache = dataclasses.replace(cache, W_O=model.blocks.attn.W_O, result_layers=result_layers)
+    return output, cache
+
+
+def _result_from_z(wanted: tuple[iv.Capture, ...], n_layers: int):
+    """Capture attn.z in place of attn.result: the Cache computes the result from it on access,
+    so the forward never materialises n_heads copies of the residual stream."""
+    result = next((c for c in wanted if c.site == "attn.result"), None)
+    if result is None:
+        return wanted, ()
+    result_layers = tuple(layer for _, layer in result.entries(n_layers))
+    z = next((c for c in wanted if c.site == "attn.z"), None)
+    z_layers = set(result_layers) | ({layer for _, layer in z.entries(n_layers)} if z else set())
+    others = tuple(c for c in wanted if c.site not in ("attn.result", "attn.z"))
+    return others + (iv.Capture("attn.z", sorted(z_layers)),), result_layers
 
 
 def sites(model: Transformer, batch="batch", seq="pos") -> dict[str, tuple]:

@@ -17,10 +17,14 @@ def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name.lower() or name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator) if param.ndim == 1 and name.endswith(("weight", "gamma")) else 0.2 * torch.randn(param.shape, generator=generator))
+            noise = torch.randn(param.shape, generator=generator)
+            is_norm = "norm" in name.lower() or name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))
+            if is_norm and param.ndim == 1 and name.endswith(("weight", "gamma")):
+                param.copy_(1.0 + 0.2 * noise)  # norm scales near 1
+            elif is_norm:
+                param.copy_(0.2 * noise)  # norm biases
             else:
-                param.copy_(INIT * torch.randn(param.shape, generator=generator) / max(1, param.shape[-1]) ** 0.5 * 3)
+                param.copy_(3 * INIT * noise / max(1, param.shape[-1]) ** 0.5)
     return model.eval()
 
 

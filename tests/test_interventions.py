@@ -5,7 +5,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from conftest import TOY, random_tokens
 
 import jinterp
@@ -95,7 +94,7 @@ def test_replace_scale_zero(toy):
 def test_edits_on_every_layer_and_layer_lists(toy):
     every = jinterp.run(toy, TOKENS, edits=jinterp.Zero("blocks.*.attn_out"))[0]
     listed = jinterp.run(toy, TOKENS, edits=jinterp.Zero("attn_out", layers=[0, 1, 2]))[0]
-    chained = jinterp.run(toy, TOKENS, edits=[jinterp.Zero(f"blocks.{l}.attn_out") for l in range(3)])[0]
+    chained = jinterp.run(toy, TOKENS, edits=[jinterp.Zero(f"blocks.{i}.attn_out") for i in range(3)])[0]
     np.testing.assert_array_equal(np.asarray(every), np.asarray(listed))
     np.testing.assert_allclose(np.asarray(every), np.asarray(chained), rtol=0, atol=1e-6)
 
@@ -103,7 +102,8 @@ def test_edits_on_every_layer_and_layer_lists(toy):
 def test_composition_applies_in_order(toy):
     vector = jnp.full(TOY.d_model, 0.5)
     _, a = jinterp.run(toy, TOKENS, capture=["blocks.1.resid_pre"],
-                       edits=jinterp.chain(jinterp.Scale("blocks.1.resid_pre", 2.0), jinterp.Add("blocks.1.resid_pre", vector)))
+                       edits=jinterp.chain(jinterp.Scale("blocks.1.resid_pre", 2.0),
+                                           jinterp.Add("blocks.1.resid_pre", vector)))
     _, b = jinterp.run(toy, TOKENS, capture=["blocks.1.resid_pre"],
                        edits=[jinterp.Add("blocks.1.resid_pre", vector), jinterp.Scale("blocks.1.resid_pre", 2.0)])
     _, clean = jinterp.run(toy, TOKENS, capture=["blocks.1.resid_pre"])
@@ -114,7 +114,8 @@ def test_composition_applies_in_order(toy):
 
 def test_capture_placed_before_an_edit_records_the_unedited_value(toy):
     _, clean = jinterp.run(toy, TOKENS, capture=["blocks.1.resid_pre"])
-    _, cache = jinterp.run(toy, TOKENS, edits=[jinterp.Capture("blocks.1.resid_pre"), jinterp.Zero("blocks.1.resid_pre")])
+    edits = [jinterp.Capture("blocks.1.resid_pre"), jinterp.Zero("blocks.1.resid_pre")]
+    _, cache = jinterp.run(toy, TOKENS, edits=edits)
     np.testing.assert_array_equal(np.asarray(cache["blocks.1.resid_pre"]), np.asarray(clean["blocks.1.resid_pre"]))
 
 
@@ -128,7 +129,7 @@ def test_vmap_over_edits_equals_a_loop(toy):
         return jinterp.run(toy, TOKENS, edits=edit)[0][:, -1]
 
     batched = jax.jit(jax.vmap(patched))(vectors, positions, layers)
-    looped = jnp.stack([patched(v, p, l) for v, p, l in zip(vectors, positions, layers)])
+    looped = jnp.stack([patched(*args) for args in zip(vectors, positions, layers)])
     chex.assert_trees_all_close(batched, looped, atol=1e-5, rtol=1e-5)
     assert not np.allclose(np.asarray(batched[0]), np.asarray(batched[1]))
 
@@ -195,3 +196,18 @@ def test_edits_outside_the_blocks(toy):
     assert not np.asarray(cache["embed"])[:, 0].any()
     boosted, _ = jinterp.run(toy, TOKENS, edits=jinterp.Add("logits", jnp.eye(TOY.d_vocab)[7], scale=100.0))
     assert (np.asarray(boosted).argmax(-1) == 7).all()
+
+
+def test_captured_attn_result_equals_the_forwards_own(toy):
+    """capture= keeps z and computes each head's result on access; a Capture among the edits makes
+    the forward compute it. Same values, and the edit path (Zero at attn.result) still works."""
+    _, derived = jinterp.run(toy, TOKENS, capture=["blocks.1.attn.result"])
+    _, computed = jinterp.run(toy, TOKENS, edits=[jinterp.Capture("blocks.1.attn.result")])
+    np.testing.assert_allclose(np.asarray(derived["blocks.1.attn.result"]),
+                               np.asarray(computed["blocks.1.attn.result"]), atol=1e-5, rtol=1e-5)
+    assert derived.stack("attn.result").shape == (1, 2, 9, TOY.n_heads, TOY.d_model)
+    edited, cache = jinterp.run(toy, TOKENS, capture=["blocks.1.attn.result", "blocks.1.attn_out"],
+                                edits=jinterp.Zero("blocks.1.attn.result", heads=[0]))
+    assert not np.asarray(cache["blocks.1.attn.result"])[:, :, 0].any()
+    np.testing.assert_allclose(np.asarray(cache["blocks.1.attn.result"].sum(2)), np.asarray(cache["blocks.1.attn_out"]),
+                               atol=1e-5)

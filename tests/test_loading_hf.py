@@ -63,7 +63,8 @@ def test_contradictory_config(gpt2_dir):
 
 def test_tensor_with_the_wrong_shape(gpt2_dir):
     edit_config(gpt2_dir, n_inner=100)
-    with pytest.raises(LoadError, match=r"'transformer.h.0.mlp.c_fc.weight' has shape \(60, 240\), config implies \(60, 100\)"):
+    message = r"'transformer.h.0.mlp.c_fc.weight' has shape \(60, 240\), config implies \(60, 100\)"
+    with pytest.raises(LoadError, match=message):
         jinterp.load(gpt2_dir)
 
 

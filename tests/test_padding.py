@@ -53,6 +53,7 @@ def test_padding_matches_transformers_right_padded(reference):
     tokens, mask = pad(random_tokens(model.cfg.d_vocab, (2, 8), seed=3), 4, "right")
     mask[1, 6:] = False
     with torch.no_grad():
-        expected = hf(torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long)).logits
+        as_torch = lambda x: torch.tensor(x, dtype=torch.long)
+        expected = hf(as_torch(tokens), attention_mask=as_torch(mask)).logits
     ours = np.asarray(model(tokens, attention_mask=mask))
     np.testing.assert_allclose(ours[mask], expected.numpy()[mask], atol=1e-4, rtol=0)

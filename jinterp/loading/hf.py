@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from jinterp.loading.errors import LoadError
-from jinterp.models.config import Config
 from jinterp.models import flat
+from jinterp.models.config import Config
 from jinterp.models.transformer import Transformer
 
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu", "gelu_new": "gelu_tanh",
@@ -58,13 +58,15 @@ class HFConfig:
             return float(theta), None
         kind = scaling.get("rope_type", scaling.get("type"))
         if kind not in ("linear", "llama3"):
-            raise LoadError(self.path, f"unsupported rope scaling type {kind!r}; supported: 'default', 'linear', 'llama3'")
+            raise LoadError(self.path,
+                            f"unsupported rope scaling type {kind!r}; supported: 'default', 'linear', 'llama3'")
         keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
         return float(theta), (("type", kind),) + tuple((k, float(scaling[k])) for k in keys if k in scaling)
 
     def partial_rotary(self) -> float:
         params = self.get("rope_parameters", {})
-        return float(params.get("partial_rotary_factor", self.get("partial_rotary_factor", self.get("rotary_pct", 1.0))))
+        legacy = self.get("partial_rotary_factor", self.get("rotary_pct", 1.0))
+        return float(params.get("partial_rotary_factor", legacy))
 
     def head_dim(self, d_model_key: str, heads_key: str) -> int:
         d_model, heads = self[d_model_key], self[heads_key]

@@ -141,7 +141,8 @@ class Tokenizer:
         return Batch(tokens, mask)
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return self.backend.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=skip_special_tokens)
+        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def to_str_tokens(self, ids) -> list[str]:
         """Each id decoded on its own (what a plot label needs)."""
@@ -164,7 +165,8 @@ class Tokenizer:
             bos_token=token(self.bos_token_id) or "", eos_token=token(self.eos_token_id) or "")
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token_id}, eos={self.eos_token_id}, source={self.source!r})"
+        return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token_id}, eos={self.eos_token_id}, "
+                f"source={self.source!r})")
 
 
 def _read_specials(directory: Path, backend: tokenizers.Tokenizer) -> Specials:
@@ -220,8 +222,9 @@ def _byte_level_bpe(fields: dict) -> tokenizers.Tokenizer:
     if split is None:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     backend.decoder = decoders.ByteLevel()
     return backend
 

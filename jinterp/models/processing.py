@@ -125,8 +125,9 @@ def _sync_config(model: Transformer) -> Transformer:
     """Keep the config's structural flags in step with the parameters processing created."""
     mlp = model.blocks.mlp
     if mlp is not None and (mlp.b_in is None) != (mlp.b_out is None):  # the config has one flag for both
-        mlp = dataclasses.replace(mlp, b_in=jnp.zeros(mlp.W_in.shape[::2], mlp.W_in.dtype) if mlp.b_in is None else mlp.b_in,
-                                  b_out=jnp.zeros(mlp.W_out.shape[::2], mlp.W_out.dtype) if mlp.b_out is None else mlp.b_out)
+        zeros_like_bias = lambda W: jnp.zeros(W.shape[::2], W.dtype)  # W [L, in, out] -> bias [L, out]
+        mlp = dataclasses.replace(mlp, b_in=zeros_like_bias(mlp.W_in) if mlp.b_in is None else mlp.b_in,
+                                  b_out=zeros_like_bias(mlp.W_out) if mlp.b_out is None else mlp.b_out)
         model = dataclasses.replace(model, blocks=dataclasses.replace(model.blocks, mlp=mlp))
     attn = model.blocks.attn
     cfg = model.cfg.replace(

@@ -75,7 +75,7 @@ class Transformer(eqx.Module):
         # Global and local (sliding-window) layers differ only in mask and rotary base.
         masks, ropes = attention_masks(cfg, valid, positions), rope_pair(cfg, positions)
         is_local = jnp.asarray([t == "local" for t in cfg.layer_types])
-        pick = lambda local, pair: jax.tree.map(lambda g, l: jnp.where(local, l, g), *pair)  # noqa: E731
+        pick = lambda local, pair: jax.tree.map(lambda g, lo: jnp.where(local, lo, g), *pair)
 
         def layer(x, inputs):
             params, index, local = inputs
