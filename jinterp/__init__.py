@@ -4,13 +4,27 @@ from jinterp._numerics import prefer_accurate_cpu_float32
 
 prefer_accurate_cpu_float32()
 
+from jinterp import ablation, attribution, lens, patching
 from jinterp.cache import Cache, run, sites
-from jinterp.interventions import Add, At, Capture, Edit, Intervention, Replace, Scale, Zero, chain
+from jinterp.interventions import (
+    Add,
+    At,
+    Capture,
+    Edit,
+    Interchange,
+    Intervention,
+    Project,
+    Replace,
+    Scale,
+    Zero,
+    chain,
+)
 from jinterp.loading import LoadError, Tokenizer, load, models
 from jinterp.models import Config, Transformer
 from jinterp.models.processing import process_weights
 
 __all__ = [
-    "Add", "At", "Cache", "Capture", "Config", "Edit", "Intervention", "LoadError", "Replace", "Scale", "Tokenizer",
-    "Transformer", "Zero", "chain", "load", "models", "process_weights", "run", "sites",
+    "Add", "At", "Cache", "Capture", "Config", "Edit", "Interchange", "Intervention", "LoadError", "Project",
+    "Replace", "Scale", "Tokenizer", "Transformer", "Zero", "ablation", "attribution", "chain", "lens", "load",
+    "models", "patching", "process_weights", "run", "sites",
 ]

@@ -135,16 +135,17 @@ def captures(model: Transformer, capture) -> tuple[iv.Capture, ...]:
 def _validate(model: Transformer, interventions, seq_len: int) -> None:
     top, block = S.site_kinds(model.cfg)
     for intervention in interventions:
-        kind = intervention.site
-        if kind not in top + block:
-            layer = "*" if kind in S.BLOCK_KINDS else None
-            S.resolve(model.cfg, S.Site(kind, layer).name)  # raises the unknown-site message
+        for kind in intervention.kinds():
+            if kind not in top + block:
+                layer = "*" if kind in S.BLOCK_KINDS else None
+                S.resolve(model.cfg, S.Site(kind, layer).name)  # raises the unknown-site message
         intervention.check(model.cfg, seq_len)
 
 
 @eqx.filter_jit
-def _run(model, tokens, interventions, attention_mask, token_type_ids):
-    output, top, blocks = model.forward(tokens, interventions, attention_mask, token_type_ids)
+def _run(model, tokens, interventions, attention_mask, token_type_ids, logit_positions=None):
+    output, top, blocks = model.forward(tokens, interventions, attention_mask, token_type_ids,
+                                        logit_positions=logit_positions)
     stacked, layers = {}, []
     for capture in interventions:
         if not isinstance(capture, iv.Capture):
@@ -159,7 +160,8 @@ def _run(model, tokens, interventions, attention_mask, token_type_ids):
     return output, Cache(stacked, tuple(layers))
 
 
-def run(model: Transformer, tokens, *, capture=(), edits=(), attention_mask=None, token_type_ids=None):
+def run(model: Transformer, tokens, *, capture=(), edits=(), attention_mask=None, token_type_ids=None,
+        logit_positions=None):
     """Run ``model`` on ``tokens`` with ``edits`` applied, recording the ``capture`` sites.
 
     Args:
@@ -173,6 +175,8 @@ def run(model: Transformer, tokens, *, capture=(), edits=(), attention_mask=None
         attention_mask: ``[batch, seq]``, 1 for real tokens, 0 for padding (left or right);
             real tokens get the same results as the unpadded sequence.
         token_type_ids: ``[batch, seq]`` segment ids for models with token types (BERT).
+        logit_positions: unembed only these positions (``[n]``, or ``[batch, n]`` per row; negative
+            counts from the end): logits ``[batch, n, d_vocab]``, and the unembedding's cost saved.
 
     Returns:
         ``(output, cache)``: logits ``[batch, seq, d_vocab]`` (hidden states for an encoder) and
@@ -183,9 +187,9 @@ def run(model: Transformer, tokens, *, capture=(), edits=(), attention_mask=None
     _validate(model, edits, tokens.shape[1])
     wanted = captures(model, capture)
     result_layers = ()
-    if not any(edit.site == "attn.result" for edit in edits):
+    if not any("attn.result" in edit.kinds() for edit in edits):
         wanted, result_layers = _result_from_z(wanted, model.cfg.n_layers)
-    output, cache = _run(model, jnp.asarray(tokens), edits + wanted, attention_mask, token_type_ids)
+    output, cache = _run(model, jnp.asarray(tokens), edits + wanted, attention_mask, token_type_ids, logit_positions)
     if result_layers:
         cache = dataclasses.replace(cache, W_O=model.blocks.attn.W_O, result_layers=result_layers)
     return output, cache

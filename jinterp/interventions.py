@@ -26,12 +26,22 @@ from jinterp import names as S
 
 
 class At(NamedTuple):
-    """Where an intervention is being applied: the site kind, its axes, and the layer."""
+    """Where an intervention is being applied: the site kind, its axes, and the layer; plus the
+    run's records (captures) and the intervention's own state carried through the layers."""
 
     kind: str
     axes: tuple[str, ...]
     layer: Array | int | None  # traced inside the layer scan
     records: dict
+    states: dict
+    index: int  # this intervention's position in the run, which keys its state
+
+    @property
+    def state(self):
+        return self.states[self.index]
+
+    def set_state(self, value) -> None:
+        self.states[self.index] = value
 
 
 class Intervention(eqx.Module):
@@ -42,8 +52,16 @@ class Intervention(eqx.Module):
     def __call__(self, value: Array, at: At) -> Array:
         raise NotImplementedError
 
+    def kinds(self) -> tuple[str, ...]:
+        """The site kinds this intervention acts at (one for most; several for stateful ones)."""
+        return (self.site,)
+
     def check(self, cfg, seq_len: int) -> None:
         """Raise a clear error if this intervention cannot apply to a model (eager values only)."""
+
+    def initial_state(self, cfg, batch: int, seq: int):
+        """State carried from site to site through the whole forward (None: stateless)."""
+        return None
 
 
 def _indices(values, what: str) -> Int[Array, "n"] | None:
@@ -98,8 +116,20 @@ class Edit(Intervention):
     positions: Int[Array, "n"] | None
     heads: Int[Array, "n"] | None
 
+    def _restrict(self, site, layers, positions, heads) -> None:
+        """Set the site kind and the layer/position/head restriction (call from ``__init__``)."""
+        self.site, self.layers = _split_site(site, layers)
+        self.positions = _indices(positions, "positions")
+        self.heads = _indices(heads, "heads")
+
     def edit(self, value: Array, at: At) -> Array:
         raise NotImplementedError
+
+    def _layer_value(self, stacked: Array, at: At) -> Array:
+        """The slice of a per-layer stack ``[n_layers, ...]`` for the layer being run."""
+        if at.layer is None:
+            raise ValueError(f"per_layer values apply to block sites; {at.kind!r} is outside the blocks")
+        return stacked[at.layer]
 
     def __call__(self, value: Array, at: At) -> Array:
         new = self.edit(value, at)
@@ -133,6 +163,11 @@ class Edit(Intervention):
             _check_range(self.positions, seq_len, f"{where}: position", "positions", negative=True)
         if self.layers is not None:
             _check_range(self.layers, cfg.n_layers, f"{where}: layer", "layers")
+
+    def _check_per_layer(self, stacked: Array, cfg, what: str) -> None:
+        if getattr(self, "per_layer", False) and stacked.shape[:1] != (cfg.n_layers,):
+            raise ValueError(f"{what} at {self.site!r} is per-layer with leading axis {stacked.shape[:1]}; this "
+                             f"model has {cfg.n_layers} layers (capture 'blocks.*.{self.site}' for a full stack)")
 
     def _value(self, value: Array, at: At, given: Array, what: str) -> Array:
         """Check that ``given`` broadcasts to the site's value and has a float dtype; cast it."""
@@ -169,36 +204,44 @@ def _concrete(x) -> bool:
 
 
 class Replace(Edit):
-    """Replace the value with ``value`` (broadcast to the site's shape)."""
+    """Replace the value with ``value`` (broadcast to the site's shape). With ``per_layer=True``
+    the value has a leading ``n_layers`` axis and layer l takes ``value[l]`` (patching from a
+    cache stack)."""
 
     value: Float[Array, "..."]
+    per_layer: bool = eqx.field(static=True)
 
-    def __init__(self, site, value, *, layers=None, positions=None, heads=None):
-        self.site, self.layers = _split_site(site, layers)
-        self.positions = _indices(positions, "positions")
-        self.heads = _indices(heads, "heads")
-        self.value = jnp.asarray(value)
+    def __init__(self, site, value, *, layers=None, positions=None, heads=None, per_layer=False):
+        self._restrict(site, layers, positions, heads)
+        self.value, self.per_layer = jnp.asarray(value), per_layer
 
     def edit(self, value, at):
-        return jnp.broadcast_to(self._value(value, at, self.value, "Replace value"), value.shape)
+        given = self._layer_value(self.value, at) if self.per_layer else self.value
+        return jnp.broadcast_to(self._value(value, at, given, "Replace value"), value.shape)
+
+    def check(self, cfg, seq_len: int) -> None:
+        super().check(cfg, seq_len)
+        self._check_per_layer(self.value, cfg, "Replace value")
 
 
 class Add(Edit):
-    """Add ``scale * vector`` (steering)."""
+    """Add ``scale * vector`` (steering). ``per_layer=True``: a leading ``n_layers`` axis."""
 
     vector: Float[Array, "..."]
     scale: Float[Array, ""]
+    per_layer: bool = eqx.field(static=True)
 
-    def __init__(self, site, vector, scale=1.0, *, layers=None, positions=None, heads=None):
-        self.site, self.layers = _split_site(site, layers)
-        self.positions = _indices(positions, "positions")
-        self.heads = _indices(heads, "heads")
-        self.vector = jnp.asarray(vector)
-        self.scale = jnp.asarray(scale, jnp.float32)
+    def __init__(self, site, vector, scale=1.0, *, layers=None, positions=None, heads=None, per_layer=False):
+        self._restrict(site, layers, positions, heads)
+        self.vector, self.scale, self.per_layer = jnp.asarray(vector), jnp.asarray(scale, jnp.float32), per_layer
 
     def edit(self, value, at):
-        vector = self._value(value, at, self.vector, "Add vector")
-        return value + (self.scale.astype(value.dtype) * vector)
+        given = self._layer_value(self.vector, at) if self.per_layer else self.vector
+        return value + self.scale.astype(value.dtype) * self._value(value, at, given, "Add vector")
+
+    def check(self, cfg, seq_len: int) -> None:
+        super().check(cfg, seq_len)
+        self._check_per_layer(self.vector, cfg, "Add vector")
 
 
 class Scale(Edit):
@@ -207,9 +250,7 @@ class Scale(Edit):
     factor: Float[Array, "..."]
 
     def __init__(self, site, factor, *, layers=None, positions=None, heads=None):
-        self.site, self.layers = _split_site(site, layers)
-        self.positions = _indices(positions, "positions")
-        self.heads = _indices(heads, "heads")
+        self._restrict(site, layers, positions, heads)
         self.factor = jnp.asarray(factor, jnp.float32) if isinstance(factor, (int, float)) else jnp.asarray(factor)
 
     def edit(self, value, at):
@@ -220,12 +261,66 @@ class Zero(Edit):
     """Set the value to zero (zero ablation)."""
 
     def __init__(self, site, *, layers=None, positions=None, heads=None):
-        self.site, self.layers = _split_site(site, layers)
-        self.positions = _indices(positions, "positions")
-        self.heads = _indices(heads, "heads")
+        self._restrict(site, layers, positions, heads)
 
     def edit(self, value, at):
         return jnp.zeros_like(value)
+
+
+def _orthonormal(basis: Array) -> Array:
+    """Orthonormal columns spanning ``basis`` ([d, k]); differentiable (QR)."""
+    return jnp.linalg.qr(basis)[0]
+
+
+class Project(Edit):
+    """Project out (``keep=False``) or keep only (``keep=True``) the subspace spanned by the
+    columns of ``basis`` ``[d, k]``, on the site's last axis (d_model, d_head or d_mlp)."""
+
+    basis: Float[Array, "d k"]
+    keep: bool = eqx.field(static=True)
+
+    def __init__(self, site, basis, *, keep=False, layers=None, positions=None, heads=None):
+        self._restrict(site, layers, positions, heads)
+        basis = jnp.asarray(basis)
+        self.basis, self.keep = basis[:, None] if basis.ndim == 1 else basis, keep
+
+    def edit(self, value, at):
+        q = self._basis(value, at)
+        inside = (value @ q) @ q.T
+        return inside if self.keep else value - inside
+
+    def _basis(self, value, at):
+        if self.basis.ndim != 2 or self.basis.shape[0] != value.shape[-1]:
+            raise ValueError(f"Project basis at {at.kind!r} has shape {self.basis.shape}; expected "
+                             f"[{value.shape[-1]}, k] for the site's last axis ({at.axes[-1]})")
+        return _orthonormal(self.basis.astype(value.dtype))
+
+
+class Interchange(Edit):
+    """Distributed interchange (DAS): in the subspace spanned by ``rotation``'s k orthonormalised
+    columns (``[d, k]``, a learnable parameter), take the coordinates from ``source``:
+    ``x + Q (Q^T s - Q^T x)``. ``per_layer=True``: ``source`` has a leading ``n_layers`` axis."""
+
+    rotation: Float[Array, "d k"]
+    source: Float[Array, "..."]
+    per_layer: bool = eqx.field(static=True)
+
+    def __init__(self, site, source, rotation, *, layers=None, positions=None, heads=None, per_layer=False):
+        self._restrict(site, layers, positions, heads)
+        self.source, self.rotation, self.per_layer = jnp.asarray(source), jnp.asarray(rotation), per_layer
+
+    def edit(self, value, at):
+        if self.rotation.ndim != 2 or self.rotation.shape[0] != value.shape[-1]:
+            raise ValueError(f"Interchange rotation at {at.kind!r} has shape {self.rotation.shape}; expected "
+                             f"[{value.shape[-1]}, k]")
+        q = _orthonormal(self.rotation.astype(value.dtype))
+        source = self._layer_value(self.source, at) if self.per_layer else self.source
+        source = jnp.broadcast_to(self._value(value, at, source, "Interchange source"), value.shape)
+        return value + ((source - value) @ q) @ q.T
+
+    def check(self, cfg, seq_len: int) -> None:
+        super().check(cfg, seq_len)
+        self._check_per_layer(self.source, cfg, "Interchange source")
 
 
 class Capture(Intervention):
@@ -283,25 +378,34 @@ def flatten(interventions) -> tuple[Intervention, ...]:
 class SiteHook:
     """What the forward calls at each site: the interventions of that kind, in order.
 
-    Built during tracing only; ``records`` collects captured values for this layer.
+    Built during tracing only; ``records`` collects captured values for this layer and
+    ``states`` holds stateful interventions' state (the forward threads it through the layers).
     """
 
-    def __init__(self, by_kind: dict[str, Sequence[Intervention]], layer):
+    def __init__(self, by_kind: dict[str, Sequence[tuple[int, Intervention]]], layer, states: dict):
         self.by_kind = by_kind
         self.layer = layer
         self.records: dict[str, Array] = {}
+        self.states = states
 
     def __call__(self, kind: str, value: Array) -> Array:
-        for intervention in self.by_kind.get(kind, ()):
-            value = intervention(value, At(kind, S.SITE_AXES[kind], self.layer, self.records))
+        for index, intervention in self.by_kind.get(kind, ()):
+            value = intervention(value, At(kind, S.SITE_AXES[kind], self.layer, self.records, self.states, index))
         return value
 
     def wants(self, kind: str) -> bool:
         return kind in self.by_kind
 
 
-def by_kind(interventions: Sequence[Intervention]) -> dict[str, list[Intervention]]:
-    grouped: dict[str, list[Intervention]] = {}
-    for intervention in interventions:
-        grouped.setdefault(intervention.site, []).append(intervention)
+def by_kind(interventions: Sequence[Intervention]) -> dict[str, list[tuple[int, Intervention]]]:
+    """Interventions grouped by the site kind they act at, with their position in the run."""
+    grouped: dict[str, list[tuple[int, Intervention]]] = {}
+    for index, intervention in enumerate(interventions):
+        for kind in intervention.kinds():
+            grouped.setdefault(kind, []).append((index, intervention))
     return grouped
+
+
+def initial_states(interventions: Sequence[Intervention], cfg, batch: int, seq: int) -> dict:
+    states = {i: x.initial_state(cfg, batch, seq) for i, x in enumerate(interventions)}
+    return {i: state for i, state in states.items() if state is not None}

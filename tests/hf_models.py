@@ -88,15 +88,20 @@ def save(model: torch.nn.Module, directory) -> None:
 TL_FAMILIES = ("gpt2", "llama", "qwen2", "neox", "neox_sequential", "bert")
 
 
-def build_tl(family: str, hf: torch.nn.Module, directory):
-    """A TransformerLens model with the same weights as ``hf`` (saved in ``directory``)."""
+def build_tl(family: str, hf: torch.nn.Module, directory=None):
+    """A TransformerLens model with the same weights as ``hf`` (saved in ``directory``, if it is)."""
     import json
+    import tempfile
     from pathlib import Path
 
     from transformer_lens import HookedEncoder, HookedTransformer
     from transformer_lens import loading_from_pretrained as tl_loading
     from transformer_lens.pretrained.weight_conversions import convert_bert_weights
 
+    if directory is None:  # e.g. a model read from GGUF: TL reads its config from a directory
+        hf.config.architectures = hf.config.architectures or [type(hf).__name__]
+        directory = Path(tempfile.mkdtemp(prefix="tl-config-"))
+        hf.config.save_pretrained(directory)
     if family == "bert":
         # TL reads BERT from a BertForMaskedLM config and a model with a pooler.
         full = tf.BertForPreTraining(hf.config)
@@ -109,6 +114,10 @@ def build_tl(family: str, hf: torch.nn.Module, directory):
     cfg = tl_loading.get_pretrained_model_config(str(directory), hf_cfg=hf.config.to_dict(), fold_ln=False,
                                                  device="cpu")
     cfg.tokenizer_name = None  # no hub: TL would fetch a tokenizer
+    if directory is None:  # e.g. a model read from GGUF: TL reads its config from a directory
+        hf.config.architectures = hf.config.architectures or [type(hf).__name__]
+        directory = Path(tempfile.mkdtemp(prefix="tl-config-"))
+        hf.config.save_pretrained(directory)
     if family == "bert":
         model = HookedEncoder(cfg)
         model.load_state_dict(convert_bert_weights(full, cfg), strict=False)

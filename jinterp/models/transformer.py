@@ -48,45 +48,58 @@ class Transformer(eqx.Module):
     def W_unembed(self) -> Float[Array, "d_model d_vocab"]:
         return self.W_E.T if self.W_U is None else self.W_U
 
-    def forward(self, tokens, interventions=(), attention_mask=None, token_type_ids=None):
+    def forward(self, tokens, interventions=(), attention_mask=None, token_type_ids=None, start=None,
+                logit_positions=None):
         """The forward pass with interventions at its sites.
 
-        Returns (output, records outside the blocks, records inside the blocks stacked over
-        layers). Inputs are not validated here; ``jinterp.run`` and ``__call__`` do that.
+        ``start=(layer, resid_pre)`` resumes from a cached residual stream: blocks before
+        ``layer`` are skipped (their sites are not recorded) and the embeddings are not
+        recomputed. ``logit_positions`` (int ``[n]`` or ``[batch, n]``) unembeds only those
+        positions: logits ``[batch, n, d_vocab]``. Returns (output, records outside the blocks,
+        records inside the blocks stacked over layers). Inputs are not validated here;
+        ``jinterp.run`` and ``__call__`` do.
         """
         cfg = self.cfg
-        grouped = iv.by_kind(iv.flatten(interventions))
-        top = iv.SiteHook(grouped, layer=None)
+        interventions = iv.flatten(interventions)
+        grouped = iv.by_kind(interventions)
         batch, seq = tokens.shape
+        states = iv.initial_states(interventions, cfg, batch, seq)
+        top = iv.SiteHook(grouped, None, states)
         valid = jnp.ones((batch, seq), bool) if attention_mask is None else attention_mask.astype(bool)
         # Positions count real tokens only, so a padded row equals the unpadded run.
         positions = jnp.maximum(jnp.cumsum(valid, -1) - 1, 0)
-
-        # Out-of-vocabulary ids embed as NaN rather than being silently clamped.
-        embed = self.W_E.at[tokens].get(mode="fill", fill_value=jnp.nan)
-        x = top("embed", embed * jnp.asarray(cfg.embed_scale, embed.dtype))
-        if self.W_pos is not None:
-            x = x + top("pos_embed", self.W_pos[positions])
-        if self.W_token_type is not None:
-            types = jnp.zeros_like(tokens) if token_type_ids is None else token_type_ids
-            x = x + top("token_type_embed", self.W_token_type.at[types].get(mode="fill", fill_value=jnp.nan))
-        x = normalize(self.ln_embed, x, cfg, top, "ln_embed")
+        if start is None:
+            x, start_layer = self.embed(tokens, positions, token_type_ids, top), None
+        else:
+            start_layer, x = start
 
         # Global and local (sliding-window) layers differ only in mask and rotary base.
         masks, ropes = attention_masks(cfg, valid, positions), rope_pair(cfg, positions)
         is_local = jnp.asarray([t == "local" for t in cfg.layer_types])
         pick = lambda local, pair: jax.tree.map(lambda g, lo: jnp.where(local, lo, g), *pair)
 
-        def layer(x, inputs):
+        def layer(carry, inputs):
             params, index, local = inputs
-            hook = iv.SiteHook(grouped, layer=index)
-            mask, rope = pick(local, masks), ropes and pick(local, ropes)
-            return block(params, x, mask, rope, cfg, hook), hook.records
 
-        x, block_records = jax.lax.scan(layer, x, (self.blocks, jnp.arange(cfg.n_layers), is_local))
+            def run(carry):
+                x, states = carry
+                hook = iv.SiteHook(grouped, index, dict(states))
+                mask, rope = pick(local, masks), ropes and pick(local, ropes)
+                return (block(params, x, mask, rope, cfg, hook), hook.states), hook.records
+
+            if start_layer is None:
+                return run(carry)
+            skipped = lambda carry: (carry, jax.tree.map(jnp.zeros_like, jax.eval_shape(run, carry)[1]))
+            return jax.lax.cond(index >= start_layer, run, skipped, carry)
+
+        (x, top.states), block_records = jax.lax.scan(
+            layer, (x, top.states), (self.blocks, jnp.arange(cfg.n_layers), is_local))
 
         x = normalize(self.ln_final, x, cfg, top, "ln_final")
         if cfg.unembed:
+            if logit_positions is not None:
+                chosen = jnp.broadcast_to(jnp.asarray(logit_positions) % seq, (batch, jnp.shape(logit_positions)[-1]))
+                x = jnp.take_along_axis(x, chosen[..., None], axis=1)
             x = x @ self.W_unembed.astype(x.dtype)
             if self.b_U is not None:
                 x = x + self.b_U
@@ -94,6 +107,19 @@ class Transformer(eqx.Module):
                 x = cfg.final_softcap * jnp.tanh(x / cfg.final_softcap)
             x = top("logits", x)
         return x, top.records, block_records
+
+    def embed(self, tokens, positions, token_type_ids, hook) -> Float[Array, "batch pos d_model"]:
+        """The residual stream entering block 0: token (+ position, + token-type) embeddings."""
+        cfg = self.cfg
+        # Out-of-vocabulary ids embed as NaN rather than being silently clamped.
+        embed = self.W_E.at[tokens].get(mode="fill", fill_value=jnp.nan)
+        x = hook("embed", embed * jnp.asarray(cfg.embed_scale, embed.dtype))
+        if self.W_pos is not None:
+            x = x + hook("pos_embed", self.W_pos[positions])
+        if self.W_token_type is not None:
+            types = jnp.zeros_like(tokens) if token_type_ids is None else token_type_ids
+            x = x + hook("token_type_embed", self.W_token_type.at[types].get(mode="fill", fill_value=jnp.nan))
+        return normalize(self.ln_embed, x, cfg, hook, "ln_embed")
 
     def pool(self, hidden: Float[Array, "batch pos d_model"], attention_mask=None, how: str = "mean"):
         """Sentence vectors from an encoder's hidden states: masked ``mean``, ``cls`` (the first

@@ -1,0 +1,139 @@
+"""Attribution as ``jax.grad`` through interventions: attribution patching and input attribution.
+
+Attribution patching (Nanda 2023) estimates every patch of a sweep at once, to first order:
+``(source - base activation) . d metric / d activation``, from one forward of the source run,
+one forward and one backward of the base run. It returns the shapes ``patching.sweep`` returns,
+so the two compare directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jinterp import names as S
+from jinterp.cache import _run, run
+from jinterp.interventions import Add, Replace
+from jinterp.models.config import choose
+from jinterp.models.transformer import Transformer, check_inputs
+from jinterp.patching import DIRECTIONS, RESIDUAL_SITES, _pair, sweep_kind
+
+# Axes summed away for each (site axes, per): what is left is [layer, ...per].
+_KEEP = {"position": ("pos",), "layer": (), "head": ("head",), "head_position": ("head", "pos")}
+
+
+def attribution_patching(model: Transformer, clean_tokens, corrupt_tokens, metric: Callable, site="resid_pre", *,
+                         per: str | None = None, direction: str = "denoise", attention_mask=None,
+                         metric_positions=None):
+    """First-order estimate of ``patching.sweep`` with the same arguments and result shape."""
+    kind = sweep_kind(model, site)
+    per = per or ("position" if kind in RESIDUAL_SITES else "head")
+    choose(per, ("position", "layer") if kind in RESIDUAL_SITES else ("head", "head_position"), f"per for {kind!r}")
+    choose(direction, DIRECTIONS, "patching direction")
+    clean_tokens, corrupt_tokens = _pair(model, clean_tokens, corrupt_tokens, attention_mask)
+    base, source = (corrupt_tokens, clean_tokens) if direction == "denoise" else (clean_tokens, corrupt_tokens)
+    _, source_cache = run(model, source, capture=f"blocks.*.{kind}", attention_mask=attention_mask)
+    grads, base_values = _gradients(model, base, kind, metric, attention_mask, metric_positions)
+    contribution = (source_cache.stack(kind) - base_values) * grads  # [layer, *site axes]
+    return _reduce(contribution, kind, per)
+
+
+def _role(axis: str) -> str | None:
+    return "pos" if axis in ("pos", "query_pos") else "head" if axis in ("head", "kv_head") else None
+
+
+def _reduce(per_layer: jnp.ndarray, kind: str, per: str) -> jnp.ndarray:
+    """Sum ``[layer, *site axes]`` over every axis ``per`` does not keep; order as ``per`` says."""
+    roles = [_role(a) for a in S.SITE_AXES[kind]]
+    keep = _KEEP[per]
+    summed = per_layer.sum(axis=tuple(1 + i for i, r in enumerate(roles) if r not in keep))
+    kept = [r for r in roles if r in keep]
+    return summed.transpose(0, *(1 + kept.index(r) for r in keep))
+
+
+def _gradients(model, tokens, kind, metric, attention_mask, metric_positions):
+    """d metric / d (every layer's ``kind``) at ``tokens``, and the values there: one forward, one backward."""
+    values = run(model, tokens, capture=f"blocks.*.{kind}", attention_mask=attention_mask)[1].stack(kind)
+
+    def scored(delta):
+        logits, _ = _run(model, tokens, (Add(f"blocks.*.{kind}", delta, per_layer=True),), attention_mask, None,
+                         metric_positions)
+        return metric(logits)
+
+    return jax.grad(scored)(jnp.zeros_like(values)), values
+
+
+# --- input attribution ----------------------------------------------------------------------
+
+def _embedding_grad(model, tokens, metric, embeds, attention_mask, metric_positions):
+    def scored(e):
+        logits, _ = _run(model, tokens, (Replace("embed", e),), attention_mask, None, metric_positions)
+        return metric(logits)
+
+    return jax.grad(scored)(embeds)
+
+
+def _embeddings(model, tokens, attention_mask):
+    return run(model, tokens, capture="embed", attention_mask=attention_mask)[1]["embed"]
+
+
+def saliency(model: Transformer, tokens, metric: Callable, *, attention_mask=None, metric_positions=None):
+    """The gradient norm of ``metric`` at each input token's embedding: ``[batch, seq]``."""
+    check_inputs(model.cfg, tokens, attention_mask)
+    embeds = _embeddings(model, tokens, attention_mask)
+    grad = _embedding_grad(model, jnp.asarray(tokens), metric, embeds, attention_mask, metric_positions)
+    return jnp.linalg.norm(grad, axis=-1)
+
+
+def input_x_gradient(model: Transformer, tokens, metric: Callable, *, attention_mask=None, metric_positions=None):
+    """Embedding . gradient, summed over d_model: ``[batch, seq]``."""
+    check_inputs(model.cfg, tokens, attention_mask)
+    embeds = _embeddings(model, tokens, attention_mask)
+    grad = _embedding_grad(model, jnp.asarray(tokens), metric, embeds, attention_mask, metric_positions)
+    return (embeds * grad).sum(-1)
+
+
+def integrated_gradients(model: Transformer, tokens, metric: Callable, *, baseline_tokens=None, steps: int = 64,
+                         attention_mask=None, metric_positions=None):
+    """Integrated gradients on the token embeddings (Sundararajan et al. 2017): ``[batch, seq]``.
+
+    The path runs from the baseline's embeddings (zeros, or ``baseline_tokens``' embeddings) to the
+    input's; gradients at the ``steps`` midpoints are computed in one vmapped program. The
+    attributions sum to ``metric(input) - metric(baseline)`` up to the quadrature error
+    (``completeness``), which shrinks as ``steps`` grows. Choose the baseline with care on real
+    language models: an all-zero embedding is singular for RMSNorm, and changing the first token
+    (the attention sink, with massive activations) makes the path rough; a neutral token at every
+    position but the first converges within 1% in 64 steps on SmolLM2.
+    """
+    check_inputs(model.cfg, tokens, attention_mask)
+    tokens = jnp.asarray(tokens)
+    embeds = _embeddings(model, tokens, attention_mask)
+    baseline = jnp.zeros_like(embeds) if baseline_tokens is None else _embeddings(model, baseline_tokens,
+                                                                                  attention_mask)
+    alphas = (jnp.arange(steps, dtype=embeds.dtype) + 0.5) / steps
+
+    def grad_at(alpha):
+        return _embedding_grad(model, tokens, metric, baseline + alpha * (embeds - baseline), attention_mask,
+                               metric_positions)
+
+    mean_grad = jax.vmap(grad_at)(alphas).mean(0)
+    return ((embeds - baseline) * mean_grad).sum(-1)
+
+
+def completeness(model: Transformer, tokens, metric: Callable, attributions, *, baseline_tokens=None,
+                 attention_mask=None, metric_positions=None) -> tuple[float, float]:
+    """(sum of attributions, metric(input) - metric(baseline)) for checking integrated gradients."""
+    tokens = jnp.asarray(tokens)
+    embeds = _embeddings(model, tokens, attention_mask)
+    baseline = jnp.zeros_like(embeds) if baseline_tokens is None else _embeddings(model, baseline_tokens,
+                                                                                  attention_mask)
+
+    def scored(e):
+        return metric(_run(model, tokens, (Replace("embed", e),), attention_mask, None, metric_positions)[0])
+
+    return float(attributions.sum()), float(scored(embeds) - scored(baseline))
+
+
+__all__ = ["attribution_patching", "completeness", "input_x_gradient", "integrated_gradients", "saliency"]

@@ -1,0 +1,127 @@
+"""Residual-stream tools: accumulated and decomposed residual stream, per-head results, direct
+logit attribution with the cached final-norm scale, and the logit lens.
+
+Each takes the model and a ``Cache`` holding the sites it needs (``sites(model)`` lists them
+all: ``jinterp.run(model, tokens, capture=jinterp.lens.sites(model))``). Components are stacked
+on a leading axis with a matching list of labels.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from jinterp.cache import Cache
+from jinterp.models.layers import normalize
+from jinterp.models.transformer import Transformer
+
+
+def sites(model: Transformer) -> list[str]:
+    """Every site the functions here read, for ``capture=``."""
+    names = ["embed", "blocks.*.resid_pre", "blocks.*.resid_post", "blocks.*.attn_out", "blocks.*.attn.result"]
+    names += ["pos_embed"] if model.W_pos is not None else []
+    names += ["blocks.*.mlp_out"] if model.cfg.has_mlp else []
+    return names + (["ln_final.scale"] if model.ln_final is not None else [])
+
+
+def _need(model: Transformer, what: str) -> None:
+    cfg = model.cfg
+    if cfg.norm_placement != "pre" or not cfg.unembed:
+        raise ValueError(f"{what} needs a pre-norm decoder, whose residual stream is the sum of its components; "
+                         f"this {cfg.architecture} model has norm_placement={cfg.norm_placement!r}")
+
+
+def _get(cache: Cache, name: str) -> Array:
+    try:
+        return cache[name]
+    except KeyError:
+        raise KeyError(f"The cache lacks {name!r}; run with capture=jinterp.lens.sites(model)") from None
+
+
+def accumulated_resid(model: Transformer, cache: Cache, layer: int | None = None):
+    """The residual stream entering each layer up to ``layer`` (default: all, plus the final
+    state): ``[n, batch, pos, d_model]`` and labels ``["0_pre", ..., "final"]``."""
+    n = model.cfg.n_layers if layer is None else layer
+    states = [_get(cache, f"blocks.{i}.resid_pre") for i in range(n)]
+    labels = [f"{i}_pre" for i in range(n)]
+    if layer is None:
+        states.append(_get(cache, f"blocks.{n - 1}.resid_post"))
+        labels.append("final")
+    return jnp.stack(states), labels
+
+
+def decompose_resid(model: Transformer, cache: Cache, layer: int | None = None):
+    """The residual stream entering ``layer`` (default: the final state) split into what wrote it:
+    embeddings, then each earlier layer's ``attn_out`` and ``mlp_out``. They sum to the residual."""
+    _need(model, "decompose_resid")
+    n = model.cfg.n_layers if layer is None else layer
+    parts, labels = [_get(cache, "embed")], ["embed"]
+    if model.W_pos is not None:
+        parts.append(_get(cache, "pos_embed"))
+        labels.append("pos_embed")
+    for i in range(n):
+        parts.append(_get(cache, f"blocks.{i}.attn_out"))
+        labels.append(f"{i}_attn_out")
+        if model.cfg.has_mlp:
+            parts.append(_get(cache, f"blocks.{i}.mlp_out"))
+            labels.append(f"{i}_mlp_out")
+    return jnp.stack(parts), labels
+
+
+def stack_head_results(model: Transformer, cache: Cache, layer: int | None = None):
+    """Each head's write into the residual stream for layers before ``layer`` (default all):
+    ``[n_layers * n_heads, batch, pos, d_model]`` and labels ``["L0H0", ...]`` (output biases excluded)."""
+    _need(model, "stack_head_results")
+    n = model.cfg.n_layers if layer is None else layer
+    results = [_get(cache, f"blocks.{i}.attn.result") for i in range(n)]  # [batch, pos, head, d_model]
+    stacked = jnp.stack(results).transpose(0, 3, 1, 2, 4).reshape(-1, *results[0].shape[:2], results[0].shape[-1])
+    return stacked, [f"L{i}H{h}" for i in range(n) for h in range(model.cfg.n_heads)]
+
+
+def apply_final_norm(model: Transformer, cache: Cache, stack, position: int | None = None):
+    """Put components (``[n, batch, pos, d_model]``, or ``[n, batch, d_model]`` at ``position``)
+    through the final norm as the model did, with the *cached* scale, so that they stay linear and
+    sum to the normalised residual (LayerNorm also centres each component; its bias, a constant,
+    is left out)."""
+    _need(model, "apply_final_norm")
+    if model.ln_final is None:
+        return stack
+    scale = _get(cache, "ln_final.scale")
+    scale = scale if position is None else scale[:, position]
+    if model.cfg.norm == "layer":
+        stack = stack - stack.mean(-1, keepdims=True)
+    return stack / scale * model.ln_final.w
+
+
+def logit_directions(model: Transformer, tokens, other_tokens=None) -> Float[Array, "... d_model"]:
+    """Unembedding columns for ``tokens`` (``[...]`` ids), minus those of ``other_tokens`` if given:
+    the logit-difference direction, e.g. correct answer minus the distractor."""
+    directions = model.W_unembed.T[jnp.asarray(tokens)]
+    return directions if other_tokens is None else directions - model.W_unembed.T[jnp.asarray(other_tokens)]
+
+
+def direct_logit_attribution(model: Transformer, cache: Cache, stack, directions, position: int = -1):
+    """How much each component writes along ``directions`` (``[batch, d_model]``, one per example)
+    at ``position``, through the final norm with the cached scale: ``[n, batch]``.
+
+    Summed over a complete decomposition (``decompose_resid``) plus the unembedding bias this is
+    the logit (difference) itself.
+    """
+    normed = apply_final_norm(model, cache, stack[:, :, position], position)
+    return jnp.einsum("nbd,bd->nb", normed, directions)
+
+
+def logit_lens(model: Transformer, cache: Cache, position: int = -1):
+    """Each layer's residual stream read out as if it were the last one (final norm recomputed,
+    then the unembedding): logits ``[n_layers + 1, batch, d_vocab]`` at ``position``."""
+    states, _ = accumulated_resid(model, cache)
+    x = normalize(model.ln_final, states[:, :, position], model.cfg, _no_sites, "ln_final")
+    logits = x @ model.W_unembed
+    if model.b_U is not None:
+        logits = logits + model.b_U
+    cap = model.cfg.final_softcap
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
+def _no_sites(kind, value):
+    return value

@@ -1,0 +1,223 @@
+"""Activation patching sweeps and path patching, each one compiled program.
+
+Conventions. ``direction="denoise"`` (TransformerLens' convention, the default) runs the
+*corrupted* tokens and patches in the *clean* activation: the metric measures how much of the
+clean behaviour one component restores. ``direction="noise"`` runs the clean tokens and patches
+in the corrupted activation: the metric measures how much one component's corruption breaks it.
+
+How a sweep runs. Every patch is one ``Replace`` edit on the standard intervention mechanism;
+a batch of patches is ``jax.vmap``-ed inside one ``jit``. Patches are processed in chunks that
+fit a memory budget (one compilation, a progress bar over chunks), sorted by layer: a chunk
+whose earliest patch is at layer l starts from the cached residual stream at layer l instead of
+recomputing the prefix (about half the work of full forwards). ``metric_positions`` limits the
+unembedding to the positions the metric reads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jinterp import names as S
+from jinterp.cache import _run, run
+from jinterp.interventions import Capture, Replace
+from jinterp.models.config import choose
+from jinterp.models.transformer import Transformer, check_inputs
+
+RESIDUAL_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+HEAD_SITES = ("attn.z", "attn.q", "attn.k", "attn.v", "attn.pattern")
+DIRECTIONS = ("denoise", "noise")
+
+
+SHORT_NAMES = {"z": "attn.z", "q": "attn.q", "k": "attn.k", "v": "attn.v", "pattern": "attn.pattern"}
+
+
+def sweep_kind(model: Transformer, site) -> str:
+    """The site kind a sweep runs over, from any spelling (``"z"``, ``"attn.z"``, ``"blocks.*.hook_z"``)."""
+    kind = SHORT_NAMES.get(site) or S.parse(site).kind
+    choose(kind, RESIDUAL_SITES + HEAD_SITES, "sweep site")
+    S.resolve(model.cfg, f"blocks.*.{kind}")
+    return kind
+
+
+def patch_grid(cfg, kind: str, per: str, seq: int, layers) -> tuple[dict[str, np.ndarray], tuple[int, ...]]:
+    """Every (layer, position, head) a sweep patches, and the shape of its result."""
+    n_heads = cfg.n_kv_heads if kind in ("attn.k", "attn.v") else cfg.n_heads
+    layers = np.arange(cfg.n_layers) if layers is None else np.asarray(sorted(layers))
+    axes = {"position": ("layer", "position"), "layer": ("layer",), "head": ("layer", "head"),
+            "head_position": ("layer", "head", "position")}[per]
+    sizes = {"layer": len(layers), "position": seq, "head": n_heads}
+    grid = np.stack(np.meshgrid(*[np.arange(sizes[a]) for a in axes], indexing="ij"), -1).reshape(-1, len(axes))
+    columns = {a: grid[:, i].astype(np.int32) for i, a in enumerate(axes)}
+    columns["layer"] = layers[columns["layer"]].astype(np.int32)
+    return columns, tuple(sizes[a] for a in axes)
+
+
+def _chunk_size(model: Transformer, tokens_shape, n_logit_positions: int, budget: int, per_layer_count: int) -> int:
+    """Patches per chunk so that a chunk's activations fit ``budget`` bytes."""
+    cfg = model.cfg
+    batch, seq = tokens_shape
+    floats = batch * seq * (10 * cfg.d_model + 4 * cfg.d_mlp + 3 * cfg.n_heads * (cfg.d_head + seq))
+    floats += batch * n_logit_positions * cfg.d_vocab
+    size = max(1, int(budget // (4 * floats)))
+    if size >= per_layer_count:  # whole layers per chunk keep the prefix reuse exact
+        size -= size % per_layer_count
+    return size
+
+
+def sweep(model: Transformer, clean_tokens, corrupt_tokens, metric: Callable, site="resid_pre", *,
+          per: str | None = None, direction: str = "denoise", attention_mask=None, metric_positions=None,
+          layers=None, memory_budget: float = 2**30, chunk_size: int | None = None, exact: bool = False,
+          progress: bool = True):
+    """Activation patching of ``site`` at every layer and position / head.
+
+    Args:
+        clean_tokens, corrupt_tokens: ``[batch, seq]`` int ids of the same shape.
+        metric: patched logits ``[batch, seq or n, d_vocab]`` -> scalar (e.g. mean logit difference).
+        site: ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out`` (per layer and
+            position) or ``z``, ``q``, ``k``, ``v``, ``pattern`` (per layer and head; ``k``/``v`` per kv head).
+        per: ``"position"`` (residual sites' default) -> ``[n_layers, seq]``; ``"layer"`` -> ``[n_layers]``;
+            ``"head"`` (head sites' default) -> ``[n_layers, n_heads]``; ``"head_position"`` ->
+            ``[n_layers, n_heads, seq]``.
+        direction: ``"denoise"`` (clean into corrupted) or ``"noise"`` (corrupted into clean).
+        attention_mask: ``[batch, seq]`` shared by both runs (same padding).
+        metric_positions: unembed only these positions (``[n]`` or ``[batch, n]``) before the metric.
+        layers: restrict to these layers (the result keeps one row per given layer).
+        memory_budget: bytes of activations a chunk may use; ``chunk_size`` overrides it.
+        exact: False (default) ``vmap``s a chunk's patches into one wide batch (about 3x faster on
+            CPU); XLA's matrix products then round differently in the last bits (about 1e-6
+            relative) from a single patched forward, and depend on the chunking. True runs the
+            chunk's patches one after another inside the compiled program: every result is bit for
+            bit what a single patched forward (``jinterp.run`` with that one edit) gives.
+
+    Returns the metric for every patch, shaped as described for ``per``.
+    """
+    kind = sweep_kind(model, site)
+    per = per or ("position" if kind in RESIDUAL_SITES else "head")
+    choose(per, ("position", "layer") if kind in RESIDUAL_SITES else ("head", "head_position"), f"per for {kind!r}")
+    choose(direction, DIRECTIONS, "patching direction")
+    clean_tokens, corrupt_tokens = _pair(model, clean_tokens, corrupt_tokens, attention_mask)
+    base, source = (corrupt_tokens, clean_tokens) if direction == "denoise" else (clean_tokens, corrupt_tokens)
+    _, base_cache = run(model, base, capture="blocks.*.resid_pre", attention_mask=attention_mask)
+    _, source_cache = run(model, source, capture=f"blocks.*.{kind}", attention_mask=attention_mask)
+
+    columns, shape = patch_grid(model.cfg, kind, per, base.shape[1], layers)
+    n = len(columns["layer"])
+    per_layer_count = n // len(np.unique(columns["layer"]))
+    n_logits = base.shape[1] if metric_positions is None else np.shape(metric_positions)[-1]
+    size = chunk_size or _chunk_size(model, base.shape, n_logits, memory_budget, per_layer_count)
+    size = min(size, n)
+    padded = math.ceil(n / size) * size
+    index = np.minimum(np.arange(padded), n - 1)  # the last chunk repeats its final patch
+    chunked = {name: column[index].reshape(-1, size) for name, column in columns.items()}
+
+    results = []
+    chunks = range(padded // size)
+    for c in tqdm(chunks, desc=f"Patching {kind} ({n} patches)", unit="chunk", disable=not progress):
+        patches = {name: jnp.asarray(column[c]) for name, column in chunked.items()}
+        results.append(_run_chunk(model, kind, metric, patches, base, attention_mask, metric_positions,
+                                  base_cache.stack("resid_pre"), source_cache.stack(kind), exact))
+    return jnp.concatenate(results)[:n].reshape(shape)
+
+
+@eqx.filter_jit
+def _run_chunk(model, kind, metric, patches, tokens, attention_mask, metric_positions, base_resid, source, exact):
+    start_layer = patches["layer"][0]  # patches are sorted by layer
+    start = (start_layer, base_resid[start_layer])
+
+    def one(patch):
+        edit = Replace(kind, source, per_layer=True, layers=patch["layer"][None],
+                       positions=patch["position"][None] if "position" in patch else None,
+                       heads=patch["head"][None] if "head" in patch else None)
+        logits = model.forward(tokens, (edit,), attention_mask, start=start, logit_positions=metric_positions)[0]
+        return metric(logits)
+
+    return jax.lax.map(one, patches) if exact else jax.vmap(one)(patches)
+
+
+def _pair(model, clean_tokens, corrupt_tokens, attention_mask):
+    clean_tokens, corrupt_tokens = jnp.asarray(clean_tokens), jnp.asarray(corrupt_tokens)
+    if clean_tokens.shape != corrupt_tokens.shape:
+        raise ValueError(f"clean tokens {tuple(clean_tokens.shape)} and corrupted tokens {tuple(corrupt_tokens.shape)} "
+                         "must have the same shape (pad them to the same length, with one attention_mask)")
+    check_inputs(model.cfg, clean_tokens, attention_mask)
+    check_inputs(model.cfg, corrupt_tokens, attention_mask)
+    return clean_tokens, corrupt_tokens
+
+
+def path_patch(model: Transformer, clean_tokens, corrupt_tokens, metric: Callable, receivers, *,
+               direction: str = "noise", attention_mask=None, metric_positions=None, freeze_mlps: bool = False,
+               progress: bool = True):
+    """Path patching (Wang et al. 2022): the effect of each sender head's output reaching the
+    ``receivers`` only through the direct paths (other heads frozen).
+
+    For every sender head (l, h): (1) run the base tokens with every head's ``z`` frozen to its
+    base value, except the sender's, which takes its value from the other run (MLPs recompute
+    unless ``freeze_mlps``); record the receivers; (2) run the base tokens again with only the
+    receivers patched to the values from (1); score with ``metric``.
+
+    ``receivers``: a list of site names: ``"blocks.{l}.attn.q"`` / ``.k`` / ``.v`` (all heads) or a
+    pair ``("blocks.{l}.attn.q", [heads])``, or a residual site such as ``"blocks.{l}.resid_pre"``
+    or ``"blocks.{L-1}.resid_post"`` (what the final norm and unembedding read).
+    ``direction="noise"`` (default, as in the IOI paper): base = clean, senders corrupted.
+
+    Returns ``[n_layers, n_heads]``: the metric for each sender (senders at or after the last
+    receiver's layer cannot reach it and score as the unpatched base run).
+    """
+    choose(direction, DIRECTIONS, "patching direction")
+    clean_tokens, corrupt_tokens = _pair(model, clean_tokens, corrupt_tokens, attention_mask)
+    base, other = (clean_tokens, corrupt_tokens) if direction == "noise" else (corrupt_tokens, clean_tokens)
+    receivers = [_receiver(model.cfg, r) for r in receivers]
+    frozen_kinds = ["attn.z"] + (["mlp_out"] if freeze_mlps else [])
+    _, base_cache = run(model, base, capture=[f"blocks.*.{k}" for k in frozen_kinds], attention_mask=attention_mask)
+    _, other_cache = run(model, other, capture="blocks.*.attn.z", attention_mask=attention_mask)
+    senders = np.stack(np.meshgrid(np.arange(model.cfg.n_layers), np.arange(model.cfg.n_heads), indexing="ij"), -1)
+    senders = jnp.asarray(senders.reshape(-1, 2), jnp.int32)
+    results = []
+    chunks = np.array_split(np.arange(len(senders)), model.cfg.n_layers)
+    for chunk in tqdm(chunks, desc="Path patching", unit="layer", disable=not progress):
+        results.append(_path_chunk(model, tuple(receivers), tuple(frozen_kinds), metric, senders[chunk], base,
+                                   attention_mask, metric_positions, base_cache, other_cache))
+    return jnp.concatenate(results).reshape(model.cfg.n_layers, model.cfg.n_heads)
+
+
+def _receiver(cfg, receiver) -> tuple[str, int, tuple[int, ...] | None]:
+    site, heads = receiver if isinstance(receiver, tuple) else (receiver, None)
+    if not isinstance(site, str):
+        raise TypeError(f"A receiver is a site name or (site name, heads), got {receiver!r}")
+    parsed = S.resolve(cfg, site)
+    if not isinstance(parsed.layer, int):
+        raise ValueError(f"Receiver {site!r} must name one layer (e.g. 'blocks.9.attn.q')")
+    allowed = ("attn.q", "attn.k", "attn.v") + RESIDUAL_SITES
+    choose(parsed.kind, allowed, "receiver site kind")
+    if heads is not None and parsed.kind not in ("attn.q", "attn.k", "attn.v"):
+        raise ValueError(f"Receiver {site!r}: heads only apply to q/k/v receivers")
+    return parsed.kind, parsed.layer, None if heads is None else tuple(int(h) for h in heads)
+
+
+@eqx.filter_jit
+def _path_chunk(model, receivers, frozen_kinds, metric, senders, tokens, attention_mask, metric_positions,
+                base_cache, other_cache):
+    freeze = tuple(Replace(f"blocks.*.{k}", base_cache.stack(k), per_layer=True) for k in frozen_kinds)
+    layers_by_kind = {}
+    for kind, layer, _ in receivers:
+        layers_by_kind.setdefault(kind, set()).add(layer)
+    capture = tuple(Capture(kind, sorted(layers)) for kind, layers in layers_by_kind.items())
+
+    def one(sender):
+        sender_edit = Replace("attn.z", other_cache.stack("attn.z"), per_layer=True, layers=sender[0][None],
+                              heads=sender[1][None])
+        _, cache = _run(model, tokens, freeze + (sender_edit,) + capture, attention_mask, None)
+        patches = tuple(Replace(f"blocks.{layer}.{kind}", cache[f"blocks.{layer}.{kind}"], heads=heads)
+                        for kind, layer, heads in receivers)
+        logits = model.forward(tokens, patches, attention_mask, logit_positions=metric_positions)[0]
+        return metric(logits)
+
+    return jax.vmap(one)(senders)
+

@@ -1,0 +1,64 @@
+"""Residual-stream tools: decompositions sum to the residual, DLA sums to the logit difference."""
+
+import jax
+import numpy as np
+import pytest
+from conftest import TOY, random_tokens
+
+import jinterp
+from jinterp import lens
+
+GPT2ISH = jinterp.Config(d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=64, d_vocab=29, n_ctx=12, norm="layer",
+                         positional="learned", qkv_bias=True, out_bias=True, mlp_bias=True)
+
+
+@pytest.mark.parametrize("cfg", [TOY, GPT2ISH], ids=["rms-rotary-gqa", "layernorm-learned"])
+def test_decomposition_and_direct_logit_attribution(cfg):
+    model = jinterp.Transformer.init(cfg, jax.random.key(0), std=0.3)
+    tokens = random_tokens(cfg.d_vocab, (2, 6))
+    logits, cache = jinterp.run(model, tokens, capture=lens.sites(model))
+    parts, labels = lens.decompose_resid(model, cache)
+    biases = 0 if not cfg.out_bias else model.blocks.attn.b_O.sum(0) + model.blocks.mlp.b_out.sum(0)
+    np.testing.assert_allclose(np.asarray(parts.sum(0) + biases), np.asarray(cache[f"blocks.{cfg.n_layers - 1}.resid_post"]),
+                               atol=1e-4)
+    assert labels[0] == "embed" and labels[-1] == f"{cfg.n_layers - 1}_mlp_out"
+    directions = lens.logit_directions(model, [3, 5], [7, 1])
+    dla = lens.direct_logit_attribution(model, cache, parts, directions)
+    expected = logits[:, -1, 3] - logits[:, -1, 7], logits[:, -1, 5] - logits[:, -1, 1]
+    constant = 0.0
+    if cfg.norm == "layer":  # the final norm's bias and the output biases write constants
+        constant = lens.direct_logit_attribution(model, cache, jax.numpy.broadcast_to(biases, parts[:1].shape),
+                                                 directions)[0] + model.ln_final.b @ directions.T
+        constant = np.diag(np.asarray(constant)) if np.ndim(constant) == 2 else constant
+    np.testing.assert_allclose(np.asarray(dla.sum(0) + constant), np.asarray([e[i] for i, e in enumerate(expected)]),
+                               atol=1e-4)
+
+
+def test_head_results_sum_to_attn_out(toy):
+    tokens = random_tokens(TOY.d_vocab, (2, 6))
+    _, cache = jinterp.run(toy, tokens, capture=lens.sites(toy))
+    heads, labels = lens.stack_head_results(toy, cache)
+    assert heads.shape == (TOY.n_layers * TOY.n_heads, 2, 6, TOY.d_model) and labels[7] == "L1H1"
+    per_layer = heads.reshape(TOY.n_layers, TOY.n_heads, 2, 6, -1).sum(1)
+    np.testing.assert_allclose(np.asarray(per_layer[1]), np.asarray(cache["blocks.1.attn_out"]), atol=1e-4)
+
+
+def test_logit_lens_ends_at_the_logits(toy):
+    tokens = random_tokens(TOY.d_vocab, (2, 6))
+    logits, cache = jinterp.run(toy, tokens, capture=lens.sites(toy))
+    lensed = lens.logit_lens(toy, cache)
+    assert lensed.shape == (TOY.n_layers + 1, 2, TOY.d_vocab)
+    np.testing.assert_allclose(np.asarray(lensed[-1]), np.asarray(logits[:, -1]), atol=1e-4)
+    accumulated, labels = lens.accumulated_resid(toy, cache)
+    assert accumulated.shape[0] == TOY.n_layers + 1 and labels[-1] == "final"
+
+
+def test_missing_sites_and_unsuitable_models(toy):
+    _, cache = jinterp.run(toy, random_tokens(TOY.d_vocab, (1, 4)), capture=["embed"])
+    with pytest.raises(KeyError, match=r"lacks 'blocks.0.attn_out'; run with capture=jinterp.lens.sites\(model\)"):
+        lens.decompose_resid(toy, cache)
+    bert = jinterp.Transformer.init(jinterp.Config(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=16, d_vocab=9,
+                                                   n_ctx=8, norm_placement="post", unembed=False, causal=False),
+                                    jax.random.key(0))
+    with pytest.raises(ValueError, match="needs a pre-norm decoder"):
+        lens.decompose_resid(bert, cache)

@@ -1,0 +1,168 @@
+"""Patching sweeps and path patching: equal to single patched runs, to TransformerLens, and to
+hand-written references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TOY
+
+import jinterp
+from jinterp import patching
+
+RNG = np.random.default_rng(0)
+CLEAN = RNG.integers(0, TOY.d_vocab, (3, 7)).astype(np.int32)
+CORRUPT = CLEAN.copy()
+CORRUPT[:, 2] = (CORRUPT[:, 2] + 5) % TOY.d_vocab
+
+
+def metric(logits):
+    return (logits[:, -1, 3] - logits[:, -1, 7]).mean()
+
+
+def single_patches(model, kind, per, direction="denoise"):
+    """The reference: one jinterp.run per patch, in a Python loop."""
+    base, source = (CORRUPT, CLEAN) if direction == "denoise" else (CLEAN, CORRUPT)
+    _, cache = jinterp.run(model, source, capture=f"blocks.*.{kind}")
+    columns, shape = patching.patch_grid(model.cfg, kind, per, base.shape[1], None)
+    out = []
+    for i in range(len(columns["layer"])):
+        layer = int(columns["layer"][i])
+        edit = jinterp.Replace(f"blocks.{layer}.{kind}", cache[f"blocks.{layer}.{kind}"],
+                               positions=[int(columns["position"][i])] if "position" in columns else None,
+                               heads=[int(columns["head"][i])] if "head" in columns else None)
+        out.append(metric(jinterp.run(model, base, edits=edit)[0]))
+    return np.asarray(out).reshape(shape)
+
+
+@pytest.mark.parametrize("site, per, shape", [
+    ("resid_pre", "position", (3, 7)), ("resid_mid", "position", (3, 7)), ("attn_out", "position", (3, 7)),
+    ("mlp_out", "layer", (3,)), ("z", "head", (3, 6)), ("q", "head_position", (3, 6, 7)), ("k", "head", (3, 2)),
+    ("v", "head_position", (3, 2, 7)), ("pattern", "head", (3, 6))])
+def test_exact_sweep_equals_a_loop_of_single_patches_bit_for_bit(toy, site, per, shape):
+    kind = patching.sweep_kind(toy, site)
+    swept = patching.sweep(toy, CLEAN, CORRUPT, metric, site, per=per, exact=True, chunk_size=4, progress=False)
+    assert swept.shape == shape
+    assert np.array_equal(np.asarray(swept), single_patches(toy, kind, per))
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "z"])
+def test_vmapped_sweep_matches_to_float32_rounding_whatever_the_chunking(toy, site):
+    kind = patching.sweep_kind(toy, site)
+    per = "position" if site == "resid_pre" else "head"
+    reference = single_patches(toy, kind, per)
+    for chunk in (None, 5, 1000):
+        swept = patching.sweep(toy, CLEAN, CORRUPT, metric, site, chunk_size=chunk, progress=False)
+        np.testing.assert_allclose(np.asarray(swept), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_noising_direction_and_layer_subsets(toy):
+    noised = patching.sweep(toy, CLEAN, CORRUPT, metric, "resid_pre", direction="noise", exact=True,
+                            progress=False)
+    assert np.array_equal(np.asarray(noised), single_patches(toy, "resid_pre", "position", "noise"))
+    subset = patching.sweep(toy, CLEAN, CORRUPT, metric, "resid_pre", layers=[2, 0], exact=True, progress=False)
+    everything = patching.sweep(toy, CLEAN, CORRUPT, metric, "resid_pre", exact=True, progress=False)
+    assert np.array_equal(np.asarray(subset), np.asarray(everything)[[0, 2]])
+
+
+def test_sanity_of_resid_patching(toy):
+    """Patching the clean residual into every position at layer 0 gives the clean run, and
+    positions the corruption does not reach (before position 2) change nothing at layer 0."""
+    swept = patching.sweep(toy, CLEAN, CORRUPT, metric, "resid_pre", progress=False)
+    clean_score, corrupt_score = float(metric(toy(CLEAN))), float(metric(toy(CORRUPT)))
+    np.testing.assert_allclose(np.asarray(swept[0, :2]), corrupt_score, atol=1e-5)
+    np.testing.assert_allclose(float(swept[0, 2]), clean_score, atol=1e-5)  # the only differing token
+
+
+def test_metric_positions_limits_the_unembedding(toy):
+    full = patching.sweep(toy, CLEAN, CORRUPT, metric, "z", progress=False)
+    last = patching.sweep(toy, CLEAN, CORRUPT, metric, "z", metric_positions=[-1], progress=False)
+    np.testing.assert_allclose(np.asarray(last), np.asarray(full), atol=1e-5)
+
+
+def test_sweep_errors(toy):
+    with pytest.raises(ValueError, match="must have the same shape"):
+        patching.sweep(toy, CLEAN, CORRUPT[:, :5], metric)
+    with pytest.raises(ValueError, match=r"Unknown sweep site 'resid_pr'.*Did you mean 'resid_pre'"):
+        patching.sweep(toy, CLEAN, CORRUPT, metric, "resid_pr")
+    with pytest.raises(ValueError, match="Unknown per for 'attn.z' 'position'; valid choices: 'head', 'head_position'"):
+        patching.sweep(toy, CLEAN, CORRUPT, metric, "z", per="position")
+    with pytest.raises(ValueError, match="Unknown patching direction 'backwards'"):
+        patching.sweep(toy, CLEAN, CORRUPT, metric, direction="backwards")
+
+
+def test_path_patching_matches_a_hand_written_reference(toy):
+    """Sender (l, h) -> receiver q of layer 2, heads 1 and 4, noising direction."""
+    receivers = [("blocks.2.attn.q", [1, 4])]
+    result = patching.path_patch(toy, CLEAN, CORRUPT, metric, receivers, progress=False)
+    _, clean = jinterp.run(toy, CLEAN, capture="blocks.*.attn.z")
+    _, corrupt = jinterp.run(toy, CORRUPT, capture="blocks.*.attn.z")
+    expected = np.zeros((TOY.n_layers, TOY.n_heads))
+    for layer in range(TOY.n_layers):
+        for head in range(TOY.n_heads):
+            freeze = [jinterp.Replace(f"blocks.{i}.attn.z", clean[f"blocks.{i}.attn.z"]) for i in range(TOY.n_layers)]
+            sender = jinterp.Replace(f"blocks.{layer}.attn.z", corrupt[f"blocks.{layer}.attn.z"], heads=[head])
+            _, step1 = jinterp.run(toy, CLEAN, edits=freeze + [sender], capture="blocks.2.attn.q")
+            patched = jinterp.Replace("blocks.2.attn.q", step1["blocks.2.attn.q"], heads=[1, 4])
+            expected[layer, head] = metric(jinterp.run(toy, CLEAN, edits=patched)[0])
+    np.testing.assert_allclose(np.asarray(result), expected, atol=1e-5)
+    clean_score = float(metric(toy(CLEAN)))
+    np.testing.assert_allclose(np.asarray(result[2]), clean_score, atol=1e-5)  # same-layer senders cannot reach q
+    assert np.abs(np.asarray(result[:2]) - clean_score).max() > 1e-3
+
+
+def test_path_patching_to_the_final_residual(toy):
+    result = patching.path_patch(toy, CLEAN, CORRUPT, metric, ["blocks.2.resid_post"], progress=False)
+    assert result.shape == (TOY.n_layers, TOY.n_heads) and np.isfinite(np.asarray(result)).all()
+    with pytest.raises(ValueError, match="must name one layer"):
+        patching.path_patch(toy, CLEAN, CORRUPT, metric, ["blocks.*.resid_post"])
+
+
+@pytest.fixture(scope="module")
+def gpt2_tl(reference):
+    from hf_models import build_tl
+
+    hf, directory, model = reference("gpt2")
+    return model, build_tl("gpt2", hf, directory)
+
+
+def _tl_sweeps(tl, clean, corrupt, answers):
+    import torch
+    from transformer_lens import patching as tl_patching
+
+    def tl_metric(logits):
+        last = logits[:, -1]
+        return (last.gather(1, answers[:, :1]) - last.gather(1, answers[:, 1:])).mean()
+
+    with torch.no_grad():
+        _, clean_cache = tl.run_with_cache(clean)
+        resid = tl_patching.get_act_patch_resid_pre(tl, corrupt, clean_cache, tl_metric)
+        heads = tl_patching.get_act_patch_attn_head_out_all_pos(tl, corrupt, clean_cache, tl_metric)
+    return resid.numpy(), heads.numpy()
+
+
+def answer_metric(answers):
+    answers = jnp.asarray(answers)
+
+    def jax_metric(logits):
+        last = logits[:, -1]
+        return (jnp.take_along_axis(last, answers[:, :1], 1) - jnp.take_along_axis(last, answers[:, 1:], 1)).mean()
+
+    return jax_metric
+
+
+def test_sweeps_equal_transformerlens_on_gpt2(gpt2_tl):
+    torch = pytest.importorskip("torch")
+    model, tl = gpt2_tl
+    clean = RNG.integers(0, model.cfg.d_vocab, (2, 8)).astype(np.int32)
+    corrupt = clean.copy()
+    corrupt[:, 3] = (corrupt[:, 3] + 11) % model.cfg.d_vocab
+    answers = np.array([[5, 9], [17, 2]])
+    tl_resid, tl_heads = _tl_sweeps(tl, torch.tensor(clean).long(), torch.tensor(corrupt).long(),
+                                    torch.tensor(answers))
+    ours_resid = patching.sweep(model, clean, corrupt, answer_metric(answers), "resid_pre", progress=False)
+    ours_heads = patching.sweep(model, clean, corrupt, answer_metric(answers), "z", progress=False)
+    np.testing.assert_allclose(np.asarray(ours_resid), tl_resid, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(ours_heads), tl_heads, atol=1e-4, rtol=0)
+    assert np.abs(tl_resid).max() > 0.1  # the corruption matters
+    # SmolLM2-135M against TransformerLens' loop takes minutes: benchmarks/sweep.py checks it (1e-4).
