@@ -1,7 +1,6 @@
 """Patching sweeps and path patching: equal to single patched runs, to TransformerLens, and to
 hand-written references."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
