@@ -1,6 +1,7 @@
 """Residual-stream tools: decompositions sum to the residual, DLA sums to the logit difference."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TOY, random_tokens
@@ -18,20 +19,18 @@ def test_decomposition_and_direct_logit_attribution(cfg):
     tokens = random_tokens(cfg.d_vocab, (2, 6))
     logits, cache = jinterp.run(model, tokens, capture=lens.sites(model))
     parts, labels = lens.decompose_resid(model, cache)
-    biases = 0 if not cfg.out_bias else model.blocks.attn.b_O.sum(0) + model.blocks.mlp.b_out.sum(0)
-    np.testing.assert_allclose(np.asarray(parts.sum(0) + biases), np.asarray(cache[f"blocks.{cfg.n_layers - 1}.resid_post"]),
-                               atol=1e-4)
     assert labels[0] == "embed" and labels[-1] == f"{cfg.n_layers - 1}_mlp_out"
-    directions = lens.logit_directions(model, [3, 5], [7, 1])
+    if cfg.out_bias:  # output biases write a constant the components leave out
+        bias = model.blocks.attn.b_O.sum(0) + model.blocks.mlp.b_out.sum(0)
+        parts = jnp.concatenate([parts, jnp.broadcast_to(bias, parts[:1].shape)])
+    final = np.asarray(cache[f"blocks.{cfg.n_layers - 1}.resid_post"])
+    np.testing.assert_allclose(np.asarray(parts.sum(0)), final, atol=1e-4)
+
+    directions = lens.logit_directions(model, [3, 5], [7, 1])  # one direction per example
     dla = lens.direct_logit_attribution(model, cache, parts, directions)
-    expected = logits[:, -1, 3] - logits[:, -1, 7], logits[:, -1, 5] - logits[:, -1, 1]
-    constant = 0.0
-    if cfg.norm == "layer":  # the final norm's bias and the output biases write constants
-        constant = lens.direct_logit_attribution(model, cache, jax.numpy.broadcast_to(biases, parts[:1].shape),
-                                                 directions)[0] + model.ln_final.b @ directions.T
-        constant = np.diag(np.asarray(constant)) if np.ndim(constant) == 2 else constant
-    np.testing.assert_allclose(np.asarray(dla.sum(0) + constant), np.asarray([e[i] for i, e in enumerate(expected)]),
-                               atol=1e-4)
+    expected = np.asarray([logits[0, -1, 3] - logits[0, -1, 7], logits[1, -1, 5] - logits[1, -1, 1]])
+    norm_bias = 0 if model.ln_final.b is None else np.asarray(directions @ model.ln_final.b)
+    np.testing.assert_allclose(np.asarray(dla.sum(0)) + norm_bias, expected, atol=1e-4)
 
 
 def test_head_results_sum_to_attn_out(toy):
