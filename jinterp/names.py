@@ -32,6 +32,9 @@ SITE_AXES: dict[str, tuple[str, ...]] = {
     "resid_pre": RESID,
     "ln1.scale": SCALE,
     "ln1.normalized": RESID,
+    "attn.q_input": ("batch", "pos", "head", "d_model"),
+    "attn.k_input": ("batch", "pos", "kv_head", "d_model"),
+    "attn.v_input": ("batch", "pos", "kv_head", "d_model"),
     "attn.q": Q_HEADS,
     "attn.k": KV_HEADS,
     "attn.v": KV_HEADS,
@@ -45,6 +48,7 @@ SITE_AXES: dict[str, tuple[str, ...]] = {
     "ln1_post.normalized": RESID,
     "attn_out": RESID,
     "resid_mid": RESID,
+    "mlp_in": RESID,
     "ln2.scale": SCALE,
     "ln2.normalized": RESID,
     "mlp.pre": ("batch", "pos", "d_mlp"),
@@ -61,7 +65,7 @@ SITE_AXES: dict[str, tuple[str, ...]] = {
 }
 
 BLOCK_KINDS = frozenset(k for k in SITE_AXES if k.split(".")[0] in {
-    "resid_pre", "ln1", "attn", "ln1_post", "attn_out", "resid_mid", "ln2", "mlp", "ln2_post",
+    "resid_pre", "ln1", "attn", "ln1_post", "attn_out", "resid_mid", "mlp_in", "ln2", "mlp", "ln2_post",
     "mlp_out", "resid_post", "normalized_resid_post"})
 
 
@@ -89,6 +93,8 @@ def site_kinds(cfg: Config) -> tuple[list[str], list[str]]:
     block = ["resid_pre"]
     if has_norm and cfg.norm_placement != "post":
         block += ["ln1.scale", "ln1.normalized"]
+    if cfg.norm_placement != "post":
+        block += ["attn.q_input", "attn.k_input", "attn.v_input"]
     block += ["attn.q", "attn.k", "attn.v"]
     if cfg.positional == "rotary":
         block += ["attn.rot_q", "attn.rot_k"]
@@ -101,6 +107,8 @@ def site_kinds(cfg: Config) -> tuple[list[str], list[str]]:
     if cfg.norm_placement == "post":
         block += ["ln1.scale", "ln1.normalized"]
     if cfg.has_mlp:
+        if cfg.norm_placement != "post":
+            block.append("mlp_in")
         if has_norm and cfg.norm_placement != "post":
             block += ["ln2.scale", "ln2.normalized"]
         block += ["mlp.pre"] + (["mlp.pre_linear"] if cfg.gated_mlp else []) + ["mlp.post"]
@@ -148,7 +156,8 @@ _TL_LAYER_TYPE = {"a": "attn", "m": "mlp", "b": "", "block": "", "blocks": "", "
 _TL_RENAMES = {"attn.attn_scores": "attn.scores", "embed.ln.scale": "ln_embed.scale",
                "embed.ln.normalized": "ln_embed.normalized", "embed.embed": "embed",
                "embed.pos_embed": "pos_embed", "embed.token_type_embed": "token_type_embed",
-               "unembed.out": "logits"}
+               "unembed.out": "logits", "q_input": "attn.q_input", "k_input": "attn.k_input",
+               "v_input": "attn.v_input"}
 
 
 def tl_act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:

@@ -137,22 +137,47 @@ def rotate(x: Float[Array, "batch pos heads d_head"], cos: Array, sin: Array) ->
     return jnp.concatenate([rotated, x_pass], -1)
 
 
+def _silent(kind: str, value: Array) -> Array:
+    return value
+
+
+_silent.wants = lambda kind: False
+
+
+def attention_inputs(p: Block, resid_pre: Float[Array, "batch pos d_model"], cfg: Config, hook: Hook):
+    """What q, k and v read: ln1(resid_pre), shared by every head; or, when an intervention asks
+    for ``attn.q_input`` / ``k_input`` / ``v_input`` (edge-level circuit work), a copy of the
+    residual stream per head, each normalised on its own."""
+    shared = normalize(p.ln1, resid_pre, cfg, hook, "ln1")
+    if not any(hook.wants(f"attn.{n}_input") for n in "qkv"):
+        return shared, shared, shared
+
+    def per_head(name: str, heads: int):
+        copies = jnp.broadcast_to(resid_pre[:, :, None], (*resid_pre.shape[:2], heads, resid_pre.shape[-1]))
+        return normalize(p.ln1, hook(f"attn.{name}_input", copies), cfg, _silent, "ln1")
+
+    return per_head("q", cfg.n_heads), per_head("k", cfg.n_kv_heads), per_head("v", cfg.n_kv_heads)
+
+
 def attention(
     p: Attention,
-    x: Float[Array, "batch pos d_model"],
+    inputs: tuple[Array, Array, Array],
     mask: Bool[Array, "batch query_pos key_pos"],
     rope: tuple[Array, Array] | None,
     cfg: Config,
     hook: Hook,
 ) -> Float[Array, "batch pos d_model"]:
-    """softmax(q k^T * scale + mask) v W_O, grouped-query: query head h reads kv head h // group."""
-    def project(W, b):
-        y = jnp.einsum("bsd,hde->bshe", x, W)
+    """softmax(q k^T * scale + mask) v W_O, grouped-query: query head h reads kv head h // group.
+
+    ``inputs``: what q, k, v read, each ``[batch, pos, d_model]`` or per head ``[batch, pos, heads, d_model]``.
+    """
+    def project(x, W, b):
+        y = jnp.einsum("bsd,hde->bshe" if x.ndim == 3 else "bshd,hde->bshe", x, W)
         return y if b is None else y + b
 
-    q = hook("attn.q", project(p.W_Q, p.b_Q))
-    k = hook("attn.k", project(p.W_K, p.b_K))
-    v = hook("attn.v", project(p.W_V, p.b_V))
+    q = hook("attn.q", project(inputs[0], p.W_Q, p.b_Q))
+    k = hook("attn.k", project(inputs[1], p.W_K, p.b_K))
+    v = hook("attn.v", project(inputs[2], p.W_V, p.b_V))
     if p.q_norm is not None:
         q, k = rms_head_norm(p.q_norm, q, cfg.norm_eps), rms_head_norm(p.k_norm, k, cfg.norm_eps)
     if rope is not None:
@@ -209,19 +234,20 @@ def block(
     resid_pre = hook("resid_pre", resid_pre)
 
     if cfg.norm_placement == "post":
-        attn_out = hook("attn_out", attention(p.attn, resid_pre, mask, rope, cfg, hook))
+        attn_out = hook("attn_out", attention(p.attn, (resid_pre,) * 3, mask, rope, cfg, hook))
         resid_mid = hook("resid_mid", resid_pre + attn_out)
         h = normalize(p.ln1, resid_mid, cfg, hook, "ln1")
         mlp_out = hook("mlp_out", mlp(p.mlp, h, cfg, hook))
         resid_post = hook("resid_post", h + mlp_out)
         return hook("normalized_resid_post", normalize(p.ln2, resid_post, cfg, hook, "ln2"))
 
-    attn_out = attention(p.attn, normalize(p.ln1, resid_pre, cfg, hook, "ln1"), mask, rope, cfg, hook)
+    attn_out = attention(p.attn, attention_inputs(p, resid_pre, cfg, hook), mask, rope, cfg, hook)
     attn_out = hook("attn_out", normalize(p.ln1_post, attn_out, cfg, hook, "ln1_post"))
     if cfg.attn_only:
         return hook("resid_post", resid_pre + attn_out)
 
-    mlp_in = resid_pre if cfg.parallel else hook("resid_mid", resid_pre + attn_out)
-    mlp_out = mlp(p.mlp, normalize(p.ln2, mlp_in, cfg, hook, "ln2"), cfg, hook)
+    resid = resid_pre if cfg.parallel else hook("resid_mid", resid_pre + attn_out)
+    # mlp_in: the MLP's own copy of the residual stream it reads (the residual path goes on unchanged)
+    mlp_out = mlp(p.mlp, normalize(p.ln2, hook("mlp_in", resid), cfg, hook, "ln2"), cfg, hook)
     mlp_out = hook("mlp_out", normalize(p.ln2_post, mlp_out, cfg, hook, "ln2_post"))
-    return hook("resid_post", mlp_in + attn_out + mlp_out if cfg.parallel else mlp_in + mlp_out)
+    return hook("resid_post", resid + attn_out + mlp_out if cfg.parallel else resid + mlp_out)

@@ -1,0 +1,247 @@
+"""Edge attribution (EAP, EAP-IG), circuit extraction and circuit faithfulness.
+
+The graph: *upstream* nodes write into the residual stream — the input embedding, every
+attention head (its ``z @ W_O``), every MLP; *downstream* nodes read it — each head's query,
+key and value input (per kv head under grouped-query attention), each MLP's input, and the
+logits. An edge joins a writer to a later reader.
+
+EAP (Syed et al. 2023) scores an edge ``(u, v)`` as ``(source_u - base_u) . d metric / d input_v``
+from one forward of each run and one backward; EAP-IG (Hanna et al. 2024) averages the gradient
+over inputs interpolated between the two runs. Both take the patching conventions of
+``jinterp.patching`` (``direction="denoise"``: gradients at the corrupted run).
+
+A circuit keeps some edges; ``faithfulness`` runs the clean input with every other edge fed
+its corrupted value (edge patching, through one stateful intervention) and compares metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+from tqdm.auto import tqdm
+
+from jinterp.cache import _run, run
+from jinterp.interventions import Add, At, Intervention, Replace
+from jinterp.models.config import Config, choose
+from jinterp.models.transformer import Transformer
+from jinterp.patching import DIRECTIONS, _pair
+
+
+@dataclass(frozen=True)
+class Graph:
+    """Node names and the valid edges of a model's computational graph."""
+
+    upstream: tuple[str, ...]
+    downstream: tuple[str, ...]
+    valid: np.ndarray  # [n_upstream, n_downstream] bool
+
+    @classmethod
+    def of(cls, cfg: Config) -> Graph:
+        if cfg.norm_placement != "pre" or not cfg.unembed:
+            raise ValueError(f"Edge attribution needs a pre-norm decoder whose components add into the residual "
+                             f"stream; this {cfg.architecture} model has norm_placement={cfg.norm_placement!r}")
+        H, K, mlp = cfg.n_heads, cfg.n_kv_heads, cfg.has_mlp
+        kv = "H" if K == H else "KV"
+        up, up_layer, up_mlp = ["input"], [-1], [False]
+        down, down_layer, down_mlp = [], [], []
+        for layer in range(cfg.n_layers):
+            up += [f"L{layer}H{h}" for h in range(H)] + ([f"L{layer}MLP"] if mlp else [])
+            up_layer += [layer] * (H + mlp)
+            up_mlp += [False] * H + [True] * mlp
+            down += ([f"L{layer}H{h}.q" for h in range(H)] + [f"L{layer}{kv}{j}.k" for j in range(K)]
+                     + [f"L{layer}{kv}{j}.v" for j in range(K)] + ([f"L{layer}MLP"] if mlp else []))
+            down_layer += [layer] * (H + 2 * K + mlp)
+            down_mlp += [False] * (H + 2 * K) + [True] * mlp
+        down.append("logits")
+        down_layer.append(cfg.n_layers)
+        down_mlp.append(False)
+        ul, dl = np.asarray(up_layer)[:, None], np.asarray(down_layer)[None, :]
+        um, dm = np.asarray(up_mlp)[:, None], np.asarray(down_mlp)[None, :]
+        # A head writes before its own layer's MLP reads (unless attention and MLP run in parallel);
+        # an MLP writes after everything in its layer.
+        same_layer = (ul == dl) & ~um & dm & (not cfg.parallel)
+        return cls(tuple(up), tuple(down), (ul < dl) | same_layer)
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.valid.sum())
+
+
+class EdgePatch(Intervention):
+    """Feed the edges where ``drop`` is 1 their corrupted value: each reader's input loses
+    ``sum_u drop[u, v] * (a_u - a_u_corrupt)`` over the writers u, where a_u is the writer's
+    output in this run. One stateful intervention: writers record their difference as the
+    forward passes them; readers subtract what they should not see."""
+
+    site: str = eqx.field(static=True)
+    drop: Float[Array, "up down"]
+    corrupt_input: Array
+    corrupt_z: Array  # [n_layers, batch, pos, heads, d_head]
+    corrupt_mlp: Array | None  # [n_layers, batch, pos, d_model]
+    W_O: Array
+    cfg: Config = eqx.field(static=True)
+
+    def __init__(self, cfg: Config, drop, corrupt_input, corrupt_z, corrupt_mlp, W_O):
+        self.site, self.cfg = "resid_pre", cfg
+        self.drop, self.corrupt_input, self.corrupt_z, self.corrupt_mlp, self.W_O = (
+            drop, corrupt_input, corrupt_z, corrupt_mlp, W_O)
+
+    def kinds(self):
+        kinds = ("resid_pre", "attn.q_input", "attn.k_input", "attn.v_input", "attn.z", "resid_post")
+        return kinds + (("mlp_in", "mlp_out") if self.cfg.has_mlp else ())
+
+    def initial_state(self, cfg, batch, seq):
+        return jnp.zeros((self.drop.shape[0], batch, seq, cfg.d_model), self.corrupt_input.dtype)
+
+    def __call__(self, value, at: At):
+        cfg, H, K, mlp = self.cfg, self.cfg.n_heads, self.cfg.n_kv_heads, int(self.cfg.has_mlp)
+        up = 1 + at.layer * (H + mlp)  # first upstream row of this layer
+        down = at.layer * (H + 2 * K + mlp)  # first downstream column of this layer
+        state = at.state
+        if at.kind == "resid_pre":  # layer 0 reads the input node's write
+            first = jnp.where(at.layer == 0, value - self.corrupt_input, state[0])
+            at.set_state(state.at[0].set(first))
+        elif at.kind == "attn.z":
+            delta = jnp.einsum("bshe,hed->hbsd", value - self.corrupt_z[at.layer], self.W_O[at.layer])
+            at.set_state(jax.lax.dynamic_update_slice_in_dim(state, delta, up, 0))
+        elif at.kind == "mlp_out":
+            delta = (value - self.corrupt_mlp[at.layer])[None]
+            at.set_state(jax.lax.dynamic_update_slice_in_dim(state, delta, up + H, 0))
+        elif at.kind in ("attn.q_input", "attn.k_input", "attn.v_input"):
+            offset, heads = {"attn.q_input": (0, H), "attn.k_input": (H, K), "attn.v_input": (H + K, K)}[at.kind]
+            drop = jax.lax.dynamic_slice_in_dim(self.drop, down + offset, heads, 1)
+            return value - jnp.einsum("uh,ubsd->bshd", drop, state)
+        elif at.kind == "mlp_in":
+            drop = jax.lax.dynamic_index_in_dim(self.drop, down + H + 2 * K, 1, keepdims=False)
+            return value - jnp.einsum("u,ubsd->bsd", drop, state)
+        elif at.kind == "resid_post":  # the last layer's output is what the logits read
+            correction = jnp.einsum("u,ubsd->bsd", self.drop[:, -1], state)
+            return jnp.where(at.layer == cfg.n_layers - 1, value - correction, value)
+        return value
+
+
+# --- scores -------------------------------------------------------------------------------------
+
+def _writer_differences(model, source_cache, base_cache) -> Float[Array, "up batch pos d_model"]:
+    """source - base output of every upstream node, in ``Graph.upstream`` order."""
+    cfg = model.cfg
+    dz = source_cache.stack("attn.z") - base_cache.stack("attn.z")
+    heads = jnp.einsum("lbshe,lhed->lhbsd", dz, model.blocks.attn.W_O)
+    per_layer = [heads]
+    if cfg.has_mlp:
+        per_layer.append((source_cache.stack("mlp_out") - base_cache.stack("mlp_out"))[:, None])
+    layers = jnp.concatenate(per_layer, 1).reshape(-1, *heads.shape[2:])
+    first = source_cache["blocks.0.resid_pre"] - base_cache["blocks.0.resid_pre"]
+    return jnp.concatenate([first[None], layers])
+
+
+_CAPTURE = ("blocks.*.resid_pre", "blocks.*.attn.z", "blocks.*.mlp_out")
+
+
+def _reader_gradients(model, tokens, metric, attention_mask, metric_positions, embed=None):
+    """d metric / d every downstream node's input, in ``Graph.downstream`` order: ``[down, batch, pos, d_model]``."""
+    cfg = model.cfg
+    batch, seq = tokens.shape
+    L, H, K, D = cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_model
+    zeros = {"attn.q_input": jnp.zeros((L, batch, seq, H, D)), "attn.k_input": jnp.zeros((L, batch, seq, K, D)),
+             "attn.v_input": jnp.zeros((L, batch, seq, K, D))}
+    if cfg.has_mlp:
+        zeros["mlp_in"] = jnp.zeros((L, batch, seq, D))
+    zeros["final"] = jnp.zeros((batch, seq, D))
+
+    def scored(deltas):
+        edits = [Add(f"blocks.*.{kind}", deltas[kind], per_layer=True) for kind in zeros if kind != "final"]
+        edits.append(Add(f"blocks.{L - 1}.resid_post", deltas["final"]))
+        if embed is not None:
+            edits.insert(0, Replace("embed", embed))
+        logits, _ = _run(model, tokens, tuple(edits), attention_mask, None, metric_positions)
+        return metric(logits)
+
+    g = jax.grad(scored)(zeros)
+    per_layer = [g["attn.q_input"], g["attn.k_input"], g["attn.v_input"]]
+    if cfg.has_mlp:
+        per_layer.append(g["mlp_in"][:, :, :, None])
+    per_layer = jnp.concatenate(per_layer, 3).transpose(0, 3, 1, 2, 4).reshape(-1, batch, seq, D)
+    return jnp.concatenate([per_layer, g["final"][None]])
+
+
+def edge_attribution(model: Transformer, clean_tokens, corrupt_tokens, metric: Callable, *, ig_steps: int = 0,
+                     direction: str = "denoise", attention_mask=None, metric_positions=None, progress: bool = True):
+    """Edge scores ``[n_upstream, n_downstream]`` (0 where no edge) and the ``Graph``.
+
+    ``ig_steps=0``: EAP, gradients at the base run. ``ig_steps=m``: EAP-IG, gradients averaged at
+    m midpoints of the straight path between the base and source input embeddings.
+    """
+    choose(direction, DIRECTIONS, "patching direction")
+    graph = Graph.of(model.cfg)
+    clean_tokens, corrupt_tokens = _pair(model, clean_tokens, corrupt_tokens, attention_mask)
+    base, source = (corrupt_tokens, clean_tokens) if direction == "denoise" else (clean_tokens, corrupt_tokens)
+    capture = [c for c in _CAPTURE if model.cfg.has_mlp or "mlp" not in c] + ["embed"]
+    _, base_cache = run(model, base, capture=capture, attention_mask=attention_mask)
+    _, source_cache = run(model, source, capture=capture, attention_mask=attention_mask)
+    differences = _writer_differences(model, source_cache, base_cache)
+    gradient = _reader_gradients_jit
+    if ig_steps == 0:
+        grads = gradient(model, base, metric, attention_mask, metric_positions, None)
+    else:
+        e_base, e_source = base_cache["embed"], source_cache["embed"]
+        grads = 0.0
+        for alpha in tqdm((np.arange(ig_steps) + 0.5) / ig_steps, desc="EAP-IG steps", disable=not progress):
+            embed = e_base + jnp.float32(alpha) * (e_source - e_base)
+            grads = grads + gradient(model, base, metric, attention_mask, metric_positions, embed)
+        grads = grads / ig_steps
+    scores = jnp.einsum("ubsd,vbsd->uv", differences, grads)
+    return jnp.where(graph.valid, scores, 0.0), graph
+
+
+_reader_gradients_jit = eqx.filter_jit(_reader_gradients)
+
+
+# --- circuits -----------------------------------------------------------------------------------
+
+def prune(scores, graph: Graph, *, n_edges: int | None = None, threshold: float | None = None) -> np.ndarray:
+    """The circuit's edges as a boolean ``[n_upstream, n_downstream]`` mask: the ``n_edges``
+    edges with the largest absolute score, or every edge whose absolute score reaches ``threshold``."""
+    if (n_edges is None) == (threshold is None):
+        raise ValueError("prune takes exactly one of n_edges= or threshold=")
+    magnitude = np.where(graph.valid, np.abs(np.asarray(scores)), -np.inf)
+    if threshold is not None:
+        return magnitude >= threshold
+    if not 0 <= n_edges <= graph.n_edges:
+        raise ValueError(f"n_edges={n_edges} is outside 0..{graph.n_edges} (the graph's edges)")
+    keep = np.zeros(magnitude.size, bool)
+    keep[np.argsort(-magnitude, axis=None)[:n_edges]] = True
+    return keep.reshape(magnitude.shape)
+
+
+def faithfulness(model: Transformer, circuit: np.ndarray, clean_tokens, corrupt_tokens, metric: Callable, *,
+                 attention_mask=None, metric_positions=None) -> dict[str, float]:
+    """Run the clean tokens with every edge outside ``circuit`` fed its corrupted value.
+
+    Returns the metric of the clean, corrupted and circuit runs, ``faithfulness`` (circuit / clean)
+    and ``normalized`` ((circuit - corrupted) / (clean - corrupted): 1 = the circuit recovers the
+    whole effect, 0 = none of it).
+    """
+    graph = Graph.of(model.cfg)
+    circuit = np.asarray(circuit, bool)
+    if circuit.shape != graph.valid.shape:
+        raise ValueError(f"circuit has shape {circuit.shape}; this model's graph is {graph.valid.shape}")
+    clean_tokens, corrupt_tokens = _pair(model, clean_tokens, corrupt_tokens, attention_mask)
+    capture = [c for c in _CAPTURE if model.cfg.has_mlp or "mlp" not in c]
+    clean_logits, _ = run(model, clean_tokens, attention_mask=attention_mask, logit_positions=metric_positions)
+    corrupt_logits, corrupt = run(model, corrupt_tokens, capture=capture, attention_mask=attention_mask,
+                                  logit_positions=metric_positions)
+    drop = jnp.asarray(graph.valid & ~circuit, corrupt["blocks.0.resid_pre"].dtype)
+    patch = EdgePatch(model.cfg, drop, corrupt["blocks.0.resid_pre"], corrupt.stack("attn.z"),
+                      corrupt.stack("mlp_out") if model.cfg.has_mlp else None, model.blocks.attn.W_O)
+    circuit_logits, _ = run(model, clean_tokens, edits=patch, attention_mask=attention_mask,
+                            logit_positions=metric_positions)
+    clean, corrupted, kept = (float(metric(x)) for x in (clean_logits, corrupt_logits, circuit_logits))
+    return dict(clean=clean, corrupted=corrupted, circuit=kept, faithfulness=kept / clean,
+                normalized=(kept - corrupted) / (clean - corrupted), edges=int(circuit.sum()), of=graph.n_edges)
