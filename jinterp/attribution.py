@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jinterp import names as S
 from jinterp.cache import _run, run
-from jinterp.interventions import Add, Replace
+from jinterp.interventions import Add, Capture, Replace
 from jinterp.models.config import choose
 from jinterp.models.transformer import Transformer, check_inputs
 from jinterp.patching import DIRECTIONS, RESIDUAL_SITES, _pair, sweep_kind
@@ -34,7 +36,9 @@ def attribution_patching(model: Transformer, clean_tokens, corrupt_tokens, metri
     choose(direction, DIRECTIONS, "patching direction")
     clean_tokens, corrupt_tokens = _pair(model, clean_tokens, corrupt_tokens, attention_mask)
     base, source = (corrupt_tokens, clean_tokens) if direction == "denoise" else (clean_tokens, corrupt_tokens)
-    _, source_cache = run(model, source, capture=f"blocks.*.{kind}", attention_mask=attention_mask)
+    # The source run only needs the site: no unembedding at all (zero logit positions).
+    _, source_cache = run(model, source, capture=f"blocks.*.{kind}", attention_mask=attention_mask,
+                          logit_positions=np.zeros(0, np.int32))
     grads, base_values = _gradients(model, base, kind, metric, attention_mask, metric_positions)
     contribution = (source_cache.stack(kind) - base_values) * grads  # [layer, *site axes]
     return _reduce(contribution, kind, per)
@@ -53,16 +57,20 @@ def _reduce(per_layer: jnp.ndarray, kind: str, per: str) -> jnp.ndarray:
     return summed.transpose(0, *(1 + kept.index(r) for r in keep))
 
 
+@eqx.filter_jit
 def _gradients(model, tokens, kind, metric, attention_mask, metric_positions):
     """d metric / d (every layer's ``kind``) at ``tokens``, and the values there: one forward, one backward."""
-    values = run(model, tokens, capture=f"blocks.*.{kind}", attention_mask=attention_mask)[1].stack(kind)
+    L, (batch, seq) = model.cfg.n_layers, tokens.shape
+    shape = (L, *S.site_shape(model.cfg, kind, batch, seq))
 
     def scored(delta):
-        logits, _ = _run(model, tokens, (Add(f"blocks.*.{kind}", delta, per_layer=True),), attention_mask, None,
-                         metric_positions)
-        return metric(logits)
+        # The Capture comes first, so it records the unedited value (delta is zero anyway).
+        edits = (Capture(f"blocks.*.{kind}"), Add(f"blocks.*.{kind}", delta, per_layer=True))
+        logits, cache = _run(model, tokens, edits, attention_mask, None, metric_positions)
+        return metric(logits), cache.stack(kind)
 
-    return jax.grad(scored)(jnp.zeros_like(values)), values
+    grads, values = jax.grad(scored, has_aux=True)(jnp.zeros(shape, model.W_E.dtype))
+    return grads, values
 
 
 # --- input attribution ----------------------------------------------------------------------

@@ -16,6 +16,13 @@ from jinterp import names as S
 from jinterp.models.transformer import Transformer, check_inputs
 
 
+def _derivations(cfg) -> dict[str, str]:
+    """Sites whose captured value is a function of another site's: kind -> the kind it comes from."""
+    reads = "resid_pre" if cfg.parallel or cfg.attn_only else "resid_mid"
+    return {"attn.result": "attn.z", "attn.q_input": "resid_pre", "attn.k_input": "resid_pre",
+            "attn.v_input": "resid_pre", "mlp_in": reads}
+
+
 class Cache(eqx.Module, Mapping):
     """Captured site values by name. Any accepted spelling of a name works as a key
     (``cache["blocks.3.attn.z"]``, ``cache["blocks.3.attn.hook_z"]``, ``cache["z", 3]``).
@@ -23,20 +30,30 @@ class Cache(eqx.Module, Mapping):
     Block sites are held stacked over the captured layers (no per-layer copies);
     ``cache.stack(kind)`` returns that stack, ``[n_layers_captured, batch, ...]``.
 
-    ``attn.result`` (each head's write, n_heads times the size of the residual stream) is kept as
-    the captured ``attn.z`` and computed on access as ``z_h @ W_O[h]``, the forward's own formula.
+    A few sites are views of another: ``attn.result`` (each head's write, n_heads times the size
+    of the residual stream) is ``z_h @ W_O[h]``; ``attn.q_input``/``k_input``/``v_input`` are the
+    residual stream once per head; ``mlp_in`` is the residual stream the MLP reads. Captured
+    without an edit on them, they are computed on access from the site they come from, with the
+    forward's own formula, so capturing them costs the forward nothing.
     """
 
     stacked: dict[str, Array]  # kind -> value (outside the blocks) or [captured layers, ...]
     layers: tuple[tuple[str, tuple[int, ...]], ...] = eqx.field(static=True)  # kind -> captured layers
     W_O: Array | None = None  # [n_layers, n_heads, d_head, d_model], for attn.result
-    result_layers: tuple[int, ...] = eqx.field(static=True, default=())
+    derived: tuple[tuple[str, str, tuple[int, ...]], ...] = eqx.field(static=True, default=())
+    heads: tuple[int, int] = eqx.field(static=True, default=(0, 0))  # (n_heads, n_kv_heads)
 
-    def _result(self, layer: int) -> Array:
-        return jnp.einsum("bqhe,hed->bqhd", self[f"blocks.{layer}.attn.z"], self.W_O[layer])
-
-    def _is_result(self, site: S.Site) -> bool:
-        return site.kind == "attn.result" and site.layer in self.result_layers
+    def _derived(self, site: S.Site) -> Array | None:
+        for kind, source, layers in self.derived:
+            if site.kind == kind and site.layer in layers:
+                value = self[f"blocks.{site.layer}.{source}"]
+                if kind == "attn.result":
+                    return jnp.einsum("bqhe,hed->bqhd", value, self.W_O[site.layer])
+                if kind == "mlp_in":
+                    return value
+                heads = self.heads[0] if kind == "attn.q_input" else self.heads[1]
+                return jnp.broadcast_to(value[:, :, None], (*value.shape[:2], heads, value.shape[-1]))
+        return None
 
     def _locate(self, site: S.Site) -> tuple[str, int | None] | None:
         """(kind, index into its stack) of a stored value."""
@@ -49,8 +66,9 @@ class Cache(eqx.Module, Mapping):
 
     def __getitem__(self, name) -> Array:
         site = S.parse(name)
-        if self._is_result(site):
-            return self._result(site.layer)
+        derived = self._derived(site)
+        if derived is not None:
+            return derived
         where = self._locate(site)
         if where is not None:
             kind, index = where
@@ -69,24 +87,28 @@ class Cache(eqx.Module, Mapping):
                 yield from (f"blocks.{layer}.{kind}" for layer in layers[kind])
             else:
                 yield kind
-        yield from (f"blocks.{layer}.attn.result" for layer in self.result_layers)
+        for kind, _, derived_layers in self.derived:
+            yield from (f"blocks.{layer}.{kind}" for layer in derived_layers)
 
     def __len__(self) -> int:
         layers = dict(self.layers)
-        return sum(len(layers[kind]) if kind in layers else 1 for kind in self.stacked) + len(self.result_layers)
+        stored = sum(len(layers[kind]) if kind in layers else 1 for kind in self.stacked)
+        return stored + sum(len(derived_layers) for _, _, derived_layers in self.derived)
 
     def __contains__(self, name) -> bool:
         try:
             site = S.parse(name)
         except (ValueError, TypeError):
             return False
-        return self._is_result(site) or self._locate(site) is not None
+        derived = any(site.kind == kind and site.layer in layers for kind, _, layers in self.derived)
+        return derived or self._locate(site) is not None
 
     def stack(self, kind) -> Array:
         """One block site kind over the captured layers: ``[n_layers_captured, ...]``."""
         kind = S.parse(kind).kind
-        if kind == "attn.result" and self.result_layers:
-            return jnp.stack([self._result(layer) for layer in self.result_layers])
+        for derived, _, layers in self.derived:
+            if derived == kind:
+                return jnp.stack([self[f"blocks.{layer}.{kind}"] for layer in layers])
         if kind not in dict(self.layers):
             raise KeyError(f"No layer of {kind!r} was captured; captured: {', '.join(self.stacked)}")
         return self.stacked[kind]
@@ -94,7 +116,8 @@ class Cache(eqx.Module, Mapping):
     def captured_layers(self, kind) -> tuple[int, ...]:
         """The layers a stacked kind holds, in order."""
         kind = S.parse(kind).kind
-        return self.result_layers if kind == "attn.result" else dict(self.layers).get(kind, ())
+        derived = {k: layers for k, _, layers in self.derived}
+        return derived[kind] if kind in derived else dict(self.layers).get(kind, ())
 
 
 def _names(capture) -> list:
@@ -185,27 +208,28 @@ def run(model: Transformer, tokens, *, capture=(), edits=(), attention_mask=None
     check_inputs(model.cfg, tokens, attention_mask, token_type_ids)
     edits = iv.flatten(edits)
     _validate(model, edits, tokens.shape[1])
-    wanted = captures(model, capture)
-    result_layers = ()
-    if not any("attn.result" in edit.kinds() for edit in edits):
-        wanted, result_layers = _result_from_z(wanted, model.cfg.n_layers)
+    edited = {kind for edit in edits for kind in edit.kinds()}
+    wanted, derived = _derive(captures(model, capture), model.cfg, edited)
     output, cache = _run(model, jnp.asarray(tokens), edits + wanted, attention_mask, token_type_ids, logit_positions)
-    if result_layers:
-        cache = dataclasses.replace(cache, W_O=model.blocks.attn.W_O, result_layers=result_layers)
+    if derived:
+        heads = (model.cfg.n_heads, model.cfg.n_kv_heads)
+        cache = dataclasses.replace(cache, W_O=model.blocks.attn.W_O, derived=derived, heads=heads)
     return output, cache
 
 
-def _result_from_z(wanted: tuple[iv.Capture, ...], n_layers: int):
-    """Capture attn.z in place of attn.result: the Cache computes the result from it on access,
-    so the forward never materialises n_heads copies of the residual stream."""
-    result = next((c for c in wanted if c.site == "attn.result"), None)
-    if result is None:
-        return wanted, ()
-    result_layers = tuple(layer for _, layer in result.entries(n_layers))
-    z = next((c for c in wanted if c.site == "attn.z"), None)
-    z_layers = set(result_layers) | ({layer for _, layer in z.entries(n_layers)} if z else set())
-    others = tuple(c for c in wanted if c.site not in ("attn.result", "attn.z"))
-    return others + (iv.Capture("attn.z", sorted(z_layers)),), result_layers
+def _derive(wanted: tuple[iv.Capture, ...], cfg, edited: set[str]):
+    """Capture the source of every derivable site (not edited in this run) in its place; the Cache
+    computes the derived value on access."""
+    derivations = {kind: source for kind, source in _derivations(cfg).items() if kind not in edited}
+    layers = {c.site: {layer for _, layer in c.entries(cfg.n_layers)} for c in wanted}
+    derived = []
+    for kind, source in derivations.items():
+        if kind in layers:
+            derived.append((kind, source, tuple(sorted(layers[kind]))))
+            layers[source] = layers.get(source, set()) | layers.pop(kind)
+    sources = dict.fromkeys(source for _, source, _ in derived)
+    kept = tuple(c for c in wanted if c.site in layers and c.site not in sources)
+    return kept + tuple(iv.Capture(source, sorted(layers[source])) for source in sources), tuple(derived)
 
 
 def sites(model: Transformer, batch="batch", seq="pos") -> dict[str, tuple]:

@@ -6,9 +6,9 @@ clean behaviour one component restores. ``direction="noise"`` runs the clean tok
 in the corrupted activation: the metric measures how much one component's corruption breaks it.
 
 How a sweep runs. Every patch is one ``Replace`` edit on the standard intervention mechanism;
-a batch of patches is ``jax.vmap``-ed inside one ``jit``. Patches are processed in chunks that
-fit a memory budget (one compilation, a progress bar over chunks), sorted by layer: a chunk
-whose earliest patch is at layer l starts from the cached residual stream at layer l instead of
+a batch of patches is ``jax.vmap``-ed inside one ``jit``. Patches are processed in chunks of at
+most one layer's patches, smaller if a memory budget asks (one compilation, a progress bar over
+chunks): a chunk at layer l starts from the cached residual stream at layer l instead of
 recomputing the prefix (about half the work of full forwards). ``metric_positions`` limits the
 unembedding to the positions the metric reads.
 """
@@ -59,16 +59,15 @@ def patch_grid(cfg, kind: str, per: str, seq: int, layers) -> tuple[dict[str, np
     return columns, tuple(sizes[a] for a in axes)
 
 
-def _chunk_size(model: Transformer, tokens_shape, n_logit_positions: int, budget: int, per_layer_count: int) -> int:
-    """Patches per chunk so that a chunk's activations fit ``budget`` bytes."""
+def _chunk_size(model: Transformer, tokens_shape, n_logit_positions: int, budget: float, per_layer: int) -> int:
+    """Patches per chunk: at most one layer's worth (so each chunk resumes from its own layer and
+    no prefix is recomputed), fewer if the activations would not fit ``budget`` bytes."""
     cfg = model.cfg
     batch, seq = tokens_shape
     floats = batch * seq * (10 * cfg.d_model + 4 * cfg.d_mlp + 3 * cfg.n_heads * (cfg.d_head + seq))
     floats += batch * n_logit_positions * cfg.d_vocab
-    size = max(1, int(budget // (4 * floats)))
-    if size >= per_layer_count:  # whole layers per chunk keep the prefix reuse exact
-        size -= size % per_layer_count
-    return size
+    fits = max(1, int(budget // (4 * floats)))
+    return per_layer if fits >= per_layer else math.ceil(per_layer / math.ceil(per_layer / fits))
 
 
 def sweep(model: Transformer, clean_tokens, corrupt_tokens, metric: Callable, site="resid_pre", *,
@@ -109,9 +108,9 @@ def sweep(model: Transformer, clean_tokens, corrupt_tokens, metric: Callable, si
 
     columns, shape = patch_grid(model.cfg, kind, per, base.shape[1], layers)
     n = len(columns["layer"])
-    per_layer_count = n // len(np.unique(columns["layer"]))
+    per_layer = n // len(np.unique(columns["layer"]))
     n_logits = base.shape[1] if metric_positions is None else np.shape(metric_positions)[-1]
-    size = chunk_size or _chunk_size(model, base.shape, n_logits, memory_budget, per_layer_count)
+    size = chunk_size or _chunk_size(model, base.shape, n_logits, memory_budget, per_layer)
     size = min(size, n)
     padded = math.ceil(n / size) * size
     index = np.minimum(np.arange(padded), n - 1)  # the last chunk repeats its final patch

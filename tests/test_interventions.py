@@ -211,3 +211,19 @@ def test_captured_attn_result_equals_the_forwards_own(toy):
     assert not np.asarray(cache["blocks.1.attn.result"])[:, :, 0].any()
     np.testing.assert_allclose(np.asarray(cache["blocks.1.attn.result"].sum(2)), np.asarray(cache["blocks.1.attn_out"]),
                                atol=1e-5)
+
+
+def test_per_head_inputs_and_mlp_in_are_views_of_the_residual_stream(toy):
+    """Captured, they come from the residual stream; edited, the forward really runs per-head
+    inputs: adding to one head's query input changes that head's queries only."""
+    _, cache = jinterp.run(toy, TOKENS, capture=["blocks.1.attn.k_input", "blocks.1.mlp_in", "blocks.1.resid_pre",
+                                                  "blocks.1.resid_mid"])
+    assert cache["blocks.1.attn.k_input"].shape == (2, 9, TOY.n_kv_heads, TOY.d_model)
+    assert np.array_equal(np.asarray(cache["blocks.1.attn.k_input"][:, :, 1]), np.asarray(cache["blocks.1.resid_pre"]))
+    assert np.array_equal(np.asarray(cache["blocks.1.mlp_in"]), np.asarray(cache["blocks.1.resid_mid"]))
+    nudge = jinterp.Add("blocks.1.attn.q_input", jnp.ones(TOY.d_model), heads=[2])
+    _, plain = jinterp.run(toy, TOKENS, capture="blocks.1.attn.q")
+    _, edited = jinterp.run(toy, TOKENS, capture=["blocks.1.attn.q", "blocks.1.attn.q_input"], edits=nudge)
+    before, after = np.asarray(plain["blocks.1.attn.q"]), np.asarray(edited["blocks.1.attn.q"])
+    changed = [h for h in range(TOY.n_heads) if not np.allclose(before[:, :, h], after[:, :, h], atol=1e-5)]
+    assert changed == [2]
