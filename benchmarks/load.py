@@ -14,22 +14,28 @@ import subprocess
 import sys
 import tempfile
 
-JINTERP = """
-import json, resource, time
+# Peak RSS from VmHWM: a vforked child's ru_maxrss would carry the parent's peak across exec.
+PEAK = """
+import re
+def peak():
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+"""
+JINTERP = PEAK + """
+import json, time
 start = time.perf_counter()
 import jinterp
 model, tokenizer = jinterp.load("smollm2-135m", progress=False)
-print(json.dumps([time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))
+print(json.dumps([time.perf_counter() - start, peak()]))
 """
-TRANSFORMERS = """
-import json, os, resource, time
+TRANSFORMERS = PEAK + """
+import json, os, time
 os.environ["HF_HUB_OFFLINE"] = "1"
 start = time.perf_counter()
 import torch, transformers, jinterp
 source = jinterp.loading.registry.locate(jinterp.loading.registry.MODELS["smollm2-135m"])
 model = transformers.AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
 tokenizer = transformers.AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-print(json.dumps([time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))
+print(json.dumps([time.perf_counter() - start, peak()]))
 """
 
 
