@@ -20,10 +20,7 @@ from jinterp.cache import _run, run
 from jinterp.interventions import Add, Capture, Replace
 from jinterp.models.config import choose
 from jinterp.models.transformer import Transformer, check_inputs
-from jinterp.patching import DIRECTIONS, RESIDUAL_SITES, _pair, sweep_kind
-
-# Axes summed away for each (site axes, per): what is left is [layer, ...per].
-_KEEP = {"position": ("pos",), "layer": (), "head": ("head",), "head_position": ("head", "pos")}
+from jinterp.patching import DIRECTIONS, RESIDUAL_SITES, _pair, reduce_site, sweep_kind
 
 
 def attribution_patching(model: Transformer, clean_tokens, corrupt_tokens, metric: Callable, site="resid_pre", *,
@@ -41,20 +38,7 @@ def attribution_patching(model: Transformer, clean_tokens, corrupt_tokens, metri
                           logit_positions=np.zeros(0, np.int32))
     grads, base_values = _gradients(model, base, kind, metric, attention_mask, metric_positions)
     contribution = (source_cache.stack(kind) - base_values) * grads  # [layer, *site axes]
-    return _reduce(contribution, kind, per)
-
-
-def _role(axis: str) -> str | None:
-    return "pos" if axis in ("pos", "query_pos") else "head" if axis in ("head", "kv_head") else None
-
-
-def _reduce(per_layer: jnp.ndarray, kind: str, per: str) -> jnp.ndarray:
-    """Sum ``[layer, *site axes]`` over every axis ``per`` does not keep; order as ``per`` says."""
-    roles = [_role(a) for a in S.SITE_AXES[kind]]
-    keep = _KEEP[per]
-    summed = per_layer.sum(axis=tuple(1 + i for i, r in enumerate(roles) if r not in keep))
-    kept = [r for r in roles if r in keep]
-    return summed.transpose(0, *(1 + kept.index(r) for r in keep))
+    return reduce_site(contribution, kind, per)
 
 
 @eqx.filter_jit

@@ -6,17 +6,24 @@ clean behaviour one component restores. ``direction="noise"`` runs the clean tok
 in the corrupted activation: the metric measures how much one component's corruption breaks it.
 
 How a sweep runs. Every patch is one ``Replace`` edit on the standard intervention mechanism;
-a batch of patches is ``jax.vmap``-ed inside one ``jit``. Patches are processed in chunks of at
-most one layer's patches, smaller if a memory budget asks (one compilation, a progress bar over
-chunks): a chunk at layer l starts from the cached residual stream at layer l instead of
-recomputing the prefix (about half the work of full forwards). ``metric_positions`` limits the
-unembedding to the positions the metric reads.
+a batch of patches is ``jax.vmap``-ed inside one ``jit``. Patches are processed in chunks of
+one layer's worth, smaller if a memory budget asks (one compilation, a progress bar over
+chunks): a chunk starts from the cached residual stream at its first patch's layer instead of
+recomputing the prefix (about half the work of full forwards). A patch whose source value
+equals the base value (every position before the first token where the prompts differ) changes
+nothing: it scores as the unpatched base run without being computed. ``metric_positions``
+limits the unembedding to the positions the metric reads.
+
+Chunks. ``sweep_chunks`` and ``path_patch_chunks`` return the same computation as a ``Chunks``:
+each chunk can be computed on its own (and checkpointed: ``jinterp.runs.Run.chunked`` does),
+and ``assemble`` turns the chunk results into the array ``sweep`` returns, bit for bit.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import equinox as eqx
 import jax
@@ -33,6 +40,21 @@ from jinterp.models.transformer import Transformer, check_inputs
 RESIDUAL_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 HEAD_SITES = ("attn.z", "attn.q", "attn.k", "attn.v", "attn.pattern")
 DIRECTIONS = ("denoise", "noise")
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """A computation split into chunks: ``compute(i)`` for ``i in range(n)``, then ``assemble``."""
+
+    n: int
+    compute: Callable[[int], jax.Array]
+    assemble: Callable[[list], jax.Array]
+    description: str
+
+    def run(self, progress: bool = True) -> jax.Array:
+        """Every chunk in order, with a progress bar."""
+        return self.assemble([self.compute(i) for i in tqdm(range(self.n), desc=self.description, unit="chunk",
+                                                            disable=not progress)])
 
 
 SHORT_NAMES = {"z": "attn.z", "q": "attn.q", "k": "attn.k", "v": "attn.v", "pattern": "attn.pattern"}
@@ -59,6 +81,23 @@ def patch_grid(cfg, kind: str, per: str, seq: int, layers) -> tuple[dict[str, np
     return columns, tuple(sizes[a] for a in axes)
 
 
+# What each ``per`` keeps of a site's axes; the rest are reduced away.
+_KEEP = {"position": ("pos",), "layer": (), "head": ("head",), "head_position": ("head", "pos")}
+
+
+def _role(axis: str) -> str | None:
+    return "pos" if axis in ("pos", "query_pos") else "head" if axis in ("head", "kv_head") else None
+
+
+def reduce_site(per_layer, kind: str, per: str, reduction=jnp.sum):
+    """Reduce ``[layer, *site axes]`` over every axis ``per`` does not keep: ``[layer, *per's axes]``."""
+    roles = [_role(a) for a in S.SITE_AXES[kind]]
+    keep = _KEEP[per]
+    reduced = reduction(per_layer, axis=tuple(1 + i for i, r in enumerate(roles) if r not in keep))
+    kept = [r for r in roles if r in keep]
+    return reduced.transpose(0, *(1 + kept.index(r) for r in keep))
+
+
 def _chunk_size(model: Transformer, tokens_shape, n_logit_positions: int, budget: float, per_layer: int) -> int:
     """Patches per chunk: at most one layer's worth (so each chunk resumes from its own layer and
     no prefix is recomputed), fewer if the activations would not fit ``budget`` bytes."""
@@ -71,9 +110,7 @@ def _chunk_size(model: Transformer, tokens_shape, n_logit_positions: int, budget
 
 
 def sweep(model: Transformer, clean_tokens, corrupt_tokens, metric: Callable, site="resid_pre", *,
-          per: str | None = None, direction: str = "denoise", attention_mask=None, metric_positions=None,
-          layers=None, memory_budget: float = 2**30, chunk_size: int | None = None, exact: bool = False,
-          progress: bool = True):
+          progress: bool = True, **options):
     """Activation patching of ``site`` at every layer and position / head.
 
     Args:
@@ -90,39 +127,62 @@ def sweep(model: Transformer, clean_tokens, corrupt_tokens, metric: Callable, si
         layers: restrict to these layers (the result keeps one row per given layer).
         memory_budget: bytes of activations a chunk may use; ``chunk_size`` overrides it.
         exact: False (default) ``vmap``s a chunk's patches into one wide batch (about 3x faster on
-            CPU); XLA's matrix products then round differently in the last bits (about 1e-6
-            relative) from a single patched forward, and depend on the chunking. True runs the
-            chunk's patches one after another inside the compiled program: every result is bit for
-            bit what a single patched forward (``jinterp.run`` with that one edit) gives.
+            CPU) and skips patches that change nothing; XLA's matrix products then round
+            differently in the last bits (about 1e-6 relative) from a single patched forward, and
+            depend on the chunking. True runs every patch, one after another inside the compiled
+            program: every result is bit for bit what a single patched forward (``jinterp.run``
+            with that one edit) gives.
 
     Returns the metric for every patch, shaped as described for ``per``.
     """
+    return sweep_chunks(model, clean_tokens, corrupt_tokens, metric, site, **options).run(progress)
+
+
+def sweep_chunks(model: Transformer, clean_tokens, corrupt_tokens, metric: Callable, site="resid_pre", *,
+                 per: str | None = None, direction: str = "denoise", attention_mask=None, metric_positions=None,
+                 layers=None, memory_budget: float = 2**30, chunk_size: int | None = None,
+                 exact: bool = False) -> Chunks:
+    """``sweep`` as ``Chunks`` (same arguments): the clean and corrupted caches are computed now,
+    the patches chunk by chunk."""
     kind = sweep_kind(model, site)
     per = per or ("position" if kind in RESIDUAL_SITES else "head")
     choose(per, ("position", "layer") if kind in RESIDUAL_SITES else ("head", "head_position"), f"per for {kind!r}")
     choose(direction, DIRECTIONS, "patching direction")
     clean_tokens, corrupt_tokens = _pair(model, clean_tokens, corrupt_tokens, attention_mask)
     base, source = (corrupt_tokens, clean_tokens) if direction == "denoise" else (clean_tokens, corrupt_tokens)
-    _, base_cache = run(model, base, capture="blocks.*.resid_pre", attention_mask=attention_mask)
+    base_logits, base_cache = run(model, base, capture=["blocks.*.resid_pre", f"blocks.*.{kind}"],
+                                  attention_mask=attention_mask, logit_positions=metric_positions)
     _, source_cache = run(model, source, capture=f"blocks.*.{kind}", attention_mask=attention_mask)
 
     columns, shape = patch_grid(model.cfg, kind, per, base.shape[1], layers)
     n = len(columns["layer"])
+    if exact:
+        todo = np.arange(n)
+    else:  # a patch whose source equals the base value changes nothing: it scores as the base run
+        changed = source_cache.stack(kind) != base_cache.stack(kind)
+        changes = np.asarray(reduce_site(changed, kind, per, jnp.any))
+        todo = np.flatnonzero(changes[tuple(columns[axis] for axis in columns)])
     per_layer = n // len(np.unique(columns["layer"]))
     n_logits = base.shape[1] if metric_positions is None else np.shape(metric_positions)[-1]
     size = chunk_size or _chunk_size(model, base.shape, n_logits, memory_budget, per_layer)
-    size = min(size, n)
-    padded = math.ceil(n / size) * size
-    index = np.minimum(np.arange(padded), n - 1)  # the last chunk repeats its final patch
+    size = max(1, min(size, len(todo)))
+    padded = math.ceil(len(todo) / size) * size
+    index = todo[np.minimum(np.arange(padded), len(todo) - 1)]  # the last chunk repeats its final patch
     chunked = {name: column[index].reshape(-1, size) for name, column in columns.items()}
 
-    results = []
-    chunks = range(padded // size)
-    for c in tqdm(chunks, desc=f"Patching {kind} ({n} patches)", unit="chunk", disable=not progress):
+    def compute(c):
         patches = {name: jnp.asarray(column[c]) for name, column in chunked.items()}
-        results.append(_run_chunk(model, kind, metric, patches, base, attention_mask, metric_positions,
-                                  base_cache.stack("resid_pre"), source_cache.stack(kind), exact))
-    return jnp.concatenate(results)[:n].reshape(shape)
+        return _run_chunk(model, kind, metric, patches, base, attention_mask, metric_positions,
+                          base_cache.stack("resid_pre"), source_cache.stack(kind), exact)
+
+    def assemble(results):
+        scores = jnp.full(n, metric(base_logits))
+        if len(todo):
+            scores = scores.at[todo].set(jnp.concatenate(results)[:len(todo)])
+        return scores.reshape(shape)
+
+    skipped = f", {n - len(todo)} change nothing" if len(todo) < n else ""
+    return Chunks(padded // size, compute, assemble, f"Patching {kind} ({n} patches{skipped})")
 
 
 @eqx.filter_jit
@@ -151,8 +211,7 @@ def _pair(model, clean_tokens, corrupt_tokens, attention_mask):
 
 
 def path_patch(model: Transformer, clean_tokens, corrupt_tokens, metric: Callable, receivers, *,
-               direction: str = "noise", attention_mask=None, metric_positions=None, freeze_mlps: bool = False,
-               progress: bool = True):
+               progress: bool = True, **options):
     """Path patching (Wang et al. 2022): the effect of each sender head's output reaching the
     ``receivers`` only through the direct paths (other heads frozen).
 
@@ -166,24 +225,43 @@ def path_patch(model: Transformer, clean_tokens, corrupt_tokens, metric: Callabl
     or ``"blocks.{L-1}.resid_post"`` (what the final norm and unembedding read).
     ``direction="noise"`` (default, as in the IOI paper): base = clean, senders corrupted.
 
-    Returns ``[n_layers, n_heads]``: the metric for each sender (senders at or after the last
-    receiver's layer cannot reach it and score as the unpatched base run).
+    Returns ``[n_layers, n_heads]``: the metric for each sender (senders that cannot reach a
+    receiver score as the unpatched base run). The second run starts from the base residual
+    stream at the first receiver's layer: nothing before it differs from the base run.
+
+    Options: ``direction``, ``attention_mask``, ``metric_positions``, ``freeze_mlps``.
     """
+    return path_patch_chunks(model, clean_tokens, corrupt_tokens, metric, receivers, **options).run(progress)
+
+
+def path_patch_chunks(model: Transformer, clean_tokens, corrupt_tokens, metric: Callable, receivers, *,
+                      direction: str = "noise", attention_mask=None, metric_positions=None,
+                      freeze_mlps: bool = False) -> Chunks:
+    """``path_patch`` as ``Chunks`` (same arguments), one chunk per sender layer."""
     choose(direction, DIRECTIONS, "patching direction")
     clean_tokens, corrupt_tokens = _pair(model, clean_tokens, corrupt_tokens, attention_mask)
     base, other = (clean_tokens, corrupt_tokens) if direction == "noise" else (corrupt_tokens, clean_tokens)
     receivers = [_receiver(model.cfg, r) for r in receivers]
     frozen_kinds = ["attn.z"] + (["mlp_out"] if freeze_mlps else [])
-    _, base_cache = run(model, base, capture=[f"blocks.*.{k}" for k in frozen_kinds], attention_mask=attention_mask)
+    base_logits, base_cache = run(model, base, capture=[f"blocks.*.{k}" for k in frozen_kinds + ["resid_pre"]],
+                                  attention_mask=attention_mask, logit_positions=metric_positions)
     _, other_cache = run(model, other, capture="blocks.*.attn.z", attention_mask=attention_mask)
     senders = np.stack(np.meshgrid(np.arange(model.cfg.n_layers), np.arange(model.cfg.n_heads), indexing="ij"), -1)
     senders = jnp.asarray(senders.reshape(-1, 2), jnp.int32)
-    results = []
-    chunks = np.array_split(np.arange(len(senders)), model.cfg.n_layers)
-    for chunk in tqdm(chunks, desc="Path patching", unit="layer", disable=not progress):
-        results.append(_path_chunk(model, tuple(receivers), tuple(frozen_kinds), metric, senders[chunk], base,
-                                   attention_mask, metric_positions, base_cache, other_cache))
-    return jnp.concatenate(results).reshape(model.cfg.n_layers, model.cfg.n_heads)
+    chunks = np.array_split(np.arange(len(senders)), model.cfg.n_layers)  # chunk c: the heads of layer c
+    # A head at layer l reaches q/k/v and resid_pre of later layers only, the other sites from its own layer on.
+    reach = max(layer + (kind not in ("attn.q", "attn.k", "attn.v", "resid_pre")) for kind, layer, _ in receivers)
+    first = min(layer for _, layer, _ in receivers)  # the second run recomputes from here on
+
+    def compute(c):
+        if c >= reach:
+            return jnp.full(len(chunks[c]), metric(base_logits))
+        return _path_chunk(model, tuple(receivers), tuple(frozen_kinds), metric, senders[chunks[c]], base,
+                           attention_mask, metric_positions, base_cache, other_cache, first)
+
+    return Chunks(len(chunks), compute,
+                  lambda results: jnp.concatenate(results).reshape(model.cfg.n_layers, model.cfg.n_heads),
+                  f"Path patching ({len(senders)} senders)")
 
 
 def _receiver(cfg, receiver) -> tuple[str, int, tuple[int, ...] | None]:
@@ -202,7 +280,7 @@ def _receiver(cfg, receiver) -> tuple[str, int, tuple[int, ...] | None]:
 
 @eqx.filter_jit
 def _path_chunk(model, receivers, frozen_kinds, metric, senders, tokens, attention_mask, metric_positions,
-                base_cache, other_cache):
+                base_cache, other_cache, first):
     freeze = tuple(Replace(f"blocks.*.{k}", base_cache.stack(k), per_layer=True) for k in frozen_kinds)
     layers_by_kind = {}
     for kind, layer, _ in receivers:
@@ -212,10 +290,12 @@ def _path_chunk(model, receivers, frozen_kinds, metric, senders, tokens, attenti
     def one(sender):
         sender_edit = Replace("attn.z", other_cache.stack("attn.z"), per_layer=True, layers=sender[0][None],
                               heads=sender[1][None])
-        _, cache = _run(model, tokens, freeze + (sender_edit,) + capture, attention_mask, None)
+        _, cache = _run(model, tokens, freeze + (sender_edit,) + capture, attention_mask, None,
+                        logit_positions=jnp.zeros(0, jnp.int32))
         patches = tuple(Replace(f"blocks.{layer}.{kind}", cache[f"blocks.{layer}.{kind}"], heads=heads)
                         for kind, layer, heads in receivers)
-        logits = model.forward(tokens, patches, attention_mask, logit_positions=metric_positions)[0]
+        start = (first, base_cache[f"blocks.{first}.resid_pre"])  # nothing before the receivers changes
+        logits = model.forward(tokens, patches, attention_mask, start=start, logit_positions=metric_positions)[0]
         return metric(logits)
 
     return jax.vmap(one)(senders)

@@ -73,6 +73,15 @@ def test_sanity_of_resid_patching(toy):
     np.testing.assert_allclose(float(swept[0, 2]), clean_score, atol=1e-5)  # the only differing token
 
 
+def test_patches_that_change_nothing_are_not_computed(toy):
+    """The residual streams differ only from the corrupted position 2 on, and at layer 0 (the
+    embeddings, before any attention) only there: 1 + 5 + 5 of 21 patches change anything."""
+    chunks = patching.sweep_chunks(toy, CLEAN, CORRUPT, metric, "resid_pre", chunk_size=1)
+    assert chunks.n == 11 and "10 change nothing" in chunks.description
+    assert patching.sweep_chunks(toy, CLEAN, CORRUPT, metric, "resid_pre", chunk_size=1, exact=True).n == 21
+    assert patching.sweep_chunks(toy, CLEAN, CORRUPT, metric, "z", chunk_size=1).n == 3 * 6  # z: all positions
+
+
 def test_metric_positions_limits_the_unembedding(toy):
     full = patching.sweep(toy, CLEAN, CORRUPT, metric, "z", progress=False)
     last = patching.sweep(toy, CLEAN, CORRUPT, metric, "z", metric_positions=[-1], progress=False)

@@ -98,7 +98,7 @@ class Transformer(eqx.Module):
         x = normalize(self.ln_final, x, cfg, top, "ln_final")
         if cfg.unembed:
             if logit_positions is not None:
-                chosen = jnp.broadcast_to(jnp.asarray(logit_positions) % seq, (batch, jnp.shape(logit_positions)[-1]))
+                chosen = jnp.broadcast_to(jnp.asarray(logit_positions) % seq, (batch, np.shape(logit_positions)[-1]))
                 x = jnp.take_along_axis(x, chosen[..., None], axis=1)
             x = x @ self.W_unembed.astype(x.dtype)
             if self.b_U is not None:
