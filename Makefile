@@ -1,10 +1,10 @@
-# `make test` builds .venv from nothing (idempotent) and runs the suite.
+# `make test` builds .venv from nothing (idempotent) and runs the suite; `make demo` runs the main job.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test clean
+.PHONY: setup test demo clean
 
 setup: $(STAMP)
 
@@ -21,8 +21,12 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/ruff check jinterp tests benchmarks
+	$(BIN)/ruff check jinterp experiments tests benchmarks
 	$(BIN)/python -m pytest -q
+
+# IOI on SmolLM2-135M: plots, metrics and an HTML report in runs/ioi (resumes if interrupted).
+demo: setup
+	$(BIN)/jinterp run ioi --out runs/ioi
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,116 @@
+"""The ``jinterp`` command: run experiments, list models and sites, rebuild reports."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+
+def _experiments() -> dict:
+    from experiments import registry
+
+    return registry()
+
+
+def _describe_experiments() -> str:
+    lines = ["experiments and their config keys (defaults):"]
+    for name, experiment in sorted(_experiments().items()):
+        lines.append(f"  {name}: {experiment.description}")
+        for field in dataclasses.fields(experiment.config):
+            lines.append(f"      {field.name}={field.default!r}")
+    return "\n".join(lines)
+
+
+def run(args) -> None:
+    from jinterp import runs
+
+    experiment = runs.by_name(_experiments(), args.experiment)
+    values = runs.read_config_file(args.config) if args.config else {}
+    overrides = list(args.overrides) + ([f"model={args.model}"] if args.model else [])
+    config = runs.make_config(experiment.config, values, overrides)
+    out = Path(args.out or Path("runs") / experiment.name)
+    runs.execute(experiment, config, out, fresh=args.fresh, quiet=args.quiet)
+    if not args.quiet:
+        print(f"Report: {out / 'report.html'}\nMetrics: {out / 'metrics.json'}")
+
+
+def models(args) -> None:
+    import jinterp
+
+    for m in jinterp.models():
+        state = "installed" if m["installed"] else "not installed"
+        default = " (default)" if m["default"] else ""
+        print(f"{m['name']}{default}: {m['description']} [{m['license']}; {m['package']}, {state}]")
+
+
+def sites(args) -> None:
+    import jinterp
+
+    model, _ = jinterp.load(args.model, progress=True)
+    for name, shape in jinterp.sites(model).items():
+        print(f"{name:<40} [{', '.join(map(str, shape))}]")
+
+
+def report(args) -> None:
+    from jinterp import runs
+
+    info = runs.read_info(args.directory)
+    runs.rebuild_report(runs.by_name(_experiments(), info.get("experiment")), args.directory)
+    print(f"Report: {Path(args.directory) / 'report.html'}")
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(prog="jinterp", description="JAX-native mechanistic interpretability.")
+    commands = main.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run_parser = commands.add_parser(
+        "run", help="run an experiment (resumes from its checkpoints)", epilog=_describe_experiments(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run EXPERIMENT in --out (default runs/EXPERIMENT). Completed steps are checkpointed: "
+                    "rerunning the same config resumes; a different config in the same directory is refused.")
+    run_parser.add_argument("experiment", metavar="EXPERIMENT")
+    run_parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (values read as YAML)")
+    run_parser.add_argument("--model", help="registered model name, .gguf file or HF-format directory")
+    run_parser.add_argument("--out", help="output directory (default runs/EXPERIMENT)")
+    run_parser.add_argument("--config", help="a JSON or YAML config file (overrides apply on top)")
+    run_parser.add_argument("--fresh", action="store_true", help="discard saved checkpoints and recompute")
+    run_parser.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    run_parser.set_defaults(handler=run)
+
+    models_parser = commands.add_parser("models", help="list registered models and whether they are installed")
+    models_parser.set_defaults(handler=models)
+
+    sites_parser = commands.add_parser("sites", help="list a model's sites and their shapes")
+    sites_parser.add_argument("model", metavar="MODEL", help="registered model name, .gguf file or HF directory")
+    sites_parser.set_defaults(handler=sites)
+
+    report_parser = commands.add_parser("report", help="rebuild a run's report from its saved results")
+    report_parser.add_argument("directory", metavar="DIR")
+    report_parser.set_defaults(handler=report)
+    return main
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jinterp.loading import LoadError
+    from jinterp.runs import ConfigMismatch
+
+    cli = parser()
+    # key=value overrides may come before or after options, which argparse's positionals cannot express.
+    args, extra = cli.parse_known_args(argv)
+    unknown = [a for a in extra if args.command != "run" or a.startswith("-") or "=" not in a]
+    if unknown:
+        cli.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "run":
+        args.overrides = list(args.overrides) + extra
+    try:
+        args.handler(args)
+    except (ValueError, LoadError, ConfigMismatch, FileNotFoundError) as error:
+        print(f"jinterp: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

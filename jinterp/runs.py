@@ -1,0 +1,337 @@
+"""Checkpointed experiment runs.
+
+An ``Experiment`` is a config dataclass plus a ``compute`` function that does its work in named
+steps through a ``Run``, and a ``report`` function that turns the results into plots, a metrics
+JSON and an HTML report. ``execute`` runs one in a directory:
+
+    DIR/
+      run.json              config, its hash, package versions, devices, step timings, status
+      checkpoints/
+        NAME/               one completed step, an orbax PyTree checkpoint ...
+        NAME.json           ... and its seal: a sha256 of the restored values and the compute time
+        NAME.chunks/00003/  one completed chunk of a chunked step (a sweep layer), sealed the same way
+        results/            everything ``compute`` returned
+      metrics.json, report.html, plots/*.png    written by the experiment's ``report``
+
+A step is complete only once its seal is written, after orbax has atomically renamed the
+checkpoint into place, so a run killed at any moment resumes from the last complete step or
+chunk. A checkpoint that is unsealed, unreadable or whose values no longer match its seal is
+reported, deleted and recomputed. Restored values are the saved bytes, and recomputed ones come
+from the same code on the same inputs, so a resumed run's results are bit-identical to an
+uninterrupted one (on CPU). A directory holding a run of a different config is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import yaml
+from tqdm.auto import tqdm
+
+from jinterp.models.config import choose
+
+RUN_FILE = "run.json"
+PACKAGES = ("jinterp", "jax", "jaxlib", "equinox", "numpy", "orbax-checkpoint", "tokenizers", "optax")
+
+
+class ConfigMismatch(RuntimeError):
+    """The output directory holds a run of a different experiment or config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """``config``: a dataclass type whose fields all have defaults; ``compute(run)`` returns the
+    results pytree; ``report(config, results, directory, info)`` writes the outputs."""
+
+    name: str
+    description: str
+    config: type
+    compute: Callable[[Run], Any]
+    report: Callable[[Any, Any, Path, dict], None]
+
+
+# Config: a dataclass <-> a JSON-able dict, overridable with key=value strings.
+
+def config_dict(config) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))  # tuples become lists, as in the file
+
+
+def config_hash(experiment: str, config) -> str:
+    text = json.dumps({"experiment": experiment, "config": config_dict(config)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def make_config(config_type: type, values: dict | None = None, overrides: list[str] = ()):
+    """The config from its defaults, then ``values`` (from a file), then ``key=value`` strings
+    (values read as YAML: ``n=8``, ``layers=[0, 3]``, ``name=Mary``)."""
+    values = dict(values or {})
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"Override {item!r} is not of the form key=value")
+        values[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+    hints = typing.get_type_hints(config_type)
+    fields = {f.name for f in dataclasses.fields(config_type)}
+    for key in values:
+        choose(key, sorted(fields), f"{config_type.__name__} key")
+    return config_type(**{key: _coerce(key, value, hints[key]) for key, value in values.items()})
+
+
+def _coerce(key: str, value, hint):
+    """``value`` as type ``hint`` (bool, int, float, str, tuples and lists of them, optional)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        item = args[0] if args else Any
+        return origin(_coerce(key, v, item) for v in value)
+    if hint is Any or isinstance(value, hint) and not (hint in (int, float) and isinstance(value, bool)):
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)):
+        return str(value)
+    raise ValueError(f"Config key {key!r} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def read_config_file(path: Path) -> dict:
+    """A config as JSON or YAML (by suffix)."""
+    text = Path(path).read_text()
+    values = json.loads(text) if Path(path).suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a config file holds a mapping of keys to values")
+    return values.get("config", values)  # a run.json works too
+
+
+# Checkpoints.
+
+def _digest(tree) -> str:
+    """A sha256 over every leaf's path, type, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        h.update(jax.tree_util.keystr(path).encode())
+        if isinstance(leaf, np.ndarray):
+            h.update(f"{leaf.dtype}{leaf.shape}".encode())
+            h.update(np.ascontiguousarray(leaf).tobytes())
+        else:
+            h.update(f"{type(leaf).__name__}:{leaf!r}".encode())
+    return h.hexdigest()
+
+
+def _to_numpy(tree):
+    return jax.tree.map(lambda x: np.asarray(x) if isinstance(x, (jax.Array, np.generic)) else x, tree)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    staging = path.with_name(path.name + ".tmp")
+    with open(staging, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(staging, path)
+
+
+class Store:
+    """Sealed orbax checkpoints in one directory, by name."""
+
+    def __init__(self, directory: Path, log: Callable[[str], None]):
+        import orbax.checkpoint as ocp  # a slow import, needed only by runs
+
+        self.directory = directory
+        self.log = log
+        self._checkpointer = ocp.PyTreeCheckpointer()
+        directory.mkdir(parents=True, exist_ok=True)
+        for leftover in directory.rglob("*.orbax-checkpoint-tmp*"):
+            self.log(f"Removing a half-written checkpoint {leftover.relative_to(directory)}")
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def _paths(self, name: str) -> tuple[Path, Path]:
+        return self.directory / name, self.directory / f"{name}.json"
+
+    def load(self, name: str):
+        """(values, seal) of a complete checkpoint, or None if there is none or it is broken."""
+        path, seal_path = self._paths(name)
+        if not path.exists() and not seal_path.exists():
+            return None
+        try:
+            if not seal_path.exists():
+                raise ValueError("it was never sealed (the run stopped while writing it)")
+            seal = json.loads(seal_path.read_text())
+            values = self._checkpointer.restore(path.resolve())
+            if _digest(values) != seal["sha256"]:
+                raise ValueError("its values do not match the sha256 it was sealed with")
+            return values, seal
+        except Exception as error:  # whatever makes a checkpoint unreadable, it is recomputed
+            self.log(f"Checkpoint {path.relative_to(self.directory.parent)} is corrupt or incomplete "
+                     f"({str(error).splitlines()[0][:200]}); recomputing it")
+            self.delete(name)
+            return None
+
+    def save(self, name: str, values, seconds: float):
+        """Writes and seals ``values``; returns them as they read back (numpy arrays)."""
+        path, seal_path = self._paths(name)
+        self.delete(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._checkpointer.save(path.resolve(), _to_numpy(values))
+        restored = self._checkpointer.restore(path.resolve())
+        _write_atomically(seal_path, json.dumps({"sha256": _digest(restored), "seconds": seconds}))
+        return restored
+
+    def delete(self, name: str) -> None:
+        path, seal_path = self._paths(name)
+        seal_path.unlink(missing_ok=True)  # unseal first: a half-deleted checkpoint is then incomplete
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class Run:
+    """What ``compute`` works through: ``step`` and ``chunked`` save each result once computed
+    and return the saved result when it exists."""
+
+    def __init__(self, directory: Path, config, *, quiet: bool = False):
+        self.directory = Path(directory)
+        self.config = config
+        self.quiet = quiet
+        self.store = Store(self.directory / "checkpoints", self.log)
+        self.timings: dict[str, dict] = {}
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            tqdm.write(message, file=sys.stderr)
+
+    def progress(self, iterable, **kwargs):
+        return tqdm(iterable, disable=self.quiet, **kwargs)
+
+    def step(self, name: str, compute: Callable[[], Any]):
+        """``compute()``'s result, saved under ``name``; restored instead of recomputed when saved."""
+        found = self.store.load(name)
+        if found is not None:
+            self.timings[name] = {"seconds": found[1]["seconds"], "restored": True}
+            return found[0]
+        start = time.perf_counter()
+        values = jax.block_until_ready(compute())
+        seconds = time.perf_counter() - start
+        self.timings[name] = {"seconds": seconds, "restored": False}
+        return self.store.save(name, values, seconds)
+
+    def chunked(self, name: str, chunks):
+        """A ``Chunks`` (e.g. ``patching.sweep_chunks``) computed chunk by chunk, each saved as it
+        completes, then assembled."""
+        results, seconds, restored = [], 0.0, 0
+        for i in self.progress(range(chunks.n), desc=chunks.description, unit="chunk"):
+            part = f"{name}.chunks/{i:05d}"
+            found = self.store.load(part)
+            if found is not None:
+                value, seal = found
+                restored += 1
+            else:
+                start = time.perf_counter()
+                value = jax.block_until_ready(chunks.compute(i))
+                seal = {"seconds": time.perf_counter() - start}
+                value = self.store.save(part, value, seal["seconds"])
+            results.append(value)
+            seconds += seal["seconds"]
+        if 0 < restored < chunks.n:
+            self.log(f"{name}: resumed after {restored} of {chunks.n} saved chunks")
+        self.timings[name] = {"seconds": seconds, "restored": restored == chunks.n, "chunks": chunks.n}
+        return np.asarray(chunks.assemble([np.asarray(r) for r in results]))
+
+
+def environment() -> dict:
+    """Package versions and devices, recorded with every run."""
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
+            "devices": [str(d) for d in jax.devices()]}
+
+
+def read_info(directory: Path) -> dict:
+    path = Path(directory) / RUN_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} holds no run ({RUN_FILE} is missing)")
+    return json.loads(path.read_text())
+
+
+def execute(experiment: Experiment, config, directory, *, fresh: bool = False, quiet: bool = False):
+    """Runs ``experiment`` with ``config`` in ``directory``, resuming whatever a previous run of the
+    same config completed (``fresh=True`` discards it); writes the report; returns the results."""
+    directory = Path(directory)
+    digest = config_hash(experiment.name, config)
+    previous = directory / RUN_FILE
+    if previous.exists() and not fresh:
+        info = json.loads(previous.read_text())
+        if info.get("config_hash") != digest:
+            raise ConfigMismatch(_mismatch(directory, info, experiment.name, config))
+    if fresh and directory.exists():
+        for owned in (RUN_FILE, "checkpoints"):
+            path = directory / owned
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    info = {"experiment": experiment.name, "config": config_dict(config), "config_hash": digest,
+            "command": sys.argv, "environment": environment(), "status": "running",
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    _write_atomically(previous, json.dumps(info, indent=2))
+
+    start = time.perf_counter()
+    run = Run(directory, config, quiet=quiet)
+    results = run.step("results", lambda: experiment.compute(run))
+    info.update(status="complete", seconds=time.perf_counter() - start, steps=run.timings)
+    _write_atomically(previous, json.dumps(info, indent=2))
+    report_start = time.perf_counter()
+    experiment.report(config, results, directory, info)
+    info["report_seconds"] = time.perf_counter() - report_start
+    _write_atomically(previous, json.dumps(info, indent=2))
+    return results
+
+
+def _mismatch(directory: Path, info: dict, name: str, config) -> str:
+    if info.get("experiment") != name:
+        what = f"a run of experiment {info.get('experiment')!r}, not {name!r}"
+    else:
+        old, new = info.get("config", {}), config_dict(config)
+        changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                   if old.get(k) != new.get(k)]
+        what = "a run of a different config (" + "; ".join(changed or ["same keys, other version"]) + ")"
+    return (f"{directory} holds {what}. Results are never mixed: pass --fresh to discard it, or --out to "
+            "write this run to another directory")
+
+
+def rebuild_report(experiment: Experiment, directory) -> None:
+    """Writes the report again from a complete run's saved results (no model needed)."""
+    directory = Path(directory)
+    info = read_info(directory)
+    if info.get("experiment") != experiment.name:
+        raise ConfigMismatch(f"{directory} holds a run of {info.get('experiment')!r}, not {experiment.name!r}")
+    config = make_config(experiment.config, info["config"])
+    found = Store(directory / "checkpoints", print).load("results")
+    if found is None:
+        raise FileNotFoundError(f"{directory}: the run has not completed (no saved results); "
+                                f"finish it with `jinterp run {experiment.name} --out {directory}`")
+    experiment.report(config, found[0], directory, info)
+
+
+def by_name(experiments: dict[str, Experiment], name: str) -> Experiment:
+    return experiments[choose(name, sorted(experiments), "experiment")]

