@@ -329,7 +329,7 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
     page.heading("Run")
     page.table(["step", "seconds", "restored from checkpoint"],
                [[name, t["seconds"], t["restored"]] for name, t in info.get("steps", {}).items()],
-               f"Total {info.get('seconds', float('nan')):.1f} s")
+               f"Computed in {info['steps']['results']['seconds']:.0f} s; this run took {info['seconds']:.1f} s")
     page.code({"config": config_dict(cfg), "config_hash": info.get("config_hash"),
                "environment": info.get("environment")})
     page.write(directory / "report.html")

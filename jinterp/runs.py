@@ -281,10 +281,13 @@ def execute(experiment: Experiment, config, directory, *, fresh: bool = False, q
     directory = Path(directory)
     digest = config_hash(experiment.name, config)
     previous = directory / RUN_FILE
+    earlier_steps = {}
     if previous.exists() and not fresh:
         info = json.loads(previous.read_text())
         if info.get("config_hash") != digest:
             raise ConfigMismatch(_mismatch(directory, info, experiment.name, config))
+        # Steps inside restored results are not visited again; keep their original timings.
+        earlier_steps = {name: {**t, "restored": True} for name, t in info.get("steps", {}).items()}
     if fresh and directory.exists():
         for owned in (RUN_FILE, "checkpoints"):
             path = directory / owned
@@ -298,7 +301,7 @@ def execute(experiment: Experiment, config, directory, *, fresh: bool = False, q
     start = time.perf_counter()
     run = Run(directory, config, quiet=quiet)
     results = run.step("results", lambda: experiment.compute(run))
-    info.update(status="complete", seconds=time.perf_counter() - start, steps=run.timings)
+    info.update(status="complete", seconds=time.perf_counter() - start, steps=earlier_steps | run.timings)
     _write_atomically(previous, json.dumps(info, indent=2))
     report_start = time.perf_counter()
     experiment.report(config, results, directory, info)

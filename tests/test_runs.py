@@ -93,6 +93,9 @@ def test_rerun_restores_everything_and_changed_configs_are_refused(toy, tmp_path
     again = runs.execute(experiment, Settings(), tmp_path, quiet=True)
     assert calls == []  # the saved results are restored; nothing runs
     assert_identical(first, again)
+    steps = json.loads((tmp_path / "run.json").read_text())["steps"]
+    assert steps.keys() == info["steps"].keys() and all(t["restored"] for t in steps.values())
+    assert steps["noise"]["seconds"] == info["steps"]["noise"]["seconds"]
 
     with pytest.raises(runs.ConfigMismatch, match=r"seed: 0 -> 1.*--fresh.*--out"):
         runs.execute(experiment, Settings(seed=1), tmp_path, quiet=True)
