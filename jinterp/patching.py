@@ -11,8 +11,11 @@ one layer's worth, smaller if a memory budget asks (one compilation, a progress 
 chunks): a chunk starts from the cached residual stream at its first patch's layer instead of
 recomputing the prefix (about half the work of full forwards). A patch whose source value
 equals the base value (every position before the first token where the prompts differ) changes
-nothing: it scores as the unpatched base run without being computed. ``metric_positions``
-limits the unembedding to the positions the metric reads.
+nothing: it scores as the unpatched base run without being computed. In a causal model every
+position before that first differing token is the same in every patched run, so patched runs
+compute only the positions from there on, attending to the base run's cached keys and values
+for the earlier ones. ``metric_positions`` limits the unembedding to the positions the metric
+reads.
 
 Chunks. ``sweep_chunks`` and ``path_patch_chunks`` return the same computation as a ``Chunks``:
 each chunk can be computed on its own (and checkpointed: ``jinterp.runs.Run.chunked`` does),
@@ -127,11 +130,11 @@ def sweep(model: Transformer, clean_tokens, corrupt_tokens, metric: Callable, si
         layers: restrict to these layers (the result keeps one row per given layer).
         memory_budget: bytes of activations a chunk may use; ``chunk_size`` overrides it.
         exact: False (default) ``vmap``s a chunk's patches into one wide batch (about 3x faster on
-            CPU) and skips patches that change nothing; XLA's matrix products then round
-            differently in the last bits (about 1e-6 relative) from a single patched forward, and
-            depend on the chunking. True runs every patch, one after another inside the compiled
-            program: every result is bit for bit what a single patched forward (``jinterp.run``
-            with that one edit) gives.
+            CPU) and skips patches that change nothing and the shared leading positions; XLA's
+            matrix products then round differently in the last bits (about 1e-6 relative) from a
+            single patched forward, and depend on the chunking. True runs every patch, one after
+            another inside the compiled program: every result is bit for bit what a single
+            patched forward (``jinterp.run`` with that one edit) gives.
 
     Returns the metric for every patch, shaped as described for ``per``.
     """
@@ -150,7 +153,10 @@ def sweep_chunks(model: Transformer, clean_tokens, corrupt_tokens, metric: Calla
     choose(direction, DIRECTIONS, "patching direction")
     clean_tokens, corrupt_tokens = _pair(model, clean_tokens, corrupt_tokens, attention_mask)
     base, source = (corrupt_tokens, clean_tokens) if direction == "denoise" else (clean_tokens, corrupt_tokens)
-    base_logits, base_cache = run(model, base, capture=["blocks.*.resid_pre", f"blocks.*.{kind}"],
+    first = 0 if exact else _shared_prefix(model.cfg, clean_tokens, corrupt_tokens, metric_positions)
+    key_site = "attn.rot_k" if model.cfg.positional == "rotary" else "attn.k"
+    cached = [f"blocks.*.{key_site}", "blocks.*.attn.v"] if first else []
+    base_logits, base_cache = run(model, base, capture=["blocks.*.resid_pre", f"blocks.*.{kind}"] + cached,
                                   attention_mask=attention_mask, logit_positions=metric_positions)
     _, source_cache = run(model, source, capture=f"blocks.*.{kind}", attention_mask=attention_mask)
 
@@ -162,6 +168,8 @@ def sweep_chunks(model: Transformer, clean_tokens, corrupt_tokens, metric: Calla
         changed = source_cache.stack(kind) != base_cache.stack(kind)
         changes = np.asarray(reduce_site(changed, kind, per, jnp.any))
         todo = np.flatnonzero(changes[tuple(columns[axis] for axis in columns)])
+    if "position" in columns and (columns["position"][todo] < first).any():
+        first = 0  # a patch before the first differing token changes something: run every position
     per_layer = n // len(np.unique(columns["layer"]))
     n_logits = base.shape[1] if metric_positions is None else np.shape(metric_positions)[-1]
     size = chunk_size or _chunk_size(model, base.shape, n_logits, memory_budget, per_layer)
@@ -169,11 +177,23 @@ def sweep_chunks(model: Transformer, clean_tokens, corrupt_tokens, metric: Calla
     padded = math.ceil(len(todo) / size) * size
     index = todo[np.minimum(np.arange(padded), len(todo) - 1)]  # the last chunk repeats its final patch
     chunked = {name: column[index].reshape(-1, size) for name, column in columns.items()}
+    if "position" in chunked:
+        chunked["position"] = chunked["position"] - first
+
+    # Patched runs compute positions first.. only, attending to the base run's keys and values before.
+    prefix = (base_cache.stack(key_site)[:, :, :first], base_cache.stack("attn.v")[:, :, :first]) if first else None
+    suffix = lambda values: values[:, :, first:]  # [layer, batch, pos, ...]
+    if kind == "attn.pattern":  # [layer, batch, head, query, key]: queries from first on, every key
+        source_values = source_cache.stack(kind)[:, :, :, first:]
+    else:
+        source_values = suffix(source_cache.stack(kind))
+    positions = None if metric_positions is None else _shift(np.asarray(metric_positions), first)
+    logits_before = base_logits[:, :first] if first and metric_positions is None else None
 
     def compute(c):
         patches = {name: jnp.asarray(column[c]) for name, column in chunked.items()}
-        return _run_chunk(model, kind, metric, patches, base, attention_mask, metric_positions,
-                          base_cache.stack("resid_pre"), source_cache.stack(kind), exact)
+        return _run_chunk(model, kind, metric, patches, base, attention_mask, positions,
+                          suffix(base_cache.stack("resid_pre")), source_values, exact, prefix, logits_before)
 
     def assemble(results):
         scores = jnp.full(n, metric(base_logits))
@@ -185,8 +205,26 @@ def sweep_chunks(model: Transformer, clean_tokens, corrupt_tokens, metric: Calla
     return Chunks(padded // size, compute, assemble, f"Patching {kind} ({n} patches{skipped})")
 
 
+def _shared_prefix(cfg, clean_tokens, corrupt_tokens, metric_positions) -> int:
+    """How many leading positions every patched run shares with the base run: up to the first token
+    where the inputs differ (causal models; 0 if the metric reads logits before it)."""
+    differs = np.asarray((clean_tokens != corrupt_tokens).any(0))
+    if not cfg.causal or not differs.any() or (cfg.qk_norm and cfg.positional != "rotary"):
+        return 0  # (cached keys are taken after q/k norm from attn.rot_k)
+    first = int(np.argmax(differs))
+    read = None if metric_positions is None else np.asarray(metric_positions)
+    if read is not None and ((read >= 0) & (read < first)).any():
+        return 0
+    return first
+
+
+def _shift(positions, first: int):
+    return np.where(positions < 0, positions, positions - first)
+
+
 @eqx.filter_jit
-def _run_chunk(model, kind, metric, patches, tokens, attention_mask, metric_positions, base_resid, source, exact):
+def _run_chunk(model, kind, metric, patches, tokens, attention_mask, metric_positions, base_resid, source, exact,
+               prefix, logits_before):
     start_layer = patches["layer"][0]  # patches are sorted by layer
     start = (start_layer, base_resid[start_layer])
 
@@ -194,7 +232,10 @@ def _run_chunk(model, kind, metric, patches, tokens, attention_mask, metric_posi
         edit = Replace(kind, source, per_layer=True, layers=patch["layer"][None],
                        positions=patch["position"][None] if "position" in patch else None,
                        heads=patch["head"][None] if "head" in patch else None)
-        logits = model.forward(tokens, (edit,), attention_mask, start=start, logit_positions=metric_positions)[0]
+        logits = model.forward(tokens, (edit,), attention_mask, start=start, logit_positions=metric_positions,
+                               prefix=prefix)[0]
+        if logits_before is not None:
+            logits = jnp.concatenate([logits_before, logits], 1)
         return metric(logits)
 
     return jax.lax.map(one, patches) if exact else jax.vmap(one)(patches)

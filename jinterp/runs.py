@@ -251,7 +251,7 @@ class Run:
             results.append(value)
             seconds += seal["seconds"]
         if 0 < restored < chunks.n:
-            self.log(f"{name}: resumed after {restored} of {chunks.n} saved chunks")
+            self.log(f"{name}: {restored} of {chunks.n} chunks restored from checkpoints, the rest computed")
         self.timings[name] = {"seconds": seconds, "restored": restored == chunks.n, "chunks": chunks.n}
         return np.asarray(chunks.assemble([np.asarray(r) for r in results]))
 
@@ -286,6 +286,11 @@ def execute(experiment: Experiment, config, directory, *, fresh: bool = False, q
         info = json.loads(previous.read_text())
         if info.get("config_hash") != digest:
             raise ConfigMismatch(_mismatch(directory, info, experiment.name, config))
+        then, now = info.get("environment", {}).get("packages", {}), environment()["packages"]
+        if info.get("status") != "complete" and then != now:  # finishing it would mix results of two versions
+            changed = "; ".join(f"{k}: {then.get(k)} -> {now.get(k)}" for k in now if then.get(k) != now.get(k))
+            raise ConfigMismatch(f"{directory} holds an unfinished run started with other package versions "
+                                 f"({changed}). Pass --fresh to discard it, or --out for another directory")
         # Steps inside restored results are not visited again; keep their original timings.
         earlier_steps = {name: {**t, "restored": True} for name, t in info.get("steps", {}).items()}
     if fresh and directory.exists():

@@ -158,7 +158,7 @@ def test_kill_9_mid_sweep_then_rerun_is_bit_identical(tiny_model, tmp_path):
 
     rerun = subprocess.run(jinterp_run(killed, tiny_model), env=env, cwd=root, check=True, capture_output=True,
                            text=True)
-    assert f"z: resumed after {sealed} of 6 saved chunks" in rerun.stderr
+    assert f"z: {sealed} of 6 chunks restored from checkpoints, the rest computed" in rerun.stderr
     store = lambda d: runs.Store(d / "checkpoints", print).load("results")[0]
     assert_identical(store(tmp_path / "whole"), store(killed))
     assert json.loads((killed / "metrics.json").read_text()) | {"seconds": 0} == json.loads(

@@ -1,6 +1,7 @@
 """Patching sweeps and path patching: equal to single patched runs, to TransformerLens, and to
 hand-written references."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -45,14 +46,54 @@ def test_exact_sweep_equals_a_loop_of_single_patches_bit_for_bit(toy, site, per,
     assert np.array_equal(np.asarray(swept), single_patches(toy, kind, per))
 
 
-@pytest.mark.parametrize("site", ["resid_pre", "z"])
-def test_vmapped_sweep_matches_to_float32_rounding_whatever_the_chunking(toy, site):
+@pytest.mark.parametrize("site, per", [("resid_pre", "position"), ("resid_post", "layer"), ("z", "head"),
+                                       ("q", "head_position"), ("k", "head_position"), ("v", "head"),
+                                       ("pattern", "head_position")])
+def test_vmapped_sweep_matches_to_float32_rounding_whatever_the_chunking(toy, site, per):
+    """The default sweep skips patches that change nothing and runs only the positions from the
+    first differing token on (2 here), attending to cached keys and values before it."""
     kind = patching.sweep_kind(toy, site)
-    per = "position" if site == "resid_pre" else "head"
     reference = single_patches(toy, kind, per)
     for chunk in (None, 5, 1000):
-        swept = patching.sweep(toy, CLEAN, CORRUPT, metric, site, chunk_size=chunk, progress=False)
+        swept = patching.sweep(toy, CLEAN, CORRUPT, metric, site, per=per, chunk_size=chunk, progress=False)
         np.testing.assert_allclose(np.asarray(swept), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_from_cached_keys_and_values_equals_the_full_forward(toy):
+    mask = np.ones_like(CLEAN)
+    mask[1, :3] = 0
+    logits, cache = jinterp.run(toy, CLEAN, capture=["blocks.*.attn.rot_k", "blocks.*.attn.v"], attention_mask=mask)
+    for first in (1, 4):
+        prefix = (cache.stack("attn.rot_k")[:, :, :first], cache.stack("attn.v")[:, :, :first])
+        suffix = toy.forward(jnp.asarray(CLEAN), (), jnp.asarray(mask), prefix=prefix)[0]
+        np.testing.assert_allclose(np.asarray(suffix), np.asarray(logits[:, first:]), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gemma", "gpt2", "neox"])
+def test_vmapped_sweep_on_other_families_with_left_padding(family):
+    """Sliding-window layers with q/k norm (Gemma 3), learned positions (GPT-2), parallel blocks and
+    partial rotary (NeoX); rows of different lengths, left-padded, with a metric over every position."""
+    cfg = {"gemma": TOY.replace(layer_types=("local", "global", "local"), sliding_window=3, qk_norm=True,
+                                norm_placement="sandwich", act="gelu_tanh"),
+           "gpt2": jinterp.Config(d_model=24, n_layers=3, n_heads=4, d_head=6, d_mlp=40, d_vocab=53, n_ctx=16,
+                                  norm="layer", positional="learned", act="gelu"),
+           "neox": TOY.replace(parallel=True, n_kv_heads=6, rotary_dim=4, norm="layer")}[family]
+    model = jinterp.Transformer.init(cfg, jax.random.key(1), std=0.3)
+    mask = np.ones_like(CLEAN)
+    mask[0, :2] = 0  # row 0 is left-padded by two tokens
+
+    def every_position(logits):
+        return (logits[..., 3] * np.arange(1, 8)).mean()
+
+    base, source = CORRUPT, CLEAN
+    _, cache = jinterp.run(model, source, capture="blocks.*.attn.z", attention_mask=mask)
+    expected = np.zeros((cfg.n_layers, cfg.n_heads))
+    for layer in range(cfg.n_layers):
+        for head in range(cfg.n_heads):
+            edit = jinterp.Replace(f"blocks.{layer}.attn.z", cache[f"blocks.{layer}.attn.z"], heads=[head])
+            expected[layer, head] = every_position(jinterp.run(model, base, edits=edit, attention_mask=mask)[0])
+    swept = patching.sweep(model, CLEAN, CORRUPT, every_position, "z", attention_mask=mask, progress=False)
+    np.testing.assert_allclose(np.asarray(swept), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_noising_direction_and_layer_subsets(toy):

@@ -116,7 +116,9 @@ def test_resume_after_losing_chunks_is_bit_identical(toy, tmp_path, capsys):
     calls.clear()
     resumed = runs.execute(experiment, Settings(), tmp_path / "b")
     assert calls == ["chunk1", "chunk2"]
-    assert "sweep.chunks/00002 is corrupt or incomplete (it was never sealed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "sweep.chunks/00002 is corrupt or incomplete (it was never sealed" in err
+    assert "sweep: 1 of 3 chunks restored from checkpoints, the rest computed" in err
     assert_identical(first, resumed)
 
 
@@ -141,6 +143,19 @@ def test_corrupt_checkpoints_are_detected_and_recomputed(toy, tmp_path, capsys, 
     assert calls == ["noise"]
     assert "checkpoints/noise is corrupt or incomplete" in capsys.readouterr().err
     assert_identical(first, again)
+
+
+def test_unfinished_runs_of_other_package_versions_are_refused(toy, tmp_path):
+    experiment = make_experiment(toy, [])
+    runs.execute(experiment, Settings(), tmp_path, quiet=True)
+    info = json.loads((tmp_path / "run.json").read_text())
+    info["environment"]["packages"]["jax"] = "0.0.1"
+    (tmp_path / "run.json").write_text(json.dumps(info))
+    runs.execute(experiment, Settings(), tmp_path, quiet=True)  # complete: its results are restored as they are
+    info["status"] = "running"
+    (tmp_path / "run.json").write_text(json.dumps(info))
+    with pytest.raises(runs.ConfigMismatch, match=rf"other package versions \(jax: 0.0.1 -> {jax.__version__}\)"):
+        runs.execute(experiment, Settings(), tmp_path, quiet=True)
 
 
 def test_half_written_orbax_directories_are_removed(toy, tmp_path, capsys):

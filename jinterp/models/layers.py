@@ -166,10 +166,12 @@ def attention(
     rope: tuple[Array, Array] | None,
     cfg: Config,
     hook: Hook,
+    prefix: tuple[Array, Array] | None = None,
 ) -> Float[Array, "batch pos d_model"]:
     """softmax(q k^T * scale + mask) v W_O, grouped-query: query head h reads kv head h // group.
 
     ``inputs``: what q, k, v read, each ``[batch, pos, d_model]`` or per head ``[batch, pos, heads, d_model]``.
+    ``prefix``: cached (keys, values) of earlier positions, ``[batch, p, kv_heads, d_head]``, attended to first.
     """
     def project(x, W, b):
         y = jnp.einsum("bsd,hde->bshe" if x.ndim == 3 else "bshd,hde->bshe", x, W)
@@ -183,6 +185,8 @@ def attention(
     if rope is not None:
         q = hook("attn.rot_q", rotate(q, *rope))
         k = hook("attn.rot_k", rotate(k, *rope))
+    if prefix is not None:
+        k, v = jnp.concatenate([prefix[0], k], 1), jnp.concatenate([prefix[1], v], 1)
 
     batch, seq, _, d_head = q.shape
     q_grouped = q.reshape(batch, seq, cfg.n_kv_heads, cfg.group_size, d_head)
@@ -229,19 +233,21 @@ def block(
     rope: tuple[Array, Array] | None,
     cfg: Config,
     hook: Hook,
+    prefix: tuple[Array, Array] | None = None,
 ) -> Float[Array, "batch pos d_model"]:
-    """One block: pre-norm (Llama, GPT-2), parallel (GPT-NeoX), sandwich (Gemma) or post-norm (BERT)."""
+    """One block: pre-norm (Llama, GPT-2), parallel (GPT-NeoX), sandwich (Gemma) or post-norm (BERT).
+    ``prefix``: cached keys and values of earlier positions (see ``attention``)."""
     resid_pre = hook("resid_pre", resid_pre)
 
     if cfg.norm_placement == "post":
-        attn_out = hook("attn_out", attention(p.attn, (resid_pre,) * 3, mask, rope, cfg, hook))
+        attn_out = hook("attn_out", attention(p.attn, (resid_pre,) * 3, mask, rope, cfg, hook, prefix))
         resid_mid = hook("resid_mid", resid_pre + attn_out)
         h = normalize(p.ln1, resid_mid, cfg, hook, "ln1")
         mlp_out = hook("mlp_out", mlp(p.mlp, h, cfg, hook))
         resid_post = hook("resid_post", h + mlp_out)
         return hook("normalized_resid_post", normalize(p.ln2, resid_post, cfg, hook, "ln2"))
 
-    attn_out = attention(p.attn, attention_inputs(p, resid_pre, cfg, hook), mask, rope, cfg, hook)
+    attn_out = attention(p.attn, attention_inputs(p, resid_pre, cfg, hook), mask, rope, cfg, hook, prefix)
     attn_out = hook("attn_out", normalize(p.ln1_post, attn_out, cfg, hook, "ln1_post"))
     if cfg.attn_only:
         return hook("resid_post", resid_pre + attn_out)

@@ -49,43 +49,52 @@ class Transformer(eqx.Module):
         return self.W_E.T if self.W_U is None else self.W_U
 
     def forward(self, tokens, interventions=(), attention_mask=None, token_type_ids=None, start=None,
-                logit_positions=None):
+                logit_positions=None, prefix=None):
         """The forward pass with interventions at its sites.
 
         ``start=(layer, resid_pre)`` resumes from a cached residual stream: blocks before
         ``layer`` are skipped (their sites are not recorded) and the embeddings are not
-        recomputed. ``logit_positions`` (int ``[n]`` or ``[batch, n]``) unembeds only those
-        positions: logits ``[batch, n, d_vocab]``. Returns (output, records outside the blocks,
-        records inside the blocks stacked over layers). Inputs are not validated here;
-        ``jinterp.run`` and ``__call__`` do.
+        recomputed. ``prefix=(keys, values)`` (causal models; each ``[n_layers, batch, p,
+        n_kv_heads, d_head]``, keys as attention uses them: normed and rotated) takes the first
+        p positions as already computed: only positions p.. run, attending to the cached keys
+        and values too; every site, edit position, ``resid_pre`` of ``start`` and the output then
+        covers positions p.. only. ``logit_positions`` (int ``[n]`` or ``[batch, n]``) unembeds
+        only those positions: logits ``[batch, n, d_vocab]``. Returns (output, records outside
+        the blocks, records inside the blocks stacked over layers). Inputs are not validated
+        here; ``jinterp.run`` and ``__call__`` do.
         """
         cfg = self.cfg
         interventions = iv.flatten(interventions)
         grouped = iv.by_kind(interventions)
         batch, seq = tokens.shape
-        states = iv.initial_states(interventions, cfg, batch, seq)
-        top = iv.SiteHook(grouped, None, states)
         valid = jnp.ones((batch, seq), bool) if attention_mask is None else attention_mask.astype(bool)
         # Positions count real tokens only, so a padded row equals the unpadded run.
         positions = jnp.maximum(jnp.cumsum(valid, -1) - 1, 0)
+        # Global and local (sliding-window) layers differ only in mask and rotary base.
+        masks, ropes = attention_masks(cfg, valid, positions), rope_pair(cfg, positions)
+        first = 0 if prefix is None else prefix[0].shape[2]  # queries (and sites) from here on
+        if first:
+            masks = jax.tree.map(lambda m: m[:, first:], masks)
+            ropes = ropes and jax.tree.map(lambda r: r[:, first:], ropes)
+            tokens, positions = tokens[:, first:], positions[:, first:]
+            token_type_ids = None if token_type_ids is None else token_type_ids[:, first:]
+        states = iv.initial_states(interventions, cfg, batch, seq - first)
+        top = iv.SiteHook(grouped, None, states)
         if start is None:
             x, start_layer = self.embed(tokens, positions, token_type_ids, top), None
         else:
             start_layer, x = start
-
-        # Global and local (sliding-window) layers differ only in mask and rotary base.
-        masks, ropes = attention_masks(cfg, valid, positions), rope_pair(cfg, positions)
         is_local = jnp.asarray([t == "local" for t in cfg.layer_types])
         pick = lambda local, pair: jax.tree.map(lambda g, lo: jnp.where(local, lo, g), *pair)
 
         def layer(carry, inputs):
-            params, index, local = inputs
+            params, index, local, cached = inputs
 
             def run(carry):
                 x, states = carry
                 hook = iv.SiteHook(grouped, index, dict(states))
                 mask, rope = pick(local, masks), ropes and pick(local, ropes)
-                return (block(params, x, mask, rope, cfg, hook), hook.states), hook.records
+                return (block(params, x, mask, rope, cfg, hook, cached), hook.states), hook.records
 
             if start_layer is None:
                 return run(carry)
@@ -93,12 +102,13 @@ class Transformer(eqx.Module):
             return jax.lax.cond(index >= start_layer, run, skipped, carry)
 
         (x, top.states), block_records = jax.lax.scan(
-            layer, (x, top.states), (self.blocks, jnp.arange(cfg.n_layers), is_local))
+            layer, (x, top.states), (self.blocks, jnp.arange(cfg.n_layers), is_local, prefix))
 
         x = normalize(self.ln_final, x, cfg, top, "ln_final")
         if cfg.unembed:
             if logit_positions is not None:
-                chosen = jnp.broadcast_to(jnp.asarray(logit_positions) % seq, (batch, np.shape(logit_positions)[-1]))
+                chosen = jnp.asarray(logit_positions) % (seq - first)
+                chosen = jnp.broadcast_to(chosen, (batch, np.shape(logit_positions)[-1]))
                 x = jnp.take_along_axis(x, chosen[..., None], axis=1)
             x = x @ self.W_unembed.astype(x.dtype)
             if self.b_U is not None:
@@ -201,6 +211,9 @@ def attention_masks(cfg: Config, valid: Bool[Array, "batch pos"], positions: Int
     allowed = jnp.broadcast_to(valid[:, None, :], (valid.shape[0], seq, seq))
     if cfg.causal:
         allowed = allowed & jnp.tril(jnp.ones((seq, seq), bool))
+    # A padding query attends to itself alone (no real query reads a padding key): its values stay
+    # finite and causal instead of a uniform average over every key, later ones included.
+    allowed = allowed | jnp.eye(seq, dtype=bool)
     if "local" not in cfg.layer_types:
         return allowed, allowed
     distance = positions[:, :, None] - positions[:, None, :]
