@@ -33,6 +33,16 @@ def ioi(tokenizer, n):
     return np.array(clean, np.int32), np.array(corrupt, np.int32), np.array(answers)
 
 
+def metric_for(answers):
+    """Mean logit difference, correct minus distractor, at the last position."""
+
+    def metric(logits):
+        last = logits[:, -1]
+        return (jnp.take_along_axis(last, answers[:, :1], 1) - jnp.take_along_axis(last, answers[:, 1:], 1)).mean()
+
+    return metric
+
+
 def tl_batched_resid_pre(tl, clean_tokens, corrupt_tokens, clean_cache, tl_metric):
     """TransformerLens with the patches batched by hand: one forward per layer, every position's
     patch a copy of the corrupted batch."""
@@ -63,12 +73,7 @@ def main():
     clean, corrupt, answers = ioi(tokenizer, args.prompts)
     print(f"SmolLM2-135M, {args.prompts} IOI prompts of {clean.shape[1]} tokens; jax {jax.devices()}, "
           f"torch threads {torch.get_num_threads()}")
-    jax_answers = jnp.asarray(answers)
-
-    def metric(logits):
-        last = logits[:, -1]
-        correct = jnp.take_along_axis(last, jax_answers[:, :1], 1)
-        return (correct - jnp.take_along_axis(last, jax_answers[:, 1:], 1)).mean()
+    metric = metric_for(jnp.asarray(answers))
 
     torch_answers = torch.tensor(answers)
 
@@ -108,12 +113,18 @@ def main():
         print(f"{site:<10} {n} patches: jinterp {t_ours:.1f} s (first call with compile {first:.1f} s), "
               f"TL loop {t_tl:.1f} s -> {t_tl / t_ours:.1f}x faster{batched}; max |difference| {diff:.1e}")
 
-    forward = timed(lambda: jax.block_until_ready(model(corrupt)), repeats=args.repeats)
-    for site in ("resid_pre", "z"):
-        t_attr = timed(lambda s=site: jax.block_until_ready(attribution.attribution_patching(
-            model, clean, corrupt, metric, s, metric_positions=[-1])), repeats=args.repeats)
-        print(f"attribution patching ({site}): {t_attr:.2f} s = {t_attr / forward:.1f} forward passes "
-              f"(one forward {forward:.2f} s)")
+    # Attribution patching's cost relative to a forward pass, on the sweep's prompts and on the
+    # demo's batch of 32 (the prompts repeated), where fixed overheads matter less.
+    for n in sorted({len(clean), 32}):
+        reps = -(-n // len(clean))
+        c, k, a = (np.tile(x, (reps, 1))[:n] for x in (clean, corrupt, answers))
+        score = metric_for(jnp.asarray(a))
+        forward = timed(lambda k=k: jax.block_until_ready(model(k)), repeats=args.repeats)
+        for site in ("resid_pre", "z"):
+            t_attr = timed(lambda s=site, c=c, k=k, score=score: jax.block_until_ready(
+                attribution.attribution_patching(model, c, k, score, s, metric_positions=[-1])), repeats=args.repeats)
+            print(f"attribution patching ({site}, {n} prompts): {t_attr:.2f} s = {t_attr / forward:.1f} forward "
+                  f"passes (one forward {forward:.2f} s)")
 
 
 if __name__ == "__main__":

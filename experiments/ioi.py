@@ -15,7 +15,7 @@ path patching noises (as the IOI paper: corrupted sender into the clean run).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
@@ -38,17 +38,22 @@ OBJECTS = ("drink", "book", "ball", "gift", "letter", "ring", "key", "bag", "pho
            "cake", "flower", "computer", "basketball", "snack")
 
 
+def option(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class Config:
-    model: str = "smollm2-135m"
-    n_prompts: int = 32
-    seed: int = 0
-    template: str = "When {IO} and {S} went to the {PLACE}, {S} gave a {OBJECT} to"
-    layers: tuple[int, ...] | None = None  # sweep only these layers (default: all)
-    name_movers: int = 3  # receivers of the path patching: the top name-mover candidates
-    min_attention: float = 0.1  # a candidate head attends from END at least this much to the IO / S2
-    path_prompts: int = 8  # prompts used for path patching (its cost grows with the number of heads)
-    top_heads: int = 10  # rows of the ranked head tables
+    model: str = option("smollm2-135m", "registered name, .gguf file or HF-format directory")
+    n_prompts: int = option(32, "number of prompt pairs")
+    seed: int = option(0, "seed of the names, places and objects drawn")
+    template: str = option("When {IO} and {S} went to the {PLACE}, {S} gave a {OBJECT} to",
+                           "prompt with {IO} once, {S} twice, {PLACE} and {OBJECT}")
+    layers: tuple[int, ...] | None = option(None, "sweep only these layers (default: all)")
+    name_movers: int = option(3, "path patching receivers: the top name-mover candidates' queries")
+    min_attention: float = option(0.1, "a candidate head attends from the end at least this much to IO / S2")
+    path_prompts: int = option(8, "prompts used for path patching (its cost grows with the number of heads)")
+    top_heads: int = option(10, "rows of the ranked head tables")
 
 
 # Prompts ------------------------------------------------------------------------------------------
@@ -60,9 +65,9 @@ def single_tokens(tokenizer, words) -> list[str]:
 
 def make_prompts(tokenizer, cfg: Config) -> dict:
     """Clean and corrupted prompts, token ids, answers and the positions of IO, S1, S2 and END."""
-    for field in ("{IO}", "{S}", "{PLACE}", "{OBJECT}"):
-        if field not in cfg.template:
-            raise ValueError(f"template must contain {field} (and {{S}} twice): {cfg.template!r}")
+    for placeholder in ("{IO}", "{S}", "{PLACE}", "{OBJECT}"):
+        if placeholder not in cfg.template:
+            raise ValueError(f"template must contain {placeholder} (and {{S}} twice): {cfg.template!r}")
     if cfg.template.count("{IO}") != 1 or cfg.template.count("{S}") != 2:
         raise ValueError(f"template must contain {{IO}} once and {{S}} twice: {cfg.template!r}")
     names, places, objects = (single_tokens(tokenizer, w) for w in (NAMES, PLACES, OBJECTS))

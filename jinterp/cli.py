@@ -19,7 +19,8 @@ def _describe_experiments() -> str:
     for name, experiment in sorted(_experiments().items()):
         lines.append(f"  {name}: {experiment.description}")
         for field in dataclasses.fields(experiment.config):
-            lines.append(f"      {field.name}={field.default!r}")
+            help = f"  {field.metadata['help']}" if "help" in field.metadata else ""
+            lines.append(f"      {field.name}={field.default!r}{help}")
     return "\n".join(lines)
 
 

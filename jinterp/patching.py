@@ -155,10 +155,13 @@ def sweep_chunks(model: Transformer, clean_tokens, corrupt_tokens, metric: Calla
     base, source = (corrupt_tokens, clean_tokens) if direction == "denoise" else (clean_tokens, corrupt_tokens)
     first = 0 if exact else _shared_prefix(model.cfg, clean_tokens, corrupt_tokens, metric_positions)
     key_site = "attn.rot_k" if model.cfg.positional == "rotary" else "attn.k"
-    cached = [f"blocks.*.{key_site}", "blocks.*.attn.v"] if first else []
-    base_logits, base_cache = run(model, base, capture=["blocks.*.resid_pre", f"blocks.*.{kind}"] + cached,
-                                  attention_mask=attention_mask, logit_positions=metric_positions)
-    _, source_cache = run(model, source, capture=f"blocks.*.{kind}", attention_mask=attention_mask)
+    # Both runs are the same compiled program, so values the inputs cannot change are equal to the bit.
+    capture = ["blocks.*.resid_pre", f"blocks.*.{kind}"]
+    capture += [f"blocks.*.{key_site}", "blocks.*.attn.v"] if first else []
+    base_logits, base_cache = run(model, base, capture=capture, attention_mask=attention_mask,
+                                  logit_positions=metric_positions)
+    _, source_cache = run(model, source, capture=capture, attention_mask=attention_mask,
+                          logit_positions=metric_positions)
 
     columns, shape = patch_grid(model.cfg, kind, per, base.shape[1], layers)
     n = len(columns["layer"])
