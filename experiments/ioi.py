@@ -150,7 +150,7 @@ def compute(run: Run) -> dict:
         for site in ("resid_pre", "z")})
 
     def clean_components():
-        logits, cache = jinterp.run(model, clean, capture=lens.sites(model) + ["blocks.*.attn.pattern"])
+        _, cache = jinterp.run(model, clean, capture=lens.sites(model) + ["blocks.*.attn.pattern"])
         stack, _ = lens.stack_head_results(model, cache)
         direction = lens.logit_directions(model, io, s)
         lens_logits = lens.logit_lens(model, cache)  # [n_layers + 1, batch, vocab]
