@@ -295,13 +295,13 @@ def path_patch_chunks(model: Transformer, clean_tokens, corrupt_tokens, metric: 
     chunks = np.array_split(np.arange(len(senders)), model.cfg.n_layers)  # chunk c: the heads of layer c
     # A head at layer l reaches q/k/v and resid_pre of later layers only, the other sites from its own layer on.
     reach = max(layer + (kind not in ("attn.q", "attn.k", "attn.v", "resid_pre")) for kind, layer, _ in receivers)
-    first = min(layer for _, layer, _ in receivers)  # the second run recomputes from here on
+    resume = min(layer for _, layer, _ in receivers)  # the second run recomputes from this layer on
 
     def compute(c):
         if c >= reach:
             return jnp.full(len(chunks[c]), metric(base_logits))
         return _path_chunk(model, tuple(receivers), tuple(frozen_kinds), metric, senders[chunks[c]], base,
-                           attention_mask, metric_positions, base_cache, other_cache, first)
+                           attention_mask, metric_positions, base_cache, other_cache, resume)
 
     return Chunks(len(chunks), compute,
                   lambda results: jnp.concatenate(results).reshape(model.cfg.n_layers, model.cfg.n_heads),
@@ -324,7 +324,7 @@ def _receiver(cfg, receiver) -> tuple[str, int, tuple[int, ...] | None]:
 
 @eqx.filter_jit
 def _path_chunk(model, receivers, frozen_kinds, metric, senders, tokens, attention_mask, metric_positions,
-                base_cache, other_cache, first):
+                base_cache, other_cache, resume):
     freeze = tuple(Replace(f"blocks.*.{k}", base_cache.stack(k), per_layer=True) for k in frozen_kinds)
     layers_by_kind = {}
     for kind, layer, _ in receivers:
@@ -338,7 +338,7 @@ def _path_chunk(model, receivers, frozen_kinds, metric, senders, tokens, attenti
                         logit_positions=jnp.zeros(0, jnp.int32))
         patches = tuple(Replace(f"blocks.{layer}.{kind}", cache[f"blocks.{layer}.{kind}"], heads=heads)
                         for kind, layer, heads in receivers)
-        start = (first, base_cache[f"blocks.{first}.resid_pre"])  # nothing before the receivers changes
+        start = (resume, base_cache[f"blocks.{resume}.resid_pre"])  # nothing before the receivers changes
         logits = model.forward(tokens, patches, attention_mask, start=start, logit_positions=metric_positions)[0]
         return metric(logits)
 

@@ -69,6 +69,14 @@ def test_forward_from_cached_keys_and_values_equals_the_full_forward(toy):
         np.testing.assert_allclose(np.asarray(suffix), np.asarray(logits[:, first:]), atol=1e-5)
 
 
+def test_cached_prefix_is_refused_for_encoders():
+    encoder = jinterp.Transformer.init(TOY.replace(causal=False), jax.random.key(0))
+    _, cache = jinterp.run(encoder, CLEAN, capture=["blocks.*.attn.rot_k", "blocks.*.attn.v"])
+    prefix = (cache.stack("attn.rot_k")[:, :, :2], cache.stack("attn.v")[:, :, :2])
+    with pytest.raises(ValueError, match="needs a causal model"):
+        encoder.forward(jnp.asarray(CLEAN), prefix=prefix)
+
+
 @pytest.mark.parametrize("family", ["gemma", "gpt2", "neox"])
 def test_vmapped_sweep_on_other_families_with_left_padding(family):
     """Sliding-window layers with q/k norm (Gemma 3), learned positions (GPT-2), parallel blocks and

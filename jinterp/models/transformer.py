@@ -72,6 +72,9 @@ class Transformer(eqx.Module):
         positions = jnp.maximum(jnp.cumsum(valid, -1) - 1, 0)
         # Global and local (sliding-window) layers differ only in mask and rotary base.
         masks, ropes = attention_masks(cfg, valid, positions), rope_pair(cfg, positions)
+        if prefix is not None and not cfg.causal:
+            raise ValueError("prefix= (cached keys and values) needs a causal model: in this bidirectional "
+                             "encoder earlier positions also attend to later ones")
         first = 0 if prefix is None else prefix[0].shape[2]  # queries (and sites) from here on
         if first:
             masks = jax.tree.map(lambda m: m[:, first:], masks)
