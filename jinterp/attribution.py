@@ -18,21 +18,15 @@ import numpy as np
 from jinterp import names as S
 from jinterp.cache import _run, run
 from jinterp.interventions import Add, Capture, Replace
-from jinterp.models.config import choose
 from jinterp.models.transformer import Transformer, check_inputs
-from jinterp.patching import DIRECTIONS, RESIDUAL_SITES, _pair, reduce_site, sweep_kind
+from jinterp.patching import reduce_site, sweep_inputs
 
 
 def attribution_patching(model: Transformer, clean_tokens, corrupt_tokens, metric: Callable, site="resid_pre", *,
                          per: str | None = None, direction: str = "denoise", attention_mask=None,
                          metric_positions=None):
     """First-order estimate of ``patching.sweep`` with the same arguments and result shape."""
-    kind = sweep_kind(model, site)
-    per = per or ("position" if kind in RESIDUAL_SITES else "head")
-    choose(per, ("position", "layer") if kind in RESIDUAL_SITES else ("head", "head_position"), f"per for {kind!r}")
-    choose(direction, DIRECTIONS, "patching direction")
-    clean_tokens, corrupt_tokens = _pair(model, clean_tokens, corrupt_tokens, attention_mask)
-    base, source = (corrupt_tokens, clean_tokens) if direction == "denoise" else (clean_tokens, corrupt_tokens)
+    kind, per, base, source = sweep_inputs(model, clean_tokens, corrupt_tokens, site, per, direction, attention_mask)
     # The source run only needs the site: no unembedding at all (zero logit positions).
     _, source_cache = run(model, source, capture=f"blocks.*.{kind}", attention_mask=attention_mask,
                           logit_positions=np.zeros(0, np.int32))

@@ -147,12 +147,7 @@ def sweep_chunks(model: Transformer, clean_tokens, corrupt_tokens, metric: Calla
                  exact: bool = False) -> Chunks:
     """``sweep`` as ``Chunks`` (same arguments): the clean and corrupted caches are computed now,
     the patches chunk by chunk."""
-    kind = sweep_kind(model, site)
-    per = per or ("position" if kind in RESIDUAL_SITES else "head")
-    choose(per, ("position", "layer") if kind in RESIDUAL_SITES else ("head", "head_position"), f"per for {kind!r}")
-    choose(direction, DIRECTIONS, "patching direction")
-    clean_tokens, corrupt_tokens = _pair(model, clean_tokens, corrupt_tokens, attention_mask)
-    base, source = (corrupt_tokens, clean_tokens) if direction == "denoise" else (clean_tokens, corrupt_tokens)
+    kind, per, base, source = sweep_inputs(model, clean_tokens, corrupt_tokens, site, per, direction, attention_mask)
     first = 0 if exact else _shared_prefix(model.cfg, clean_tokens, corrupt_tokens, metric_positions)
     key_site = "attn.rot_k" if model.cfg.positional == "rotary" else "attn.k"
     # Both runs are the same compiled program, so values the inputs cannot change are equal to the bit.
@@ -206,6 +201,17 @@ def sweep_chunks(model: Transformer, clean_tokens, corrupt_tokens, metric: Calla
 
     skipped = f", {n - len(todo)} change nothing" if len(todo) < n else ""
     return Chunks(padded // size, compute, assemble, f"Patching {kind} ({n} patches{skipped})")
+
+
+def sweep_inputs(model: Transformer, clean_tokens, corrupt_tokens, site, per, direction, attention_mask):
+    """Validated (site kind, per, base tokens, source tokens) of a sweep (or its attribution estimate)."""
+    kind = sweep_kind(model, site)
+    per = per or ("position" if kind in RESIDUAL_SITES else "head")
+    choose(per, ("position", "layer") if kind in RESIDUAL_SITES else ("head", "head_position"), f"per for {kind!r}")
+    choose(direction, DIRECTIONS, "patching direction")
+    clean_tokens, corrupt_tokens = _pair(model, clean_tokens, corrupt_tokens, attention_mask)
+    base, source = (corrupt_tokens, clean_tokens) if direction == "denoise" else (clean_tokens, corrupt_tokens)
+    return kind, per, base, source
 
 
 def _shared_prefix(cfg, clean_tokens, corrupt_tokens, metric_positions) -> int:
