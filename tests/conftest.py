@@ -21,6 +21,24 @@ TOY = jinterp.Config(d_model=36, n_layers=3, n_heads=6, n_kv_heads=2, d_head=7, 
                      norm="rms", positional="rotary", rotary_dim=6, act="silu", gated_mlp=True)
 
 
+# An attention-only, norm-free model: its logits are linear in the last residual stream.
+LINEAR = jinterp.Config(d_model=32, n_layers=2, n_heads=4, d_head=8, d_vocab=17, n_ctx=12, attn_only=True, norm=None,
+                        positional="learned")
+
+
+def corrupted_pair(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random TOY tokens [3, 7] and a copy that differs at position 2 only."""
+    clean = np.random.default_rng(seed).integers(0, TOY.d_vocab, (3, 7)).astype(np.int32)
+    corrupt = clean.copy()
+    corrupt[:, 2] = (corrupt[:, 2] + 5) % TOY.d_vocab
+    return clean, corrupt
+
+
+def toy_metric(logits):
+    """Mean logit difference of tokens 3 and 7 at the last position."""
+    return (logits[:, -1, 3] - logits[:, -1, 7]).mean()
+
+
 @pytest.fixture(scope="session")
 def toy():
     return jinterp.Transformer.init(TOY, jax.random.key(0), std=0.3)

@@ -3,21 +3,13 @@
 import jax
 import numpy as np
 import pytest
-from conftest import TOY
+from conftest import LINEAR, TOY, corrupted_pair
+from conftest import toy_metric as metric
 
 import jinterp
 from jinterp import attribution, patching
 
-RNG = np.random.default_rng(1)
-CLEAN = RNG.integers(0, TOY.d_vocab, (3, 7)).astype(np.int32)
-CORRUPT = CLEAN.copy()
-CORRUPT[:, 2] = (CORRUPT[:, 2] + 5) % TOY.d_vocab
-LINEAR = jinterp.Config(d_model=32, n_layers=2, n_heads=4, d_head=8, d_vocab=17, n_ctx=12, attn_only=True, norm=None,
-                        positional="learned")
-
-
-def metric(logits):
-    return (logits[:, -1, 3] - logits[:, -1, 7]).mean()
+CLEAN, CORRUPT = corrupted_pair(1)
 
 
 @pytest.mark.parametrize("site, per", [("resid_pre", "position"), ("mlp_out", "layer"), ("z", "head"),

@@ -5,19 +5,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TOY
+from conftest import TOY, corrupted_pair
+from conftest import toy_metric as metric
 
 import jinterp
 from jinterp import patching
 
+CLEAN, CORRUPT = corrupted_pair(0)
 RNG = np.random.default_rng(0)
-CLEAN = RNG.integers(0, TOY.d_vocab, (3, 7)).astype(np.int32)
-CORRUPT = CLEAN.copy()
-CORRUPT[:, 2] = (CORRUPT[:, 2] + 5) % TOY.d_vocab
-
-
-def metric(logits):
-    return (logits[:, -1, 3] - logits[:, -1, 7]).mean()
 
 
 def single_patches(model, kind, per, direction="denoise"):
