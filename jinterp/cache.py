@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import functools
 from collections.abc import Mapping
 
 import equinox as eqx
@@ -133,9 +134,12 @@ def _names(capture) -> list:
 
 def captures(model: Transformer, capture) -> tuple[iv.Capture, ...]:
     """Site names (any spelling, globs such as ``blocks.*.attn.*``, or "all") -> Capture interventions."""
-    cfg = model.cfg
+    return _captures(model.cfg, _names(capture))
+
+
+def _captures(cfg, names) -> tuple[iv.Capture, ...]:
     layers_by_kind: dict[str, set[int] | None] = {}
-    for name in _names(capture):
+    for name in names:
         site = S.parse(name)
         if any(ch in site.kind for ch in "*?["):
             matched = fnmatch.filter(S.site_names(cfg), site.name)
@@ -209,12 +213,26 @@ def run(model: Transformer, tokens, *, capture=(), edits=(), attention_mask=None
     edits = iv.flatten(edits)
     _validate(model, edits, tokens.shape[1])
     edited = {kind for edit in edits for kind in edit.kinds()}
-    wanted, derived = _derive(captures(model, capture), model.cfg, edited)
+    wanted, derived = _plan(model.cfg, _names(capture), frozenset(edited))
     output, cache = _run(model, jnp.asarray(tokens), edits + wanted, attention_mask, token_type_ids, logit_positions)
     if derived:
         heads = (model.cfg.n_heads, model.cfg.n_kv_heads)
         cache = dataclasses.replace(cache, W_O=model.blocks.attn.W_O, derived=derived, heads=heads)
     return output, cache
+
+
+def _plan(cfg, names: list, edited: frozenset) -> tuple[tuple[iv.Capture, ...], tuple]:
+    """(captures, derived sites) for these names; memoised, since parsing every name of a long
+    capture list costs milliseconds per call, a fair part of a small forward pass."""
+    try:
+        return _memoised_plan(cfg, tuple(names), edited)
+    except TypeError:  # an unhashable spelling (a list for a short form): plan without the memo
+        return _derive(_captures(cfg, names), cfg, edited)
+
+
+@functools.lru_cache(maxsize=256)
+def _memoised_plan(cfg, names: tuple, edited: frozenset):
+    return _derive(_captures(cfg, names), cfg, edited)
 
 
 def _derive(wanted: tuple[iv.Capture, ...], cfg, edited: set[str]):

@@ -90,22 +90,33 @@ class Transformer(eqx.Module):
         is_local = jnp.asarray([t == "local" for t in cfg.layer_types])
         pick = lambda local, pair: jax.tree.map(lambda g, lo: jnp.where(local, lo, g), *pair)
 
+        def run(carry, inputs):
+            (x, states), (params, index, local, cached) = carry, inputs
+            hook = iv.SiteHook(grouped, index, dict(states))
+            mask, rope = pick(local, masks), ropes and pick(local, ropes)
+            return (block(params, x, mask, rope, cfg, hook, cached), hook.states), hook.records
+
+        layers = (self.blocks, jnp.arange(cfg.n_layers), is_local, prefix)
+        one_layer = jax.tree.map(lambda a: a[0], layers)
+        shapes = jax.eval_shape(run, (x, top.states), one_layer)[1]
+        # The records are written into their [n_layers, ...] buffers as the layers run. Buffers
+        # filled with distinct values: scan's own stacked outputs all start from one shared zero
+        # broadcast that XLA copies into each, an extra pass over everything captured.
+        buffers = {kind: jnp.full((cfg.n_layers, *r.shape), i % 64 + 1, r.dtype)
+                   for i, (kind, r) in enumerate(sorted(shapes.items()))}
+
         def layer(carry, inputs):
-            params, index, local, cached = inputs
-
-            def run(carry):
-                x, states = carry
-                hook = iv.SiteHook(grouped, index, dict(states))
-                mask, rope = pick(local, masks), ropes and pick(local, ropes)
-                return (block(params, x, mask, rope, cfg, hook, cached), hook.states), hook.records
-
+            carry, buffers = carry
+            index = inputs[1]
             if start_layer is None:
-                return run(carry)
-            skipped = lambda carry: (carry, jax.tree.map(jnp.zeros_like, jax.eval_shape(run, carry)[1]))
-            return jax.lax.cond(index >= start_layer, run, skipped, carry)
+                carry, records = run(carry, inputs)
+            else:  # blocks before start_layer are skipped and record zeros
+                skipped = lambda carry, inputs: (carry, jax.tree.map(jnp.zeros_like, shapes))
+                carry, records = jax.lax.cond(index >= start_layer, run, skipped, carry, inputs)
+            buffers = {k: jax.lax.dynamic_update_index_in_dim(b, records[k], index, 0) for k, b in buffers.items()}
+            return (carry, buffers), None
 
-        (x, top.states), block_records = jax.lax.scan(
-            layer, (x, top.states), (self.blocks, jnp.arange(cfg.n_layers), is_local, prefix))
+        ((x, top.states), block_records), _ = jax.lax.scan(layer, ((x, top.states), buffers), layers)
 
         x = normalize(self.ln_final, x, cfg, top, "ln_final")
         if cfg.unembed:
