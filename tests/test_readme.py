@@ -22,3 +22,10 @@ def test_first_session_example_runs(capsys):
     assert printed[1] == "(1, 9, 14, 14)" and printed[2] == "(30, 1, 9, 14, 14)"
     assert namespace["per_head"].shape == (9,) and namespace["grad"].shape == (576,)
     assert float(abs(namespace["grad"]).max()) > 0
+
+
+def test_training_example_runs(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    example = next(block for block in blocks if "from jinterp.train import" in block)
+    exec(compile(example, str(README), "exec"), {})  # noqa: S102 - our own README
+    assert capsys.readouterr().out.splitlines()[-1] == "True (500,)"
