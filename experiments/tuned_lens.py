@@ -1,0 +1,201 @@
+"""The tuned lens (Belrose et al. 2023) against the logit lens: affine translators trained to
+read each layer's residual stream out as the model's final distribution.
+
+Text: docstrings of Python's standard library (real English prose shipped with Python),
+gathered deterministically from the top-level modules' sources and split train/held-out by
+module. Both lenses are scored by mean KL(final distribution || lens distribution) per layer on
+held-out text; the untrained tuned lens is the logit lens, so the first evaluation is its score.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import optax
+
+import jinterp
+from jinterp import tuned_lens
+from jinterp.report import Report, write_json
+from jinterp.runs import Experiment, Run, config_dict
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def option(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str = option("smollm2-135m", "registered name, .gguf file or HF-format directory")
+    seq_len: int = option(32, "tokens per training and held-out sequence")
+    batch_size: int = option(2, "sequences per optimizer step")
+    steps: int = option(40, "optimizer steps")
+    lr: float = option(1e-3, "Adam learning rate")
+    eval_every: int = option(20, "evaluate on held-out text (and checkpoint) every this many steps")
+    held_out: int = option(8, "held-out sequences the lenses are scored on")
+    held_out_fraction: float = option(0.2, "share of standard-library modules held out")
+    min_words: int = option(12, "shortest docstring kept, in words")
+    seed: int = option(0, "seed of the training order and of the held-out sequences drawn")
+
+
+# Text ---------------------------------------------------------------------------------------------
+
+def docstrings(source: str, min_words: int) -> list[str]:
+    """The docstrings of a module, its classes and functions in source order, at least ``min_words`` long."""
+    found = []
+
+    def visit(node):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            text = ast.get_docstring(node)
+            if text and len(text.split()) >= min_words:
+                found.append(text)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(source))
+    return found
+
+
+def stdlib_documents(min_words: int = 12) -> dict[str, str]:
+    """Module name -> its docstrings joined by blank lines, for the top-level modules of the
+    standard library (``STDLIB/*.py``), in name order."""
+    documents = {}
+    for path in sorted(STDLIB.glob("*.py")):
+        texts = docstrings(path.read_text(encoding="utf-8", errors="replace"), min_words)
+        if texts:
+            documents[path.stem] = "\n\n".join(texts)
+    if not documents:
+        raise FileNotFoundError(f"No standard-library sources with docstrings under {STDLIB}")
+    return documents
+
+
+def is_held_out(name: str, fraction: float) -> bool:
+    """A fixed pseudo-random split by module name (the same on every machine and run)."""
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 2**32 < fraction
+
+
+def windows(tokenizer, documents: list[str], seq_len: int) -> np.ndarray:
+    """The documents' tokens, each followed by EOS, packed and cut into ``[n, seq_len]`` (the remainder dropped)."""
+    end = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    stream = np.array([t for text in documents for t in tokenizer.encode(text, prepend_bos=False) + end], np.int32)
+    n = len(stream) // seq_len
+    return stream[: n * seq_len].reshape(n, seq_len)
+
+
+def make_data(tokenizer, cfg: Config) -> dict:
+    """Training sequences (all of the training modules) and ``cfg.held_out`` held-out ones."""
+    if not 0 < cfg.held_out_fraction < 1:
+        raise ValueError(f"held_out_fraction must be in (0, 1), got {cfg.held_out_fraction}")
+    documents = stdlib_documents(cfg.min_words)
+    held = [name for name in documents if is_held_out(name, cfg.held_out_fraction)]
+    kept = [name for name in documents if name not in held]
+    train_windows = windows(tokenizer, [documents[n] for n in kept], cfg.seq_len)
+    test_windows = windows(tokenizer, [documents[n] for n in held], cfg.seq_len)
+    if len(test_windows) < cfg.held_out or len(train_windows) < cfg.batch_size:
+        raise ValueError(f"Too little text for seq_len={cfg.seq_len}: {len(train_windows)} training and "
+                         f"{len(test_windows)} held-out sequences, need batch_size={cfg.batch_size} and "
+                         f"held_out={cfg.held_out}")
+    chosen = np.sort(np.random.default_rng(cfg.seed).permutation(len(test_windows))[: cfg.held_out])
+    return {"train": train_windows, "held_out": test_windows[chosen], "train_modules": kept, "held_out_modules": held}
+
+
+# Computation --------------------------------------------------------------------------------------
+
+LENS_DIRECTORY = "tuned_lens"  # inside the run directory: the trained translators, for tuned_lens.load
+
+
+def compute(run: Run) -> dict:
+    cfg: Config = run.config
+    model, tokenizer = jinterp.load(cfg.model, progress=not run.quiet)
+    if tokenizer is None:
+        raise ValueError(f"model {cfg.model!r} comes without a tokenizer; the tuned lens experiment needs one")
+    data = run.step("data", lambda: make_data(tokenizer, cfg))
+    held_out = np.asarray(data["held_out"])
+
+    def evaluate(lens):  # at step 0 the lens is the identity: this is the logit lens's score
+        return {"held_out_kl": tuned_lens.mean_layer_kl(lens, model, held_out, batch_size=cfg.batch_size)}
+
+    lens = tuned_lens.TunedLens.init(model, cfg.model)
+    trained = tuned_lens.fit(model, np.asarray(data["train"]), steps=cfg.steps, batch_size=cfg.batch_size,
+                             optimizer=optax.adam(cfg.lr), seed=cfg.seed, lens=lens, evaluate=evaluate,
+                             eval_every=cfg.eval_every, run=run, name="tuned_lens",
+                             progress=not run.quiet)
+    tuned_lens.save(trained.params, run.directory / LENS_DIRECTORY)
+    kl = trained.history["held_out_kl"]
+    return {"history": trained.history, "logit_lens_kl": kl[0], "tuned_lens_kl": kl[-1],
+            "tokens": {"train_seen": np.int64(cfg.steps * cfg.batch_size * cfg.seq_len),
+                       "train_available": np.int64(np.size(data["train"])), "held_out": np.int64(held_out.size)},
+            "modules": {"train": list(data["train_modules"]), "held_out": list(data["held_out_modules"])},
+            "train_seconds": np.float64(run.timings["tuned_lens"]["seconds"])}
+
+
+# Report -------------------------------------------------------------------------------------------
+
+def summarise(results: dict) -> dict:
+    logit, tuned = np.asarray(results["logit_lens_kl"]), np.asarray(results["tuned_lens_kl"])
+    return {"kl_logit_lens": logit.tolist(), "kl_tuned_lens": tuned.tolist(),
+            "mean_kl_logit_lens": float(logit.mean()), "mean_kl_tuned_lens": float(tuned.mean()),
+            "mean_improvement": float((logit - tuned).mean()),
+            "mean_improvement_after_embeddings": float((logit - tuned)[1:].mean()),
+            "layers_improved": int((tuned < logit).sum())}
+
+
+def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
+    summary = summarise(results)
+    history = results["history"]
+    layers = np.arange(len(summary["kl_logit_lens"]))
+    page = Report(f"Tuned lens vs logit lens: {cfg.model}", directory / "plots")
+    tokens = results["tokens"]
+    page.text(f"{cfg.steps} Adam steps (lr {cfg.lr}) of {cfg.batch_size} x {cfg.seq_len} tokens "
+              f"({int(tokens['train_seen'])} tokens seen of {int(tokens['train_available'])} available, from "
+              f"{len(results['modules']['train'])} standard-library modules); scored on {int(tokens['held_out'])} "
+              f"held-out tokens from {len(results['modules']['held_out'])} other modules. Mean KL over layers: "
+              f"logit lens {summary['mean_kl_logit_lens']:.3f}, tuned lens {summary['mean_kl_tuned_lens']:.3f} nats "
+              f"({summary['layers_improved']} of {len(layers)} layers improved).")
+
+    page.heading("KL to the final distribution by layer")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(layers, summary["kl_logit_lens"], marker=".", label="logit lens")
+    for kl in history["held_out_kl"][1:-1]:
+        ax.plot(layers, kl, color="tab:orange", alpha=0.3, lw=0.8)
+    ax.plot(layers, summary["kl_tuned_lens"], marker=".", label=f"tuned lens (step {int(history['eval_step'][-1])})")
+    ax.set(yscale="log", xlabel="residual stream entering layer", ylabel="KL(final || lens) [nats]",
+           title="Held-out KL to the model's output")
+    ax.legend()
+    page.figure(fig, "kl_by_layer", "Mean over held-out positions; faint lines: the tuned lens at earlier "
+                "evaluations. Layer 0 reads the embeddings.")
+
+    page.heading("Training")
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    ax[0].plot(np.arange(1, len(history["loss"]) + 1), history["loss"], lw=0.8)
+    ax[0].set(yscale="log", xlabel="step", ylabel="KL summed over layers", title="Training loss (one batch per step)")
+    ax[1].plot(history["eval_step"], np.asarray(history["held_out_kl"]).mean(1), marker="o")
+    ax[1].set(yscale="log", xlabel="step", ylabel="mean KL over layers", title="Held-out KL (step 0: logit lens)")
+    page.figure(fig, "training", "Left: the training objective on each step's batch. Right: the held-out score.")
+
+    page.table(["layer", "logit lens KL", "tuned lens KL", "ratio"],
+               [[int(i), a, b, b / a] for i, a, b in zip(layers, summary["kl_logit_lens"], summary["kl_tuned_lens"])],
+               "Held-out mean KL(final || lens) in nats, by the residual stream read (entering layer i)")
+
+    page.heading("Run")
+    page.text(f"The trained translators are in {LENS_DIRECTORY}/ (jinterp.tuned_lens.load(directory, model)).")
+    page.table(["step", "seconds", "restored from checkpoint"],
+               [[name, t["seconds"], t["restored"]] for name, t in info.get("steps", {}).items()],
+               f"Training took {float(results['train_seconds']):.0f} s; this run took {info['seconds']:.1f} s")
+    page.code({"config": config_dict(cfg), "config_hash": info.get("config_hash"),
+               "environment": info.get("environment")})
+    page.write(directory / "report.html")
+    write_json(directory / "metrics.json", summary | {
+        "steps": cfg.steps, "tokens": {k: int(v) for k, v in tokens.items()},
+        "train_seconds": float(results["train_seconds"]), "seconds": info.get("seconds"),
+        "lens_directory": LENS_DIRECTORY, "config_hash": info.get("config_hash")})
+
+
+EXPERIMENT = Experiment("tuned_lens", __doc__.split("\n\n")[0].replace("\n", " "), Config, compute, report)
