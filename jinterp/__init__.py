@@ -4,7 +4,7 @@ from jinterp._numerics import prefer_accurate_cpu_float32
 
 prefer_accurate_cpu_float32()
 
-from jinterp import ablation, attribution, circuits, lens, patching, probes, train, tuned_lens
+from jinterp import ablation, attribution, circuits, lens, patching, probes, sae, train, tuned_lens
 from jinterp.cache import Cache, run, sites
 from jinterp.interventions import (
     Add,
@@ -27,5 +27,5 @@ __all__ = [
     "Add", "At", "Cache", "Capture", "Config", "Edit", "Interchange", "Intervention", "LoadError", "Project",
     "Replace", "Scale", "Tokenizer", "Transformer", "Zero", "ablation", "attribution", "chain", "circuits", "lens",
     "load",
-    "models", "patching", "probes", "process_weights", "run", "sites", "train", "tuned_lens",
+    "models", "patching", "probes", "process_weights", "run", "sae", "sites", "train", "tuned_lens",
 ]

@@ -1,0 +1,234 @@
+"""The sparse autoencoder: one ``SAE`` module for the four architectures of the literature.
+
+    latents = sae.encode(x)        # [..., d_sae]
+    x_hat = sae.decode(latents)    # [..., d_in]; sae(x) does both
+
+Every architecture shares the affine encoder and decoder (the SAELens convention, so weights
+load either way)::
+
+    pre = (x - b_dec) @ W_enc + b_enc       # b_dec subtracted only if apply_b_dec_to_input
+    x_hat = latents @ W_dec + b_dec
+
+and differs in the activation that turns ``pre`` into sparse ``latents``:
+
+- ``relu``: ``relu(pre)``, trained with an L1 penalty (Bricken et al. 2023; the penalty is weighted
+  by decoder row norms as in Anthropic's April 2024 update). SAELens calls it "standard".
+- ``topk``: the k largest pre-activations of each token, ReLU'd (Gao et al. 2024).
+- ``batchtopk``: in training the k * batch largest over the whole batch (Bussmann et al. 2024); at
+  inference a JumpReLU with one global threshold estimated during training (``threshold``
+  holds it for every latent, which is how SAELens saves it).
+- ``jumprelu``: ``relu(pre) * (pre > threshold)`` with a learned threshold per latent
+  (Rajamanoharan et al. 2024), trained through straight-through estimators (``jumprelu``,
+  ``step``: ``jax.custom_vjp`` with a rectangle kernel of width ``bandwidth``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from jinterp.models.config import choose
+
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+THRESHOLDED = ("batchtopk", "jumprelu")  # the architectures with a threshold per latent
+
+
+class SAE(eqx.Module):
+    """A sparse autoencoder ``d_in -> d_sae -> d_in``; ``SAE.init`` builds one as the literature.
+
+    Fields: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``,
+    ``threshold [d_sae]`` (batchtopk and jumprelu; None otherwise), and static ``architecture``,
+    ``k`` (topk and batchtopk: latents per token), ``apply_b_dec_to_input`` (subtract ``b_dec``
+    before encoding: SAELens' default; Gemma Scope does not) and ``site`` (the jinterp site it
+    reads, e.g. ``"blocks.3.resid_post"``, or None).
+    """
+
+    W_enc: Float[Array, "d_in d_sae"]
+    b_enc: Float[Array, " d_sae"]
+    W_dec: Float[Array, "d_sae d_in"]
+    b_dec: Float[Array, " d_in"]
+    threshold: Float[Array, " d_sae"] | None
+    architecture: str = eqx.field(static=True)
+    k: int | None = eqx.field(static=True, default=None)
+    apply_b_dec_to_input: bool = eqx.field(static=True, default=True)
+    site: str | None = eqx.field(static=True, default=None)
+
+    def __check_init__(self):
+        choose(self.architecture, ARCHITECTURES, "SAE architecture")
+        d_in, d_sae = self.W_enc.shape
+        shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+        if self.architecture in THRESHOLDED:
+            shapes["threshold"] = (d_sae,)
+        elif self.threshold is not None:
+            raise ValueError(f"A {self.architecture} SAE has no threshold; got one of shape {self.threshold.shape}")
+        for name, shape in shapes.items():
+            value = getattr(self, name)
+            if value is None or value.shape != shape:
+                got = None if value is None else value.shape
+                raise ValueError(f"SAE.{name} must have shape {shape} (d_in={d_in}, d_sae={d_sae}), got {got}")
+        if self.architecture in ("topk", "batchtopk"):
+            if not isinstance(self.k, int) or not 0 < self.k <= d_sae:
+                raise ValueError(f"A {self.architecture} SAE needs an int k in [1, d_sae={d_sae}], got {self.k!r}")
+        elif self.k is not None:
+            raise ValueError(f"k applies to topk and batchtopk SAEs only, not {self.architecture!r}")
+
+    @classmethod
+    def init(cls, d_in: int, d_sae: int, architecture: str = "topk", *, key, k: int | None = None,
+             b_dec=None, threshold: float = 0.0, apply_b_dec_to_input: bool = True, site: str | None = None,
+             dtype=jnp.float32) -> SAE:
+        """A fresh SAE: decoder rows random unit vectors, ``W_enc = W_dec.T`` (tied init, Gao et al.
+        2024; Conerly et al. 2024), ``b_enc = 0``, ``b_dec`` as given (a ``[d_in]`` vector such as
+        the geometric median of a data sample, Bricken et al. 2023; default zeros), ``threshold``
+        filled with ``threshold`` for batchtopk/jumprelu."""
+        choose(architecture, ARCHITECTURES, "SAE architecture")
+        directions = jax.random.normal(key, (d_sae, d_in), jnp.float32)
+        W_dec = directions / jnp.linalg.norm(directions, axis=-1, keepdims=True)
+        b_dec = jnp.zeros(d_in) if b_dec is None else jnp.asarray(b_dec)
+        thresholds = jnp.full(d_sae, threshold) if architecture in THRESHOLDED else None
+        arrays = (W_dec.T, jnp.zeros(d_sae), W_dec, b_dec, thresholds)
+        arrays = [None if a is None else a.astype(dtype) for a in arrays]
+        return cls(*arrays, architecture=architecture, k=k, apply_b_dec_to_input=apply_b_dec_to_input, site=site)
+
+    @property
+    def d_in(self) -> int:
+        return self.W_enc.shape[0]
+
+    @property
+    def d_sae(self) -> int:
+        return self.W_enc.shape[1]
+
+    def pre_activations(self, x: Float[Array, "... d_in"]) -> Float[Array, "... d_sae"]:
+        """The encoder's affine map, before the sparsifying activation."""
+        self._check_input(x)
+        x = x.astype(self.W_enc.dtype)
+        if self.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def activate(self, pre: Float[Array, "... d_sae"]) -> Float[Array, "... d_sae"]:
+        """The inference activation (batchtopk: the JumpReLU of its global threshold)."""
+        if self.architecture == "relu":
+            return jax.nn.relu(pre)
+        if self.architecture == "topk":
+            return topk(pre, self.k)
+        return jumprelu(pre, self.threshold)
+
+    def encode(self, x: Float[Array, "... d_in"]) -> Float[Array, "... d_sae"]:
+        """Sparse latents of activations ``x`` (any leading axes)."""
+        return self.activate(self.pre_activations(x))
+
+    def decode(self, latents: Float[Array, "... d_sae"]) -> Float[Array, "... d_in"]:
+        """The reconstruction ``latents @ W_dec + b_dec``."""
+        return latents @ self.W_dec + self.b_dec
+
+    def __call__(self, x: Float[Array, "... d_in"]) -> Float[Array, "... d_in"]:
+        """The reconstruction of ``x``."""
+        return self.decode(self.encode(x))
+
+    def _check_input(self, x) -> None:
+        if x.shape[-1:] != (self.d_in,):
+            raise ValueError(f"SAE input has shape {x.shape}; its last axis must be d_in={self.d_in}")
+
+    def with_input_scale(self, scale) -> SAE:
+        """The SAE that, given ``x``, does what this one does given ``scale * x`` (then divides the
+        reconstruction by ``scale``): folds an input normalisation into the weights."""
+        return eqx.tree_at(lambda s: (s.W_enc, s.W_dec, s.b_dec), self,
+                           (self.W_enc * scale, self.W_dec / scale, self.b_dec / scale))
+
+    def without_input_b_dec(self) -> SAE:
+        """The same function with ``apply_b_dec_to_input=False`` (Gemma Scope's convention): the
+        subtraction of ``b_dec`` is folded into ``b_enc``."""
+        if not self.apply_b_dec_to_input:
+            return self
+        return dataclasses.replace(self, b_enc=self.b_enc - self.b_dec @ self.W_enc, apply_b_dec_to_input=False)
+
+
+def topk(pre: Float[Array, "... d_sae"], k: int) -> Float[Array, "... d_sae"]:
+    """Keep the ``k`` largest entries of each row, ReLU'd; zeros elsewhere."""
+    values, indices = jax.lax.top_k(pre, k)
+    return jnp.put_along_axis(jnp.zeros_like(pre), indices, jax.nn.relu(values), axis=-1, inplace=False)
+
+
+def batch_topk(pre: Float[Array, "n d_sae"], k: int) -> Float[Array, "n d_sae"]:
+    """Keep the ``k * n`` largest ReLU'd entries of the whole batch (k latents per token on average)."""
+    flat = jax.nn.relu(pre).reshape(-1)
+    values, indices = jax.lax.top_k(flat, k * pre.shape[0])
+    return jnp.zeros_like(flat).at[indices].set(values).reshape(pre.shape)
+
+
+def rectangle(u: Array) -> Array:
+    """The rectangle kernel: 1 on (-1/2, 1/2), 0 elsewhere."""
+    return ((u > -0.5) & (u < 0.5)).astype(u.dtype)
+
+
+def _sum_to(gradient: Array, shape: tuple) -> Array:
+    """Sum a gradient over the axes that broadcasting added (a threshold ``[d_sae]`` read by ``[..., d_sae]``)."""
+    gradient = gradient.sum(axis=tuple(range(gradient.ndim - len(shape))))
+    return gradient.sum(axis=tuple(i for i, n in enumerate(shape) if n == 1), keepdims=True).reshape(shape)
+
+
+def jumprelu(pre: Array, threshold: Array, bandwidth=0.001) -> Array:
+    """``relu(pre) * (pre > threshold)``. Gradients (Rajamanoharan et al. 2024, eq. 11): the true one
+    for ``pre``; for ``threshold`` the straight-through estimate
+    ``-(threshold / bandwidth) * rectangle((pre - threshold) / bandwidth)``."""
+    return _jumprelu(pre, threshold, jnp.asarray(bandwidth, pre.dtype))
+
+
+def step(pre: Array, threshold: Array, bandwidth=0.001) -> Array:
+    """The Heaviside step ``pre > threshold`` as 0/1 (summed over latents: the L0 norm). Gradients
+    (Rajamanoharan et al. 2024, eq. 12): none for ``pre``; for ``threshold`` the straight-through
+    estimate ``-(1 / bandwidth) * rectangle((pre - threshold) / bandwidth)``."""
+    return _step(pre, threshold, jnp.asarray(bandwidth, pre.dtype))
+
+
+# The bandwidth is an array argument (its cotangent is zero), so changing it does not recompile.
+@jax.custom_vjp
+def _jumprelu(pre, threshold, bandwidth):
+    return jnp.where(pre > threshold, jax.nn.relu(pre), 0.0).astype(pre.dtype)
+
+
+def _jumprelu_forward(pre, threshold, bandwidth):
+    return _jumprelu(pre, threshold, bandwidth), (pre, threshold, bandwidth)
+
+
+def _jumprelu_backward(saved, cotangent):
+    pre, threshold, bandwidth = saved
+    d_pre = jnp.where((pre > threshold) & (pre > 0), cotangent, 0.0)
+    d_threshold = -(threshold / bandwidth) * rectangle((pre - threshold) / bandwidth) * cotangent
+    return d_pre, _sum_to(d_threshold, threshold.shape), jnp.zeros_like(bandwidth)
+
+
+_jumprelu.defvjp(_jumprelu_forward, _jumprelu_backward)
+
+
+@jax.custom_vjp
+def _step(pre, threshold, bandwidth):
+    return (pre > threshold).astype(pre.dtype)
+
+
+def _step_forward(pre, threshold, bandwidth):
+    return _step(pre, threshold, bandwidth), (pre, threshold, bandwidth)
+
+
+def _step_backward(saved, cotangent):
+    pre, threshold, bandwidth = saved
+    d_threshold = -(1.0 / bandwidth) * rectangle((pre - threshold) / bandwidth) * cotangent
+    return jnp.zeros_like(pre), _sum_to(d_threshold, threshold.shape), jnp.zeros_like(bandwidth)
+
+
+_step.defvjp(_step_forward, _step_backward)
+
+
+def geometric_median(points: Float[Array, "n d"], iterations: int = 64, eps: float = 1e-8) -> Float[Array, " d"]:
+    """The point minimising the summed distance to ``points`` (Weiszfeld's iterations from the mean):
+    the initial decoder bias of Bricken et al. 2023, robust to outlying activations."""
+
+    def improve(_, center):
+        weights = 1.0 / jnp.maximum(jnp.linalg.norm(points - center, axis=-1), eps)
+        return weights @ points / weights.sum()
+
+    return jax.lax.fori_loop(0, iterations, improve, points.mean(axis=0))
