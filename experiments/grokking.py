@@ -34,7 +34,7 @@ again (slingshots up to ~0.3 nats) and test loss stays near 1e-3; with it, losse
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import equinox as eqx
@@ -49,12 +49,8 @@ from jaxtyping import Array, Bool, Float, Int
 import jinterp
 from jinterp import fourier
 from jinterp.report import Report, write_json
-from jinterp.runs import Experiment, Run, config_dict
+from jinterp.runs import Experiment, Run, option
 from jinterp.train import train
-
-
-def option(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -436,12 +432,7 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
                 "training. Excluded loss rising while train loss stays low marks the circuit replacing memorisation; "
                 "the weight norm falls in the cleanup phase.")
 
-    page.heading("Run")
-    page.table(["step", "seconds", "restored from checkpoint"],
-               [[name, t["seconds"], t["restored"]] for name, t in info.get("steps", {}).items()],
-               f"This run took {info['seconds']:.1f} s")
-    page.code({"config": config_dict(cfg), "config_hash": info.get("config_hash"),
-               "environment": info.get("environment")})
+    page.run_section(cfg, info, f"This run took {info['seconds']:.1f} s")
     page.write(directory / "report.html")
 
     training = info.get("steps", {}).get("model", {}).get("seconds")

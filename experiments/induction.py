@@ -25,7 +25,7 @@ fastest (largest drop per step between consecutive evaluations).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import equinox as eqx
@@ -38,12 +38,8 @@ from jaxtyping import Array, Float, Int
 
 import jinterp
 from jinterp.report import Report, write_json
-from jinterp.runs import Experiment, Run, config_dict
+from jinterp.runs import Experiment, Run, option
 from jinterp.train import train
-
-
-def option(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -372,12 +368,7 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
                 f"K-composition {composition[prev_head[1], ind_head[1]]:.3f}, against {initial.mean():.3f} "
                 "on average at initialisation.")
 
-    page.heading("Run")
-    page.table(["step", "seconds", "restored from checkpoint"],
-               [[name, t["seconds"], t["restored"]] for name, t in info.get("steps", {}).items()],
-               f"This run took {info['seconds']:.1f} s")
-    page.code({"config": config_dict(cfg), "config_hash": info.get("config_hash"),
-               "environment": info.get("environment")})
+    page.run_section(cfg, info, f"This run took {info['seconds']:.1f} s")
     page.write(directory / "report.html")
 
     scores = lambda key: {_name(h): float(analysis[key][h]) for h in heads}  # noqa: E731

@@ -15,7 +15,7 @@ path patching noises (as the IOI paper: corrupted sender into the clean run).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -26,7 +26,7 @@ import numpy as np
 import jinterp
 from jinterp import attribution, lens, patching
 from jinterp.report import Report, write_json
-from jinterp.runs import Experiment, Run, config_dict
+from jinterp.runs import Experiment, Run, option
 
 NAMES = ("Mary", "John", "Tom", "James", "Anna", "Lisa", "David", "Paul", "Sarah", "Emma", "Mark", "Peter", "Laura",
          "Kate", "Steve", "Mike", "Alice", "Daniel", "Robert", "Jessica", "Emily", "Rachel", "Andrew", "Chris",
@@ -36,10 +36,6 @@ PLACES = ("store", "park", "school", "beach", "office", "garden", "hospital", "r
           "market", "church", "house", "river", "zoo")
 OBJECTS = ("drink", "book", "ball", "gift", "letter", "ring", "key", "bag", "phone", "pen", "ticket", "bottle",
            "cake", "flower", "computer", "basketball", "snack")
-
-
-def option(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -331,12 +327,8 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
                "S-inhibition candidates: most negative path patching effect on the name movers' queries among "
                f"heads attending from END to S2 (at least {cfg.min_attention}, more than to the IO)")
 
-    page.heading("Run")
-    page.table(["step", "seconds", "restored from checkpoint"],
-               [[name, t["seconds"], t["restored"]] for name, t in info.get("steps", {}).items()],
-               f"Computed in {info['steps']['results']['seconds']:.0f} s; this run took {info['seconds']:.1f} s")
-    page.code({"config": config_dict(cfg), "config_hash": info.get("config_hash"),
-               "environment": info.get("environment")})
+    page.run_section(cfg, info, f"Computed in {info['steps']['results']['seconds']:.0f} s; "
+                                f"this run took {info['seconds']:.1f} s")
     page.write(directory / "report.html")
 
     metrics = {"clean_logit_diff": summary["clean_logit_diff"], "corrupt_logit_diff": summary["corrupt_logit_diff"],

@@ -18,7 +18,7 @@ a probe memorising numbers cannot do.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -28,7 +28,7 @@ import jinterp
 from jinterp import probes
 from jinterp.patching import Chunks
 from jinterp.report import Report, write_json
-from jinterp.runs import Experiment, Run, config_dict
+from jinterp.runs import Experiment, Run, option
 
 TEMPLATES = ("I counted {number} {object}", "There were {number} {object}", "She bought {number} {object}",
              "In the old box we found {number} {object}", "Yesterday the farmer sold {number} {object}",
@@ -41,10 +41,6 @@ PROBES = ("parity", "control", "parity_unseen_numbers")
 PROBE_TITLES = {"parity": "parity", "control": "control task (random label per number)",
                 "parity_unseen_numbers": "parity, unseen numbers held out"}
 SPLITS = ("train", "held_out")
-
-
-def option(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -228,12 +224,7 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
                 for i, label in enumerate(labels)], "Held-out accuracy by site")
     page.table(["probe", "majority label share (held out)"], [[PROBE_TITLES[t], chance[t]] for t in PROBES])
 
-    page.heading("Run")
-    page.table(["step", "seconds", "restored from checkpoint"],
-               [[name, t["seconds"], t["restored"]] for name, t in info.get("steps", {}).items()],
-               f"This run took {info.get('seconds', 0):.1f} s")
-    page.code({"config": config_dict(cfg), "config_hash": info.get("config_hash"),
-               "environment": info.get("environment")})
+    page.run_section(cfg, info, f"This run took {info.get('seconds', 0):.1f} s")
     page.write(directory / "report.html")
 
     write_json(directory / "metrics.json", {

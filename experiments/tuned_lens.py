@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import sysconfig
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -22,13 +22,9 @@ import optax
 import jinterp
 from jinterp import tuned_lens
 from jinterp.report import Report, write_json
-from jinterp.runs import Experiment, Run, config_dict
+from jinterp.runs import Experiment, Run, option
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-
-
-def option(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -184,13 +180,9 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
                [[int(i), a, b, b / a] for i, a, b in zip(layers, summary["kl_logit_lens"], summary["kl_tuned_lens"])],
                "Held-out mean KL(final || lens) in nats, by the residual stream read (entering layer i)")
 
-    page.heading("Run")
+    page.run_section(cfg, info, f"Training took {float(results['train_seconds']):.0f} s; "
+                                f"this run took {info['seconds']:.1f} s")
     page.text(f"The trained translators are in {LENS_DIRECTORY}/ (jinterp.tuned_lens.load(directory, model)).")
-    page.table(["step", "seconds", "restored from checkpoint"],
-               [[name, t["seconds"], t["restored"]] for name, t in info.get("steps", {}).items()],
-               f"Training took {float(results['train_seconds']):.0f} s; this run took {info['seconds']:.1f} s")
-    page.code({"config": config_dict(cfg), "config_hash": info.get("config_hash"),
-               "environment": info.get("environment")})
     page.write(directory / "report.html")
     write_json(directory / "metrics.json", summary | {
         "steps": cfg.steps, "tokens": {k: int(v) for k, v in tokens.items()},

@@ -115,8 +115,13 @@ def logit_lens(model: Transformer, cache: Cache, position: int = -1):
     """Each layer's residual stream read out as if it were the last one (final norm recomputed,
     then the unembedding): logits ``[n_layers + 1, batch, d_vocab]`` at ``position``."""
     states, _ = accumulated_resid(model, cache)
-    x = normalize(model.ln_final, states[:, :, position], model.cfg, _no_sites, "ln_final")
-    logits = x @ model.W_unembed
+    return readout(model, states[:, :, position])
+
+
+def readout(model: Transformer, x: Float[Array, "... d_model"]) -> Float[Array, "... d_vocab"]:
+    """The model's final norm and unembedding (bias and soft-cap included) applied to ``x``."""
+    x = normalize(model.ln_final, x, model.cfg, _no_sites, "ln_final")
+    logits = x @ model.W_unembed.astype(x.dtype)
     if model.b_U is not None:
         logits = logits + model.b_U
     cap = model.cfg.final_softcap

@@ -35,6 +35,17 @@ class Report:
         self.plots = Path(plots)
         self.parts = [f"<h1>{html.escape(title)}</h1>"]
 
+    def run_section(self, config, info: dict, summary: str) -> None:
+        """The closing "Run" section: each step's time (and whether it was restored), ``summary``,
+        and the config and environment the run recorded."""
+        from jinterp.runs import config_dict  # runs needs no report; the import stays one-way at load
+
+        self.heading("Run")
+        self.table(["step", "seconds", "restored from checkpoint"],
+                   [[name, t["seconds"], t["restored"]] for name, t in info.get("steps", {}).items()], summary)
+        self.code({"config": config_dict(config), "config_hash": info.get("config_hash"),
+                   "environment": info.get("environment")})
+
     def heading(self, text: str) -> None:
         self.parts.append(f"<h2>{html.escape(text)}</h2>")
 

@@ -67,6 +67,11 @@ class Experiment:
 
 # Config: a dataclass <-> a JSON-able dict, overridable with key=value strings.
 
+def option(default, help: str):
+    """A config field with its default and the help line ``jinterp run --help`` shows."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 def config_dict(config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))  # tuples become lists, as in the file
 

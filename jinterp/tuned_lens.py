@@ -32,8 +32,7 @@ from safetensors.numpy import load_file, save_file
 
 from jinterp.cache import Cache
 from jinterp.cache import run as run_model
-from jinterp.lens import accumulated_resid
-from jinterp.models.layers import normalize
+from jinterp.lens import accumulated_resid, readout
 from jinterp.models.transformer import Transformer
 from jinterp.train import Trained, shuffled_batches, train
 
@@ -83,20 +82,6 @@ class TunedLens(eqx.Module):
             states = states[:, :, position]
         translated = self.translate(states[:-1]).astype(states.dtype)
         return readout(model, jnp.concatenate([translated, states[-1:]]))
-
-
-def readout(model: Transformer, x: Float[Array, "... d_model"]) -> Float[Array, "... d_vocab"]:
-    """The model's final norm and unembedding (bias and soft-cap included) applied to ``x``."""
-    x = normalize(model.ln_final, x, model.cfg, _no_sites, "ln_final")
-    logits = x @ model.W_unembed.astype(x.dtype)
-    if model.b_U is not None:
-        logits = logits + model.b_U
-    cap = model.cfg.final_softcap
-    return logits if cap is None else cap * jnp.tanh(logits / cap)
-
-
-def _no_sites(kind, value):
-    return value
 
 
 def model_fingerprint(model: Transformer) -> str:
