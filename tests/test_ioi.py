@@ -88,7 +88,7 @@ def test_cli_commands_and_errors(short_run, capsys, tmp_path):
     assert (directory / "report.html").exists()
     assert cli.main(["run", "iio"]) == 2
     error = capsys.readouterr().err
-    assert "Unknown experiment 'iio'; valid choices: 'grokking', 'induction', 'ioi'" in error
+    assert "Unknown experiment 'iio'; valid choices: " in error and "'ioi'" in error
     assert "Did you mean 'ioi'" in error
     assert cli.main(["run", "ioi", "--out", str(tmp_path), "n_promts=3"]) == 2
     assert "Unknown Config key 'n_promts'" in capsys.readouterr().err
