@@ -9,6 +9,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import TOY, random_tokens
 
@@ -18,11 +19,13 @@ from jinterp.sae import (
     SAE,
     ModelActivations,
     SAESplice,
+    feature_attribution,
     jumprelu,
     load_gemma_scope,
     load_saelens,
     save_gemma_scope,
     save_saelens,
+    splice_losses,
     step,
     train_sae,
     training,
@@ -374,3 +377,64 @@ def test_model_activations_stream_from_the_forward(toy):
     assert distances.max() < 1e-4
     result = train_sae(source, "topk", 64, k=4, steps=20, lr=LR, eval_every=10, sample_size=80, progress=False)
     assert result.sae.site == SITE and np.isfinite(result.history["loss"]).all()
+
+
+def mean_loss(logits, tokens, first=0):
+    """Mean next-token cross-entropy (optax) of the predictions made from positions >= first."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
+    return float(losses[:, first:].mean())
+
+
+def test_splice_losses_equal_the_losses_of_replaced_sites(toy):
+    tokens = random_tokens(TOY.d_vocab, (5, 9), seed=3)
+    sae = toy_sae("relu")
+    _, cache = jinterp.run(toy, tokens, capture=[SITE])
+    x = cache[SITE]
+    skip = 2  # positions 0 and 1 untouched and their predictions not counted (all positions: the padding test)
+    losses = splice_losses(toy, sae, tokens, batch_size=2, skip=skip, progress=False)
+    positions = np.arange(skip, 9)
+    runs = {"clean": [], "spliced": [jinterp.Replace(SITE, sae(x), positions=positions)],
+            "zero_ablated": [jinterp.Replace(SITE, jnp.zeros_like(x), positions=positions)]}
+    for name, edits in runs.items():
+        logits, _ = jinterp.run(toy, tokens, edits=edits)
+        assert getattr(losses, name) == pytest.approx(mean_loss(logits, tokens, skip), rel=1e-5), name
+    assert losses.tokens == 5 * (8 - skip)
+    expected = (losses.zero_ablated - losses.spliced) / (losses.zero_ablated - losses.clean)
+    assert losses.as_dict()["ce_loss_recovered"] == pytest.approx(expected)
+    assert losses.spliced > losses.clean + 1e-3  # an untrained SAE is a poor stand-in
+
+
+def test_splice_losses_skip_padding(toy):
+    lengths = (9, 5)
+    tokens = random_tokens(TOY.d_vocab, (2, 9), seed=5)
+    padded, mask = tokens.copy(), np.arange(9)[None] < np.asarray(lengths)[:, None]
+    padded[~mask] = 0
+    sae = toy_sae("topk")
+    together = splice_losses(toy, sae, padded, attention_mask=mask.astype(np.int32), progress=False)
+    alone = [splice_losses(toy, sae, tokens[i:i + 1, :n], progress=False) for i, n in enumerate(lengths)]
+    assert together.tokens == sum(n - 1 for n in lengths)
+    for name in ("clean", "spliced", "zero_ablated"):
+        expected = sum(getattr(a, name) * a.tokens for a in alone) / together.tokens
+        assert getattr(together, name) == pytest.approx(expected, rel=1e-5), name
+
+
+def test_feature_attribution_is_latents_times_their_gradients(toy):
+    sae = toy_sae()
+
+    def metric(logits):
+        return logits[:, -1, 3].sum()
+
+    scores = feature_attribution(toy, TOKENS, sae, metric)
+    _, x = clean(toy)
+
+    def by_site(vector):
+        logits, _ = jinterp.run(toy, TOKENS, edits=[jinterp.Add(SITE, vector)])
+        return metric(logits)
+
+    site_gradient = jax.grad(by_site)(jnp.zeros_like(x))  # d metric / d site at every position
+    expected = sae.encode(x) * (site_gradient @ sae.W_dec.T)
+    assert scores.shape == (*TOKENS.shape, sae.d_sae)
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-6)
+    assert np.abs(np.asarray(scores)).max() > 1e-3
+    with pytest.raises(ValueError, match="needs a site"):
+        feature_attribution(toy, TOKENS, toy_sae(site=None), metric)
