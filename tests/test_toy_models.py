@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import jinterp
 
@@ -56,3 +57,23 @@ def test_a_toy_model_trains_with_optax():
         model, state, value = step(model, state)
         first = value if first is None else first
     assert float(value) < 0.2 * float(first)
+
+
+def test_first_layers_keeps_every_earlier_site():
+    # Local and global layers alternate, so the cut must keep each layer's type and rotary base.
+    cfg = jinterp.Config(d_model=24, n_layers=4, n_heads=3, d_head=8, d_mlp=40, d_vocab=29, n_ctx=16,
+                         layer_types=("local", "global", "local", "global"), sliding_window=3, positional="rotary",
+                         rope_theta_local=100.0)
+    model = jinterp.Transformer.init(cfg, jax.random.key(1), std=0.3)
+    tokens = np.random.default_rng(0).integers(0, 29, (2, 10))
+    capture = ["embed"] + [f"blocks.*.{kind}" for kind in ("attn.rot_q", "attn.pattern", "mlp.post", "resid_post")]
+    _, full = jinterp.run(model, tokens, capture=capture)
+    cut = model.first_layers(3)
+    assert cut.cfg.n_layers == 3 and cut.cfg.layer_types == ("local", "global", "local")
+    _, part = jinterp.run(cut, tokens, capture=capture)
+    assert len(part) == 1 + 4 * 3
+    for name in part:
+        np.testing.assert_array_equal(part[name], full[name], err_msg=name)
+    assert not np.array_equal(part["blocks.2.resid_post"], full["blocks.3.resid_post"])
+    with pytest.raises(ValueError, match=r"n in \[1, n_layers=4\]"):
+        model.first_layers(5)

@@ -167,6 +167,15 @@ class Transformer(eqx.Module):
         cast = lambda x: x.astype(dtype) if eqx.is_array(x) and jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
         return dataclasses.replace(jax.tree.map(cast, self), cfg=self.cfg.replace(dtype=dtype.name))
 
+    def first_layers(self, n: int) -> Transformer:
+        """This model cut after its first ``n`` blocks: every site up to ``blocks.{n-1}`` has the
+        same value as in this model, at a fraction of the cost (the final norm and unembedding then
+        read block ``n-1``'s output, so the logits mean nothing). For reading early activations."""
+        if not isinstance(n, int) or not 1 <= n <= self.cfg.n_layers:
+            raise ValueError(f"first_layers needs n in [1, n_layers={self.cfg.n_layers}], got {n!r}")
+        cfg = self.cfg.replace(n_layers=n, layer_types=self.cfg.layer_types[:n])
+        return dataclasses.replace(self, cfg=cfg, blocks=jax.tree.map(lambda a: a[:n], self.blocks))
+
     @classmethod
     def init(cls, cfg: Config, key: jax.Array, std: float = 0.02) -> Transformer:
         """A randomly initialised model (normal(0, std) weights, zero biases, unit norm weights)."""
