@@ -9,9 +9,6 @@ held-out text; the untrained tuned lens is the logit lens, so the first evaluati
 
 from __future__ import annotations
 
-import ast
-import hashlib
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +17,10 @@ import numpy as np
 import optax
 
 import jinterp
+from experiments.stdlib_text import is_held_out, stdlib_documents, windows
 from jinterp import tuned_lens
 from jinterp.report import Report, write_json
 from jinterp.runs import Experiment, Run, option
-
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
 @dataclass(frozen=True)
@@ -39,50 +35,6 @@ class Config:
     held_out_fraction: float = option(0.2, "share of standard-library modules held out")
     min_words: int = option(12, "shortest docstring kept, in words")
     seed: int = option(0, "seed of the training order and of the held-out sequences drawn")
-
-
-# Text ---------------------------------------------------------------------------------------------
-
-def docstrings(source: str, min_words: int) -> list[str]:
-    """The docstrings of a module, its classes and functions in source order, at least ``min_words`` long."""
-    found = []
-
-    def visit(node):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            text = ast.get_docstring(node)
-            if text and len(text.split()) >= min_words:
-                found.append(text)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(ast.parse(source))
-    return found
-
-
-def stdlib_documents(min_words: int = 12) -> dict[str, str]:
-    """Module name -> its docstrings joined by blank lines, for the top-level modules of the
-    standard library (``STDLIB/*.py``), in name order."""
-    documents = {}
-    for path in sorted(STDLIB.glob("*.py")):
-        texts = docstrings(path.read_text(encoding="utf-8", errors="replace"), min_words)
-        if texts:
-            documents[path.stem] = "\n\n".join(texts)
-    if not documents:
-        raise FileNotFoundError(f"No standard-library sources with docstrings under {STDLIB}")
-    return documents
-
-
-def is_held_out(name: str, fraction: float) -> bool:
-    """A fixed pseudo-random split by module name (the same on every machine and run)."""
-    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 2**32 < fraction
-
-
-def windows(tokenizer, documents: list[str], seq_len: int) -> np.ndarray:
-    """The documents' tokens, each followed by EOS, packed and cut into ``[n, seq_len]`` (the remainder dropped)."""
-    end = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    stream = np.array([t for text in documents for t in tokenizer.encode(text, prepend_bos=False) + end], np.int32)
-    n = len(stream) // seq_len
-    return stream[: n * seq_len].reshape(n, seq_len)
 
 
 def make_data(tokenizer, cfg: Config) -> dict:
