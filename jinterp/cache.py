@@ -7,6 +7,7 @@ import difflib
 import fnmatch
 import functools
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -17,11 +18,37 @@ from jinterp import names as S
 from jinterp.models.transformer import Transformer, check_inputs
 
 
-def _derivations(cfg) -> dict[str, str]:
-    """Sites whose captured value is a function of another site's: kind -> the kind it comes from."""
-    reads = "resid_pre" if cfg.parallel or cfg.attn_only else "resid_mid"
-    return {"attn.result": "attn.z", "attn.q_input": "resid_pre", "attn.k_input": "resid_pre",
-            "attn.v_input": "resid_pre", "mlp_in": reads}
+class Derivation(NamedTuple):
+    """How a site's value follows from others': ``sources`` (site kinds ``offset`` layers on);
+    ``forced``: capture the sources just for it (they are no bigger), otherwise it is derived at
+    the layers where the run captures its sources anyway; ``unedited``: sites whose edits the
+    formula would miss."""
+
+    sources: tuple[str, ...]
+    forced: bool = True
+    unedited: tuple[str, ...] = ()
+    offset: int = 0
+
+
+def _derivations(cfg) -> dict[str, Derivation]:
+    """Sites whose captured value is a function of other sites': kind -> its derivation, in an
+    order where a derivation's derived sources come first."""
+    found = {"attn.result": Derivation(("attn.z",)),
+             **{f"attn.{n}_input": Derivation(("resid_pre",)) for n in "qkv"}}
+    if cfg.norm_placement == "post":  # the residual stream passes through norms: no sums to redo
+        return found
+    # A block's output is the next block's input, bit for bit (the last block's is captured).
+    found["resid_post"] = Derivation(("resid_pre",), forced=False, unedited=("resid_pre",), offset=1)
+    sequential = not (cfg.parallel or cfg.attn_only)
+    if sequential:
+        found["resid_mid"] = Derivation(("resid_pre", "attn_out"), forced=False)
+    if cfg.has_mlp:
+        found["mlp_in"] = Derivation(("resid_mid" if sequential else "resid_pre",))
+    if cfg.norm is not None:
+        found["ln1.normalized"] = Derivation(("resid_pre", "ln1.scale"), forced=False)
+        if cfg.has_mlp:
+            found["ln2.normalized"] = Derivation(("mlp_in", "ln2.scale"), forced=False)
+    return found
 
 
 class Cache(eqx.Module, Mapping):
@@ -33,28 +60,43 @@ class Cache(eqx.Module, Mapping):
 
     A few sites are views of another: ``attn.result`` (each head's write, n_heads times the size
     of the residual stream) is ``z_h @ W_O[h]``; ``attn.q_input``/``k_input``/``v_input`` are the
-    residual stream once per head; ``mlp_in`` is the residual stream the MLP reads. Captured
-    without an edit on them, they are computed on access from the site they come from, with the
-    forward's own formula, so capturing them costs the forward nothing.
+    residual stream once per head; ``mlp_in`` is the residual stream the MLP reads. Others are
+    functions of sites captured anyway: ``resid_post`` is the next layer's ``resid_pre``,
+    ``resid_mid = resid_pre + attn_out``, ``ln1.normalized`` comes from ``resid_pre`` and
+    ``ln1.scale`` (``ln2`` from ``mlp_in``). Captured without an edit on them, they are computed on
+    access with the forward's own formula, so capturing them costs the forward nothing. The
+    recomputed sums and norms equal the forward's to float rounding (the compiled forward may
+    fuse an edit's multiply into its sum); everything else is bit for bit the forward's.
     """
 
     stacked: dict[str, Array]  # kind -> value (outside the blocks) or [captured layers, ...]
     layers: tuple[tuple[str, tuple[int, ...]], ...] = eqx.field(static=True)  # kind -> captured layers
     W_O: Array | None = None  # [n_layers, n_heads, d_head, d_model], for attn.result
-    derived: tuple[tuple[str, str, tuple[int, ...]], ...] = eqx.field(static=True, default=())
+    # (kind, its sources, their layer offset, the layers derived), as _derive plans them
+    derived: tuple[tuple[str, tuple[str, ...], int, tuple[int, ...]], ...] = eqx.field(static=True, default=())
     heads: tuple[int, int] = eqx.field(static=True, default=(0, 0))  # (n_heads, n_kv_heads)
+    layer_norm: bool = eqx.field(static=True, default=False)  # LayerNorm (centres) rather than RMSNorm
 
     def _derived(self, site: S.Site) -> Array | None:
-        for kind, source, layers in self.derived:
+        for kind, sources, offset, layers in self.derived:
             if site.kind == kind and site.layer in layers:
-                value = self[f"blocks.{site.layer}.{source}"]
-                if kind == "attn.result":
-                    return jnp.einsum("bqhe,hed->bqhd", value, self.W_O[site.layer])
-                if kind == "mlp_in":
-                    return value
-                heads = self.heads[0] if kind == "attn.q_input" else self.heads[1]
-                return jnp.broadcast_to(value[:, :, None], (*value.shape[:2], heads, value.shape[-1]))
+                values = [self[f"blocks.{site.layer + offset}.{source}"] for source in sources]
+                return self._formula(kind, values, site.layer)
         return None
+
+    def _formula(self, kind: str, values: list[Array], layer: int) -> Array:
+        """The forward's own computation of ``kind`` from its sources' values (see ``_derivations``)."""
+        if kind == "attn.result":
+            return jnp.einsum("bqhe,hed->bqhd", values[0], self.W_O[layer])
+        if kind == "resid_mid":
+            return values[0] + values[1]
+        if kind.endswith(".normalized"):  # as layers.normalize: float32, centred for LayerNorm, over the scale
+            x, scale = values[0].astype(jnp.float32), values[1]
+            return (x - x.mean(-1, keepdims=True) if self.layer_norm else x) / scale
+        if kind in ("mlp_in", "resid_post"):
+            return values[0]
+        heads = self.heads[0] if kind == "attn.q_input" else self.heads[1]
+        return jnp.broadcast_to(values[0][:, :, None], (*values[0].shape[:2], heads, values[0].shape[-1]))
 
     def _locate(self, site: S.Site) -> tuple[str, int | None] | None:
         """(kind, index into its stack) of a stored value."""
@@ -88,28 +130,28 @@ class Cache(eqx.Module, Mapping):
                 yield from (f"blocks.{layer}.{kind}" for layer in layers[kind])
             else:
                 yield kind
-        for kind, _, derived_layers in self.derived:
+        for kind, _, _, derived_layers in self.derived:
             yield from (f"blocks.{layer}.{kind}" for layer in derived_layers)
 
     def __len__(self) -> int:
         layers = dict(self.layers)
         stored = sum(len(layers[kind]) if kind in layers else 1 for kind in self.stacked)
-        return stored + sum(len(derived_layers) for _, _, derived_layers in self.derived)
+        return stored + sum(len(derived_layers) for _, _, _, derived_layers in self.derived)
 
     def __contains__(self, name) -> bool:
         try:
             site = S.parse(name)
         except (ValueError, TypeError):
             return False
-        derived = any(site.kind == kind and site.layer in layers for kind, _, layers in self.derived)
+        derived = any(site.kind == kind and site.layer in layers for kind, _, _, layers in self.derived)
         return derived or self._locate(site) is not None
 
     def stack(self, kind) -> Array:
         """One block site kind over the captured layers: ``[n_layers_captured, ...]``."""
         kind = S.parse(kind).kind
-        for derived, _, layers in self.derived:
-            if derived == kind:
-                return jnp.stack([self[f"blocks.{layer}.{kind}"] for layer in layers])
+        layers = self.captured_layers(kind)
+        if any(derived == kind for derived, *_ in self.derived):
+            return jnp.stack([self[f"blocks.{layer}.{kind}"] for layer in layers])
         if kind not in dict(self.layers):
             raise KeyError(f"No layer of {kind!r} was captured; captured: {', '.join(self.stacked)}")
         return self.stacked[kind]
@@ -117,8 +159,8 @@ class Cache(eqx.Module, Mapping):
     def captured_layers(self, kind) -> tuple[int, ...]:
         """The layers a stacked kind holds, in order."""
         kind = S.parse(kind).kind
-        derived = {k: layers for k, _, layers in self.derived}
-        return derived[kind] if kind in derived else dict(self.layers).get(kind, ())
+        derived = {k: layers for k, _, _, layers in self.derived}
+        return tuple(sorted(derived.get(kind, ()) + dict(self.layers).get(kind, ())))
 
 
 def _names(capture) -> list:
@@ -217,7 +259,8 @@ def run(model: Transformer, tokens, *, capture=(), edits=(), attention_mask=None
     output, cache = _run(model, jnp.asarray(tokens), edits + wanted, attention_mask, token_type_ids, logit_positions)
     if derived:
         heads = (model.cfg.n_heads, model.cfg.n_kv_heads)
-        cache = dataclasses.replace(cache, W_O=model.blocks.attn.W_O, derived=derived, heads=heads)
+        cache = dataclasses.replace(cache, W_O=model.blocks.attn.W_O, derived=derived, heads=heads,
+                                    layer_norm=model.cfg.norm == "layer")
     return output, cache
 
 
@@ -236,18 +279,36 @@ def _memoised_plan(cfg, names: tuple, edited: frozenset):
 
 
 def _derive(wanted: tuple[iv.Capture, ...], cfg, edited: set[str]):
-    """Capture the source of every derivable site (not edited in this run) in its place; the Cache
-    computes the derived value on access."""
-    derivations = {kind: source for kind, source in _derivations(cfg).items() if kind not in edited}
+    """Leave out every derivable site (not edited in this run) the Cache can compute on access
+    from sources captured anyway, or, for a forced derivation, from its source captured in its place."""
     layers = {c.site: {layer for _, layer in c.entries(cfg.n_layers)} for c in wanted}
-    derived = []
-    for kind, source in derivations.items():
-        if kind in layers:
-            derived.append((kind, source, tuple(sorted(layers[kind]))))
-            layers[source] = layers.get(source, set()) | layers.pop(kind)
-    sources = dict.fromkeys(source for _, source, _ in derived)
-    kept = tuple(c for c in wanted if c.site in layers and c.site not in sources)
-    return kept + tuple(iv.Capture(source, sorted(layers[source])) for source in sources), tuple(derived)
+    derived = {}  # kind -> (sources, offset, layers)
+
+    def available(kind) -> set:
+        return layers.get(kind, set()) | (set(derived[kind][2]) if kind in derived else set())
+
+    for kind, how in _derivations(cfg).items():
+        if kind not in layers or kind in edited or edited & set(how.unedited):
+            continue
+        if how.forced:
+            for source in how.sources:
+                missing = layers[kind] - available(source)
+                if missing:
+                    layers[source] = layers.get(source, set()) | missing
+            chosen = layers.pop(kind)
+        else:
+            chosen = {layer for layer in layers[kind]
+                      if all(layer + how.offset in available(source) for source in how.sources)}
+            if not chosen:
+                continue
+            layers[kind] -= chosen
+            if not layers[kind]:
+                del layers[kind]
+        derived[kind] = (how.sources, how.offset, tuple(sorted(chosen)))
+    captured = {c.site: c for c in wanted
+                if c.site in layers and {layer for _, layer in c.entries(cfg.n_layers)} == layers[c.site]}
+    plan = tuple(captured.get(kind) or iv.Capture(kind, sorted(found)) for kind, found in layers.items())
+    return plan, tuple((kind, *how) for kind, how in derived.items())
 
 
 def sites(model: Transformer, batch="batch", seq="pos") -> dict[str, tuple]:

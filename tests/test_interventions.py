@@ -227,3 +227,30 @@ def test_per_head_inputs_and_mlp_in_are_views_of_the_residual_stream(toy):
     before, after = np.asarray(plain["blocks.1.attn.q"]), np.asarray(edited["blocks.1.attn.q"])
     changed = [h for h in range(TOY.n_heads) if not np.allclose(before[:, :, h], after[:, :, h], atol=1e-5)]
     assert changed == [2]
+
+
+def test_derived_residual_and_norm_sites_follow_edits(toy):
+    """Captured together with their sources, resid_mid, resid_post and the normalized sites are
+    computed on access; they must still be what the forward continued with when edits touch
+    the sources or the sites in between. resid_post[l] enters layer l + 1 as resid_pre[l + 1]."""
+    names = [f"blocks.*.{kind}" for kind in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post",
+                                             "ln1.scale", "ln1.normalized", "ln2.scale", "ln2.normalized")]
+    cases = {"none": [], "resid_mid": [jinterp.Add("blocks.0.resid_mid", jnp.ones(TOY.d_model))],
+             "attn_out": [jinterp.Scale("blocks.0.attn_out", 3.0)], "mlp_in": [jinterp.Add("blocks.0.mlp_in", 1.0)],
+             "ln2.scale": [jinterp.Scale("blocks.0.ln2.scale", 2.0)]}
+    for case, edits in cases.items():
+        _, cache = jinterp.run(toy, TOKENS, capture=names, edits=edits)
+        # The next layer's input is the real residual stream, captured by the forward itself.
+        for layer in range(TOY.n_layers - 1):
+            np.testing.assert_array_equal(cache[f"blocks.{layer}.resid_post"], cache[f"blocks.{layer + 1}.resid_pre"],
+                                          err_msg=case)
+        # A Capture among the edits makes the forward record the value itself.
+        _, reference = jinterp.run(toy, TOKENS, edits=edits + [jinterp.Capture("blocks.0.ln2.normalized"),
+                                                               jinterp.Capture("blocks.0.ln1.normalized")])
+        for name in ("blocks.0.ln1.normalized", "blocks.0.ln2.normalized"):
+            np.testing.assert_allclose(cache[name], reference[name], atol=1e-6, err_msg=f"{case} {name}")
+        # resid_mid is recomputed as resid_pre + attn_out (to float rounding under a fused edit).
+        expected = cache["blocks.0.resid_pre"] + cache["blocks.0.attn_out"]
+        if case == "resid_mid":
+            expected = expected + 1.0
+        np.testing.assert_allclose(cache["blocks.0.resid_mid"], expected, rtol=1e-6, atol=1e-6, err_msg=case)
