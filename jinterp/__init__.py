@@ -4,7 +4,7 @@ from jinterp._numerics import prefer_accurate_cpu_float32
 
 prefer_accurate_cpu_float32()
 
-from jinterp import ablation, attribution, circuits, lens, patching, probes, sae, train, tuned_lens
+from jinterp import ablation, attribution, circuits, das, lens, patching, probes, sae, train, tuned_lens
 from jinterp.cache import Cache, run, sites
 from jinterp.interventions import (
     Add,
@@ -25,7 +25,6 @@ from jinterp.models.processing import process_weights
 
 __all__ = [
     "Add", "At", "Cache", "Capture", "Config", "Edit", "Interchange", "Intervention", "LoadError", "Project",
-    "Replace", "Scale", "Tokenizer", "Transformer", "Zero", "ablation", "attribution", "chain", "circuits", "lens",
-    "load",
-    "models", "patching", "probes", "process_weights", "run", "sae", "sites", "train", "tuned_lens",
+    "Replace", "Scale", "Tokenizer", "Transformer", "Zero", "ablation", "attribution", "chain", "circuits", "das",
+    "lens", "load", "models", "patching", "probes", "process_weights", "run", "sae", "sites", "train", "tuned_lens",
 ]
