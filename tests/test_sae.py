@@ -12,8 +12,11 @@ import numpy as np
 import optax
 import pytest
 from conftest import TOY, random_tokens
+from test_runs import assert_identical
 
 import jinterp
+from experiments import sae as sae_experiment
+from jinterp import runs
 from jinterp.runs import Run
 from jinterp.sae import (
     SAE,
@@ -30,6 +33,8 @@ from jinterp.sae import (
     train_sae,
     training,
 )
+from jinterp.sae.autoencoder import topk_decode
+from jinterp.sae.sources import Refill
 
 D_IN, N_FEATURES, D_SAE = 32, 64, 128
 STEPS, BATCH, LR = 400, 256, 1e-2  # shared, so each architecture compiles its training step once
@@ -375,8 +380,32 @@ def test_model_activations_stream_from_the_forward(toy):
     assert batch.shape == (20, TOY.d_model)
     distances = np.abs(batch[:, None] - every[None]).max(-1).min(-1)  # each row is some token's activation
     assert distances.max() < 1e-4
-    result = train_sae(source, "topk", 64, k=4, steps=20, lr=LR, eval_every=10, sample_size=80, progress=False)
+    np.testing.assert_allclose(source.all(), every, atol=1e-4)  # sequence by sequence
+    assert source.n_tokens == len(every) == 16 * 5
+    # Through a shuffle buffer of 100 activations, 40 trained on per step, 20 of them then fresh.
+    result = train_sae(source, "topk", 64, k=4, steps=20, lr=LR, eval_every=10, sample_size=80, batch_size=40,
+                       shuffle_buffer=100, progress=False)
     assert result.sae.site == SITE and np.isfinite(result.history["loss"]).all()
+    with pytest.raises(ValueError, match="source.batch_size=20 <= batch_size=10 <= shuffle_buffer=100"):
+        train_sae(source, "topk", 64, k=4, batch_size=10, shuffle_buffer=100)
+
+
+def test_a_shuffle_buffer_trains_on_its_rows_and_refills_the_first_of_them():
+    sae = random_sae("topk")
+    buffer, fresh = (jnp.asarray(planted(n, seed=n)[0]) for n in (64, 8))
+    slots = jnp.asarray([5, 60, 0, 17, 33, 2, 40, 9, 11, 50, 8, 1])  # 12 trained on, the first 8 refilled
+    loss = training.SAELoss(**{name: jnp.float32(value) for name, value in dict(
+        input_scale=1.0, target_scale=1.0, l1_coefficient=0.0, l0_coefficient=0.0, bandwidth=0.001,
+        aux_coefficient=0.0, dead_window=1e6, threshold_rate=0.01).items()}, aux_k=4)
+    state = training.SAEState(sae, jnp.zeros(sae.d_sae), buffer)
+    np.testing.assert_allclose(loss(state, Refill(fresh, slots)),
+                               loss(training.SAEState(sae, jnp.zeros(sae.d_sae)), buffer[slots]), rtol=1e-6)
+    optimizer = training.sae_optimizer("topk", 1e-3, 10)
+    updates, _ = optimizer.update(jax.grad(loss)(state, Refill(fresh, slots)), optimizer.init(state), state)
+    after = np.asarray(optax.apply_updates(state, updates).buffer)
+    np.testing.assert_allclose(after[slots[:8]], fresh, rtol=1e-6, atol=1e-6)
+    untouched = np.setdiff1d(np.arange(64), slots[:8])
+    np.testing.assert_array_equal(after[untouched], np.asarray(buffer)[untouched])
 
 
 def mean_loss(logits, tokens, first=0):
@@ -438,3 +467,42 @@ def test_feature_attribution_is_latents_times_their_gradients(toy):
     assert np.abs(np.asarray(scores)).max() > 1e-3
     with pytest.raises(ValueError, match="needs a site"):
         feature_attribution(toy, TOKENS, toy_sae(site=None), metric)
+
+
+SHORT_SAE = ["site=blocks.2.resid_post", "d_sae=64", "k=4", "steps=4", "batch_size=60", "sequences_per_step=2",
+             "shuffle_buffer=120", "seq_len=16", "eval_every=2", "held_out=4", "latents_shown=2"]
+
+
+def test_shortened_sae_experiment_on_real_text(tiny_model, tmp_path):
+    cfg = runs.make_config(sae_experiment.Config, overrides=[f"model={tiny_model}", *SHORT_SAE])
+    results = runs.execute(sae_experiment.EXPERIMENT, cfg, tmp_path, quiet=True)
+    metrics = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=pytest.fail)  # no NaN
+    assert metrics["tokens"] == {"fresh": 4 * 2 * 15, "served": 4 * 60, "held_out": 4 * 15,
+                                 "train_available": metrics["tokens"]["train_available"]}
+    assert metrics["l0"] <= 4 and 0 < metrics["explained_variance"] < 1
+    losses = [metrics[f"loss_{k}"] for k in ("clean", "spliced", "zero_ablated")]
+    assert metrics["ce_loss_recovered"] == pytest.approx((losses[2] - losses[1]) / (losses[2] - losses[0]))
+    contexts = results["contexts"]
+    assert set(np.asarray(contexts["latent"]).tolist()) <= set(np.asarray(results["evaluation"]["chosen"]).tolist())
+    assert all(token and "\n" not in before for before, token in zip(contexts["before"], contexts["token"]))
+    saved = load_saelens(tmp_path / "sae")
+    assert (saved.site, saved.d_sae, saved.k) == ("blocks.2.resid_post", 64, 4)
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "of the cross-entropy loss recovered" in page
+    assert_identical(results, runs.execute(sae_experiment.EXPERIMENT, cfg, tmp_path, quiet=True))  # restored
+
+
+def test_topk_decode_equals_the_dense_decoder_with_its_gradients():
+    sae = random_sae("topk", d_sae=48)
+    x = jnp.asarray(planted(16, seed=7)[0])
+
+    def sparse(W_dec, x):
+        values, indices = jax.lax.top_k(sae.pre_activations(x), sae.k)
+        return jnp.sum(jnp.sin(topk_decode(jax.nn.relu(values), indices, W_dec)))
+
+    def dense(W_dec, x):  # the plain decoder of the plain TopK latents
+        return jnp.sum(jnp.sin(sae.encode(x) @ W_dec))
+
+    np.testing.assert_allclose(sparse(sae.W_dec, x), dense(sae.W_dec, x), rtol=1e-5)
+    for got, expected in zip(jax.grad(sparse, (0, 1))(sae.W_dec, x), jax.grad(dense, (0, 1))(sae.W_dec, x)):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)

@@ -1,7 +1,12 @@
 """The sparse autoencoder: one ``SAE`` module for the four architectures of the literature.
 
     latents = sae.encode(x)        # [..., d_sae]
-    x_hat = sae.decode(latents)    # [..., d_in]; sae(x) does both
+    x_hat = sae.decode(latents)    # [..., d_out]; sae(x) does both
+
+A *transcoder* (Dunefsky et al. 2024) is the same module whose decoder predicts another site than
+the one it reads (an MLP's output from its input): ``target_site`` names it and ``d_out`` (the
+decoder's width) may differ from ``d_in``. Its ``b_dec`` lives in the output space, so it is
+never subtracted from the input (``apply_b_dec_to_input=False``, as SAELens requires too).
 
 Every architecture shares the affine encoder and decoder (the SAELens convention, so weights
 load either way)::
@@ -25,6 +30,7 @@ and differs in the activation that turns ``pre`` into sparse ``latents``:
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import equinox as eqx
 import jax
@@ -38,29 +44,33 @@ THRESHOLDED = ("batchtopk", "jumprelu")  # the architectures with a threshold pe
 
 
 class SAE(eqx.Module):
-    """A sparse autoencoder ``d_in -> d_sae -> d_in``; ``SAE.init`` builds one as the literature.
+    """A sparse autoencoder ``d_in -> d_sae -> d_out`` (``d_out = d_in`` unless it is a transcoder);
+    ``SAE.init`` builds one as the literature.
 
-    Fields: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``,
+    Fields: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_out]``, ``b_dec [d_out]``,
     ``threshold [d_sae]`` (batchtopk and jumprelu; None otherwise), and static ``architecture``,
     ``k`` (topk and batchtopk: latents per token), ``apply_b_dec_to_input`` (subtract ``b_dec``
-    before encoding: SAELens' default; Gemma Scope does not) and ``site`` (the jinterp site it
-    reads, e.g. ``"blocks.3.resid_post"``, or None).
+    before encoding: SAELens' default; Gemma Scope does not), ``site`` (the jinterp site it
+    reads, e.g. ``"blocks.3.resid_post"``, or None) and ``target_site`` (a transcoder's: the site
+    it predicts, e.g. ``"blocks.3.mlp_out"``; None for an autoencoder, which predicts ``site``).
     """
 
     W_enc: Float[Array, "d_in d_sae"]
     b_enc: Float[Array, " d_sae"]
-    W_dec: Float[Array, "d_sae d_in"]
-    b_dec: Float[Array, " d_in"]
+    W_dec: Float[Array, "d_sae d_out"]
+    b_dec: Float[Array, " d_out"]
     threshold: Float[Array, " d_sae"] | None
     architecture: str = eqx.field(static=True)
     k: int | None = eqx.field(static=True, default=None)
     apply_b_dec_to_input: bool = eqx.field(static=True, default=True)
     site: str | None = eqx.field(static=True, default=None)
+    target_site: str | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         choose(self.architecture, ARCHITECTURES, "SAE architecture")
         d_in, d_sae = self.W_enc.shape
-        shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+        d_out = self.W_dec.shape[-1]
+        shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_out,)}
         if self.architecture in THRESHOLDED:
             shapes["threshold"] = (d_sae,)
         elif self.threshold is not None:
@@ -69,7 +79,11 @@ class SAE(eqx.Module):
             value = getattr(self, name)
             if value is None or value.shape != shape:
                 got = None if value is None else value.shape
-                raise ValueError(f"SAE.{name} must have shape {shape} (d_in={d_in}, d_sae={d_sae}), got {got}")
+                raise ValueError(f"SAE.{name} must have shape {shape} (d_in={d_in}, d_sae={d_sae}, d_out={d_out}), "
+                                 f"got {got}")
+        if self.is_transcoder and self.apply_b_dec_to_input:
+            raise ValueError(f"A transcoder (d_in={d_in}, d_out={d_out}, target_site={self.target_site!r}) "
+                             f"cannot subtract its output-space b_dec from its input: use apply_b_dec_to_input=False")
         if self.architecture in ("topk", "batchtopk"):
             if not isinstance(self.k, int) or not 0 < self.k <= d_sae:
                 raise ValueError(f"A {self.architecture} SAE needs an int k in [1, d_sae={d_sae}], got {self.k!r}")
@@ -78,20 +92,30 @@ class SAE(eqx.Module):
 
     @classmethod
     def init(cls, d_in: int, d_sae: int, architecture: str = "topk", *, key, k: int | None = None,
-             b_dec=None, threshold: float = 0.0, apply_b_dec_to_input: bool = True, site: str | None = None,
-             dtype=jnp.float32) -> SAE:
+             b_dec=None, threshold: float = 0.0, apply_b_dec_to_input: bool | None = None, site: str | None = None,
+             d_out: int | None = None, target_site: str | None = None, dtype=jnp.float32) -> SAE:
         """A fresh SAE: decoder rows random unit vectors, ``W_enc = W_dec.T`` (tied init, Gao et al.
-        2024; Conerly et al. 2024), ``b_enc = 0``, ``b_dec`` as given (a ``[d_in]`` vector such as
+        2024; Conerly et al. 2024), ``b_enc = 0``, ``b_dec`` as given (a ``[d_out]`` vector such as
         the geometric median of a data sample, Bricken et al. 2023; default zeros), ``threshold``
-        filled with ``threshold`` for batchtopk/jumprelu."""
+        filled with ``threshold`` for batchtopk/jumprelu.
+
+        A transcoder (``d_out`` or ``target_site`` given) has input and output in different spaces,
+        so nothing ties them: its encoder columns are random unit vectors of their own, and
+        ``apply_b_dec_to_input`` defaults to False (True for an autoencoder)."""
         choose(architecture, ARCHITECTURES, "SAE architecture")
-        directions = jax.random.normal(key, (d_sae, d_in), jnp.float32)
-        W_dec = directions / jnp.linalg.norm(directions, axis=-1, keepdims=True)
-        b_dec = jnp.zeros(d_in) if b_dec is None else jnp.asarray(b_dec)
+        transcoder = d_out is not None or target_site is not None
+        d_out = d_in if d_out is None else d_out
+        keys = jax.random.split(key)
+        W_dec = _unit_rows(jax.random.normal(key, (d_sae, d_out), jnp.float32))
+        W_enc = _unit_rows(jax.random.normal(keys[1], (d_sae, d_in), jnp.float32)).T if transcoder else W_dec.T
+        b_dec = jnp.zeros(d_out) if b_dec is None else jnp.asarray(b_dec)
         thresholds = jnp.full(d_sae, threshold) if architecture in THRESHOLDED else None
-        arrays = (W_dec.T, jnp.zeros(d_sae), W_dec, b_dec, thresholds)
+        arrays = (W_enc, jnp.zeros(d_sae), W_dec, b_dec, thresholds)
         arrays = [None if a is None else a.astype(dtype) for a in arrays]
-        return cls(*arrays, architecture=architecture, k=k, apply_b_dec_to_input=apply_b_dec_to_input, site=site)
+        if apply_b_dec_to_input is None:
+            apply_b_dec_to_input = not transcoder
+        return cls(*arrays, architecture=architecture, k=k, apply_b_dec_to_input=apply_b_dec_to_input, site=site,
+                   target_site=target_site)
 
     @property
     def d_in(self) -> int:
@@ -100,6 +124,15 @@ class SAE(eqx.Module):
     @property
     def d_sae(self) -> int:
         return self.W_enc.shape[1]
+
+    @property
+    def d_out(self) -> int:
+        return self.W_dec.shape[1]
+
+    @property
+    def is_transcoder(self) -> bool:
+        """Whether it predicts another site than the one it reads."""
+        return self.target_site is not None or self.d_out != self.d_in
 
     def pre_activations(self, x: Float[Array, "... d_in"]) -> Float[Array, "... d_sae"]:
         """The encoder's affine map, before the sparsifying activation."""
@@ -121,23 +154,29 @@ class SAE(eqx.Module):
         """Sparse latents of activations ``x`` (any leading axes)."""
         return self.activate(self.pre_activations(x))
 
-    def decode(self, latents: Float[Array, "... d_sae"]) -> Float[Array, "... d_in"]:
+    def decode(self, latents: Float[Array, "... d_sae"]) -> Float[Array, "... d_out"]:
         """The reconstruction ``latents @ W_dec + b_dec``."""
         return latents @ self.W_dec + self.b_dec
 
-    def __call__(self, x: Float[Array, "... d_in"]) -> Float[Array, "... d_in"]:
-        """The reconstruction of ``x``."""
+    def __call__(self, x: Float[Array, "... d_in"]) -> Float[Array, "... d_out"]:
+        """The reconstruction of ``x`` (a transcoder: its prediction of the target site)."""
         return self.decode(self.encode(x))
 
     def _check_input(self, x) -> None:
         if x.shape[-1:] != (self.d_in,):
             raise ValueError(f"SAE input has shape {x.shape}; its last axis must be d_in={self.d_in}")
 
-    def with_input_scale(self, scale) -> SAE:
+    def with_input_scale(self, scale, output_scale=None) -> SAE:
         """The SAE that, given ``x``, does what this one does given ``scale * x`` (then divides the
-        reconstruction by ``scale``): folds an input normalisation into the weights."""
+        reconstruction by ``output_scale``, default ``scale``): folds an input (and a transcoder's
+        target) normalisation into the weights."""
+        if output_scale is None:
+            output_scale = scale
+        elif self.apply_b_dec_to_input:
+            raise ValueError("An SAE that subtracts b_dec from its input has one scale for input and output; "
+                             "pass scale only")
         return eqx.tree_at(lambda s: (s.W_enc, s.W_dec, s.b_dec), self,
-                           (self.W_enc * scale, self.W_dec / scale, self.b_dec / scale))
+                           (self.W_enc * scale, self.W_dec / output_scale, self.b_dec / output_scale))
 
     def without_input_b_dec(self) -> SAE:
         """The same function with ``apply_b_dec_to_input=False`` (Gemma Scope's convention): the
@@ -147,10 +186,39 @@ class SAE(eqx.Module):
         return dataclasses.replace(self, b_enc=self.b_enc - self.b_dec @ self.W_enc, apply_b_dec_to_input=False)
 
 
+def _unit_rows(W: Array) -> Array:
+    return W / jnp.linalg.norm(W, axis=-1, keepdims=True)
+
+
 def topk(pre: Float[Array, "... d_sae"], k: int) -> Float[Array, "... d_sae"]:
     """Keep the ``k`` largest entries of each row, ReLU'd; zeros elsewhere."""
     values, indices = jax.lax.top_k(pre, k)
     return jnp.put_along_axis(jnp.zeros_like(pre), indices, jax.nn.relu(values), axis=-1, inplace=False)
+
+
+@jax.custom_vjp
+def topk_decode(values: Float[Array, "n k"], indices, W_dec: Float[Array, "d_sae d_out"]) -> Float[Array, "n d_out"]:
+    """``sum_j values[:, j] * W_dec[indices[:, j]]``: a TopK decoder that reads only the k active
+    rows of each token (the bias not added), instead of a dense ``[n, d_sae] @ W_dec``. Backward:
+    the values' gradient by the same gather; ``W_dec``'s by one dense matmul of the scattered
+    latents (on CPU a scatter-add is no faster)."""
+    return jnp.sum(values[..., None] * W_dec[indices], axis=-2)
+
+
+def _topk_decode_forward(values, indices, W_dec):
+    return topk_decode(values, indices, W_dec), (values, indices, W_dec)
+
+
+def _topk_decode_backward(saved, cotangent):
+    values, indices, W_dec = saved
+    d_values = jnp.sum(cotangent[..., None, :] * W_dec[indices], axis=-1)
+    latents = jnp.put_along_axis(jnp.zeros((*values.shape[:-1], W_dec.shape[0]), values.dtype), indices, values,
+                                 axis=-1, inplace=False)
+    d_W_dec = latents.reshape(-1, W_dec.shape[0]).T @ cotangent.reshape(-1, W_dec.shape[1])
+    return d_values, None, d_W_dec
+
+
+topk_decode.defvjp(_topk_decode_forward, _topk_decode_backward)
 
 
 def batch_topk(pre: Float[Array, "n d_sae"], k: int) -> Float[Array, "n d_sae"]:
@@ -223,6 +291,7 @@ def _step_backward(saved, cotangent):
 _step.defvjp(_step_forward, _step_backward)
 
 
+@functools.partial(jax.jit, static_argnames="iterations")  # compiled once per shape, not on every call
 def geometric_median(points: Float[Array, "n d"], iterations: int = 64, eps: float = 1e-8) -> Float[Array, " d"]:
     """The point minimising the summed distance to ``points`` (Weiszfeld's iterations from the mean):
     the initial decoder bias of Bricken et al. 2023, robust to outlying activations."""

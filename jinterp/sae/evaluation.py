@@ -72,13 +72,14 @@ def _batch_losses(model, sae: SAE, site: str, tokens, attention_mask, positions)
 def splice_losses(model, sae: SAE, tokens: Int[Array, "n seq"], *, site: str | None = None, batch_size: int = 8,
                   attention_mask=None, skip: int = 0, progress: bool = True) -> SpliceLosses:
     """Next-token losses on ``tokens`` (``batch_size`` sequences per forward) clean, with ``sae``
-    spliced in at ``site`` (default ``sae.site``) without its error term, and with the site zeroed.
+    spliced in at ``site`` (default ``sae.site``; a transcoder's ``target_site``) without its error
+    term, and with the site zeroed.
 
     ``skip``: leave the first ``skip`` positions alone in both edits and do not count the
     predictions made from them (e.g. 1 when the SAE was trained without the BOS position, whose
     activations are outliers). ``attention_mask`` (``[n, seq]``, 1 at real tokens): padded
     positions are not counted."""
-    site = site if site is not None else sae.site
+    site = site if site is not None else (sae.target_site or sae.site)  # a transcoder replaces its target
     if site is None:
         raise ValueError("splice_losses needs a site: pass one, or train/load the SAE with site=...")
     tokens = np.asarray(tokens)
@@ -102,21 +103,23 @@ def feature_attribution(model, tokens: Int[Array, "batch seq"], sae: SAE, metric
     """Attribution patching over an SAE's latents: ``latent * d metric / d latent`` at every
     position, with the SAE spliced in at ``site`` (error kept, so the forward is the model's own).
     Minus it estimates, to first order, the change of ``metric(logits)`` (a scalar) when that
-    latent is ablated at that position; one forward and one backward in all."""
-    site = site if site is not None else sae.site
+    latent is ablated at that position; one forward and one backward in all. A transcoder's latents
+    are read from its input site and spliced at its ``target_site``."""
+    site = site if site is not None else (sae.target_site or sae.site)
     if site is None:
         raise ValueError("feature_attribution needs a site: pass one, or train/load the SAE with site=...")
     tokens = jnp.asarray(tokens)
     splice = SAESplice(site, sae, shift=jnp.zeros((*tokens.shape, sae.d_sae)))
-    return _feature_attribution(model, tokens, site, splice, metric, attention_mask)
+    read = sae.site if sae.is_transcoder else site  # the latents come from what the dictionary reads
+    return _feature_attribution(model, tokens, read, splice, metric, attention_mask)
 
 
 @eqx.filter_jit
-def _feature_attribution(model, tokens, site: str, splice: SAESplice, metric, attention_mask):
+def _feature_attribution(model, tokens, read: str, splice: SAESplice, metric, attention_mask):
     def measured(shift):
-        edits = [iv.Capture(site), eqx.tree_at(lambda s: s.shift, splice, shift)]  # capture before the splice
+        edits = [iv.Capture(read), eqx.tree_at(lambda s: s.shift, splice, shift)]  # capture before the splice
         logits, cache = run(model, tokens, edits=edits, attention_mask=attention_mask)
-        return metric(logits), cache[site]
+        return metric(logits), cache[read]
 
     gradient, value = jax.grad(measured, has_aux=True)(splice.shift)
     return splice.sae.encode(value.reshape(*value.shape[:2], -1)) * gradient

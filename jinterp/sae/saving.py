@@ -41,6 +41,10 @@ def tl_hook_name(site: str) -> str:
 
 def save_saelens(sae: SAE, directory, *, model_name: str | None = None) -> Path:
     """Write ``sae`` as SAELens writes it (``SAE.load_from_disk(directory)`` reads it); returns the directory."""
+    if sae.is_transcoder:
+        raise ValueError(f"save_saelens writes sparse autoencoders; this is a transcoder ({sae.site} -> "
+                         f"{sae.target_site}, d_in={sae.d_in}, d_out={sae.d_out}), whose file layout it does not "
+                         f"write yet: save its arrays with safetensors")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     architecture = TO_SAELENS[sae.architecture]

@@ -5,11 +5,16 @@ function of the step alone) and ``sample(n) -> [n, d_in]`` (eager: initialisatio
 ``ArrayActivations`` serves an array held in memory. ``ModelActivations`` computes activations
 from a jinterp model inside the compiled training step, a few sequences at a time, so the full set
 of activations is never held.
+
+Transcoder data: a source with ``targets`` (``ArrayActivations``) or a ``target_site``
+(``ModelActivations``) serves pairs ``(inputs [batch, d_in], targets [batch, d_out])`` from the
+same rows, from ``__call__`` and ``sample`` alike, and has ``d_out``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -30,10 +35,14 @@ class ArrayActivations(eqx.Module):
     activations: Float[Array, "n d_in"]
     batch_size: int = eqx.field(static=True)
     seed: int = eqx.field(static=True, default=0)
+    targets: Float[Array, "n d_out"] | None = None  # a transcoder's: served paired with the activations
 
     def __check_init__(self):
         if self.activations.ndim != 2:
             raise ValueError(f"activations must be [n, d_in], got shape {self.activations.shape}")
+        if self.targets is not None and (self.targets.ndim != 2 or len(self.targets) != len(self.activations)):
+            raise ValueError(f"targets must be [n={len(self.activations)}, d_out] (one per activation row), "
+                             f"got shape {self.targets.shape}")
         if not 0 < self.batch_size <= self.activations.shape[0]:
             raise ValueError(f"batch_size must be in [1, n={self.activations.shape[0]}], got {self.batch_size}")
 
@@ -41,14 +50,21 @@ class ArrayActivations(eqx.Module):
     def d_in(self) -> int:
         return self.activations.shape[1]
 
+    @property
+    def d_out(self) -> int:
+        return self.d_in if self.targets is None else self.targets.shape[1]
+
+    def _rows(self, rows):
+        return self.activations[rows] if self.targets is None else (self.activations[rows], self.targets[rows])
+
     def __call__(self, step) -> Float[Array, "batch d_in"]:
         key = jax.random.fold_in(jax.random.key(self.seed), step)
-        return self.activations[jax.random.randint(key, (self.batch_size,), 0, self.activations.shape[0])]
+        return self._rows(jax.random.randint(key, (self.batch_size,), 0, self.activations.shape[0]))
 
     def sample(self, n: int) -> Float[Array, "n d_in"]:
         """``n`` rows drawn without replacement (all of them if there are fewer)."""
         order = jax.random.permutation(jax.random.key(self.seed + 1), self.activations.shape[0])
-        return self.activations[order[:n]]
+        return self._rows(order[:n])
 
 
 class ModelActivations(eqx.Module):
@@ -56,8 +72,9 @@ class ModelActivations(eqx.Module):
     each step runs the model on ``sequences_per_batch`` sequences drawn uniformly (with replacement,
     as ``ArrayActivations``) and serves all their
     positions (``batch_size = sequences_per_batch * seq``), positions before ``skip`` (e.g. the BOS
-    token, whose activations are outliers) left out. The model is a field, so the training step
-    receives its weights as arguments rather than compiling them in."""
+    token, whose activations are outliers) left out. With ``target_site`` it serves pairs (a
+    transcoder's input and target, from the same forward). The model is a field, so the training
+    step receives its weights as arguments rather than compiling them in."""
 
     model: eqx.Module
     tokens: Int[Array, "n_seq seq"]
@@ -65,11 +82,13 @@ class ModelActivations(eqx.Module):
     sequences_per_batch: int = eqx.field(static=True)
     skip: int = eqx.field(static=True, default=0)
     seed: int = eqx.field(static=True, default=0)
+    target_site: str | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
-        site = S.resolve(self.model.cfg, self.site)
-        if not isinstance(site.layer, int) and site.kind in S.BLOCK_KINDS:
-            raise ValueError(f"ModelActivations reads one site; name its layer, got {self.site!r}")
+        for name in (self.site, self.target_site):
+            site = S.resolve(self.model.cfg, name) if name is not None else None
+            if site is not None and not isinstance(site.layer, int) and site.kind in S.BLOCK_KINDS:
+                raise ValueError(f"ModelActivations reads one site; name its layer, got {name!r}")
         if self.tokens.ndim != 2 or not 0 <= self.skip < self.tokens.shape[1]:
             raise ValueError(f"tokens must be [n_seq, seq] with seq > skip={self.skip}, got {self.tokens.shape}")
         if not 0 < self.sequences_per_batch <= self.tokens.shape[0]:
@@ -81,13 +100,41 @@ class ModelActivations(eqx.Module):
         return math.prod(S.site_shape(self.model.cfg, S.parse(self.site).kind)[2:])
 
     @property
+    def d_out(self) -> int:
+        site = self.site if self.target_site is None else self.target_site
+        return math.prod(S.site_shape(self.model.cfg, S.parse(site).kind)[2:])
+
+    @property
     def batch_size(self) -> int:
         return self.sequences_per_batch * (self.tokens.shape[1] - self.skip)
 
     def _activations(self, tokens) -> Float[Array, "n d_in"]:
-        _, cache = run(self.model, tokens, capture=[self.site])  # traceable: its checks skip traced values
-        value = cache[self.site][:, self.skip:]
-        return value.reshape(-1, self.d_in)
+        sites = [self.site] + ([self.target_site] if self.target_site is not None else [])
+        # Only the blocks up to the deepest site read run, and nothing is unembedded unless logits are read.
+        layers = [S.parse(site).layer for site in sites]
+        model = self.model
+        if all(isinstance(layer, int) for layer in layers):
+            model = model.first_layers(max(layers) + 1)
+        unembed = any(S.parse(site).kind == "logits" for site in sites)
+        _, cache = run(model, tokens, capture=sites,  # traceable: its checks skip traced values
+                       logit_positions=None if unembed else np.zeros(0, np.int32))
+        values = [cache[site][:, self.skip:].reshape(-1, width) for site, width in zip(sites, (self.d_in, self.d_out))]
+        return values[0] if self.target_site is None else tuple(values)
+
+    @property
+    def n_tokens(self) -> int:
+        """Activations in all the sequences (positions before ``skip`` left out)."""
+        return self.tokens.shape[0] * (self.tokens.shape[1] - self.skip)
+
+    def _in_chunks(self, order) -> Float[Array, "n d_in"]:
+        chunk = max(self.sequences_per_batch, 8)  # sequences per forward: fewer, larger calls
+        parts = [self._activations(self.tokens[order[i:i + chunk]]) for i in range(0, len(order), chunk)]
+        return jax.tree.map(lambda *pieces: jnp.concatenate(pieces), *parts)
+
+    def all(self) -> Float[Array, "n_tokens d_in"]:
+        """Every sequence's activations, sequence by sequence (row ``i * (seq - skip) + j`` is
+        sequence ``i``'s position ``skip + j``), computed in chunks."""
+        return self._in_chunks(np.arange(self.tokens.shape[0]))
 
     def __call__(self, step) -> Float[Array, "batch d_in"]:
         key = jax.random.fold_in(jax.random.key(self.seed), step)
@@ -98,7 +145,56 @@ class ModelActivations(eqx.Module):
         """Activations of the first ``n`` tokens of a seeded order of sequences, computed in chunks."""
         per_sequence = self.tokens.shape[1] - self.skip
         order = np.asarray(jax.random.permutation(jax.random.key(self.seed + 1), self.tokens.shape[0]))
-        order = order[:math.ceil(n / per_sequence)]
-        chunks = [self._activations(self.tokens[order[i:i + self.sequences_per_batch]])
-                  for i in range(0, len(order), self.sequences_per_batch)]
-        return jnp.concatenate(chunks)[:n]
+        return jax.tree.map(lambda a: a[:n], self._in_chunks(order[:math.ceil(n / per_sequence)]))
+
+
+class Refill(NamedTuple):
+    """A shuffle-buffer step's batch: ``fresh`` activations from the source (an array or an
+    (input, target) pair) and the buffer ``slots`` to train on; the first ``len(fresh)`` of them
+    then take the fresh activations."""
+
+    fresh: Any
+    slots: Int[Array, " batch"]
+
+
+class ShuffleBuffer(eqx.Module):
+    """Serves a source's activations through a buffer of ``size`` rows (held in the training
+    state, see ``train_sae(shuffle_buffer=)``): each step trains on ``batch_size`` rows drawn from
+    the buffer without replacement, and the source's fresh batch replaces the first of them. So a
+    batch mixes activations from many steps' sequences rather than a few sequences' correlated
+    tokens, and each activation is served ``batch_size / source.batch_size`` times on average (once
+    when they are equal), in a random order."""
+
+    source: Any
+    size: int = eqx.field(static=True)
+    batch_size: int = eqx.field(static=True)
+    seed: int = eqx.field(static=True, default=0)
+
+    def __check_init__(self):
+        fresh = self.source.batch_size
+        if not fresh <= self.batch_size <= self.size:
+            raise ValueError(f"A shuffle buffer needs source.batch_size={fresh} <= batch_size={self.batch_size} <= "
+                             f"shuffle_buffer={self.size}")
+
+    @property
+    def d_in(self) -> int:
+        return self.source.d_in
+
+    @property
+    def d_out(self) -> int:
+        return getattr(self.source, "d_out", self.source.d_in)
+
+    @property
+    def site(self) -> str | None:
+        return getattr(self.source, "site", None)
+
+    @property
+    def target_site(self) -> str | None:
+        return getattr(self.source, "target_site", None)
+
+    def __call__(self, step) -> Refill:
+        key = jax.random.fold_in(jax.random.key(self.seed + 2), step)
+        return Refill(self.source(step), jax.random.choice(key, self.size, (self.batch_size,), replace=False))
+
+    def sample(self, n: int):
+        return self.source.sample(n)

@@ -12,6 +12,16 @@ SAELens, the error term is a constant for gradients (``stop_gradient``): derivat
 layers below through the latents only. ``scale`` and ``shift`` are array leaves, so
 ``jax.grad`` with respect to ``shift`` at 0 is each latent's attribution, and ``jax.vmap`` sweeps
 over edits. ``attn.z`` sites are read with their heads flattened (SAELens' hook_z SAEs).
+
+A transcoder reads one site and writes another later in the same block:
+
+    splice = SAESplice("blocks.3.mlp_out", transcoder)   # reads transcoder.site, blocks.3.ln2.normalized
+
+It is the same edit at the site it writes (``mlp_out``), with the latents encoded from the value
+the forward had at the site it reads, which the splice holds as its state from one site to the
+next (``At.set_state``). The error term is the true ``mlp_out`` minus the transcoder's prediction,
+so with ``keep_error=False`` the layer's MLP is replaced by the transcoder (the replacement model
+of circuit tracing), and gradients reach the layers below through the transcoder's encoder only.
 """
 
 from __future__ import annotations
@@ -32,11 +42,15 @@ class SAESplice(iv.Edit):
     """Replace a site's value by an SAE's (edited) reconstruction; see the module docstring.
 
     Args:
-        site: where (a layer-specific name; default ``sae.site``).
-        sae: the ``SAE``.
-        keep_error: add ``x - sae(x)`` back, so that only latent edits change the forward.
+        site: where it writes (a layer-specific name; default ``sae.site``, or a transcoder's
+            ``sae.target_site``).
+        sae: the ``SAE`` (or transcoder).
+        keep_error: add ``x - sae(x)`` back (a transcoder: the site's value minus its prediction),
+            so that only latent edits change the forward.
         scale, shift: the latent edit ``f * scale + shift`` (default 1 and 0), broadcast against
             the latents ``[batch, pos, d_sae]``; ``ablate``/``clamp``/``steer`` build them.
+        reads: a transcoder's input site, in the block it writes (default ``sae.site``); None for an
+            autoencoder, which reads where it writes.
         layers, positions: restrict the splice as any ``Edit`` (elsewhere the value is unchanged).
     """
 
@@ -44,15 +58,23 @@ class SAESplice(iv.Edit):
     scale: Float[Array, "..."]
     shift: Float[Array, "..."]
     keep_error: bool = eqx.field(static=True)
+    reads: str | None = eqx.field(static=True)  # the site kind a transcoder reads; None: the site it writes
 
     def __init__(self, site=None, sae: SAE | None = None, *, keep_error: bool = True, scale=None, shift=None,
-                 layers=None, positions=None):
+                 reads=None, layers=None, positions=None):
         if not isinstance(sae, SAE):
             raise TypeError(f"SAESplice needs an SAE (jinterp.sae.SAE), got {type(sae).__name__}")
-        site = sae.site if site is None else site
+        if reads is None and sae.is_transcoder:
+            reads = sae.site
+            if reads is None:
+                raise ValueError(f"SAESplice of a transcoder (d_in={sae.d_in}, d_out={sae.d_out}) needs the site it "
+                                 f"reads: pass reads=..., or train/load it with site=...")
+        site = (sae.site if reads is None else sae.target_site) if site is None else site
         if site is None:
-            raise ValueError("SAESplice needs a site: pass one, or train/load the SAE with site=...")
+            raise ValueError("SAESplice needs a site: pass one, or train/load the SAE with site=... "
+                             "(a transcoder: target_site=...)")
         self._restrict(site, layers, positions, None)
+        self.reads = None if reads is None else _read_kind(reads, site)
         self.sae = sae
         self.scale = jnp.ones(sae.d_sae) if scale is None else jnp.asarray(scale)
         self.shift = jnp.zeros(sae.d_sae) if shift is None else jnp.asarray(shift)
@@ -82,19 +104,61 @@ class SAESplice(iv.Edit):
         """The same splice with ``amount`` added to these latents."""
         return self._latent_edit(latents, None, lambda old: old + amount)
 
+    def kinds(self) -> tuple[str, ...]:
+        return (self.site,) if self.reads is None else (self.reads, self.site)
+
+    def initial_state(self, cfg, batch: int, seq: int):
+        if self.reads is None:
+            return None
+        return jnp.zeros((batch, seq, self.sae.d_in), self.sae.W_enc.dtype)
+
+    def __call__(self, value: Array, at: iv.At) -> Array:
+        if at.kind == self.reads:  # a transcoder's input: held for the site it writes, later in this block
+            at.set_state(_flat(value, at.kind).astype(at.state.dtype))
+            return value
+        return super().__call__(value, at)
+
     def edit(self, value: Array, at: iv.At) -> Array:
-        x = value.reshape(*value.shape[:2], -1) if at.kind == "attn.z" else value
-        latents = self.sae.encode(x)
+        here = _flat(value, at.kind)
+        latents = self.sae.encode(here if self.reads is None else at.state)
         edited = latents * self._value(latents, at, self.scale, "SAESplice scale") + \
             self._value(latents, at, self.shift, "SAESplice shift")
         out = self.sae.decode(edited)
         if self.keep_error:
-            out = out + jax.lax.stop_gradient(x - self.sae.decode(latents))
+            out = out + jax.lax.stop_gradient(here - self.sae.decode(latents))
         return out.reshape(value.shape).astype(value.dtype)
 
     def check(self, cfg, seq_len: int) -> None:
         super().check(cfg, seq_len)
-        width = math.prod(S.site_shape(cfg, self.site)[2:])
-        if width != self.sae.d_in:
-            raise ValueError(f"SAESplice at {self.site!r}: the site's values have {width} features per position, "
-                             f"the SAE reads d_in={self.sae.d_in}")
+        widths = {self.site: ("reads d_in", self.sae.d_in)} if self.reads is None else {
+            self.reads: ("reads d_in", self.sae.d_in), self.site: ("writes d_out", self.sae.d_out)}
+        for kind, (what, expected) in widths.items():
+            width = math.prod(S.site_shape(cfg, kind)[2:])
+            if width != expected:
+                raise ValueError(f"SAESplice at {kind!r}: the site's values have {width} features per position, "
+                                 f"the SAE {what}={expected}")
+        if self.reads is not None:
+            block = S.site_kinds(cfg)[1]
+            if block.index(self.reads) > block.index(self.site):
+                raise ValueError(f"SAESplice reads {self.reads!r} and writes {self.site!r}, which comes before it in "
+                                 f"a block of this model; a transcoder reads a site before the one it writes")
+
+
+def _flat(value: Array, kind: str) -> Array:
+    """``attn.z`` with its heads flattened (SAELens' hook_z layout); other sites as they are."""
+    return value.reshape(*value.shape[:2], -1) if kind == "attn.z" else value
+
+
+def _read_kind(reads, site) -> str:
+    """The kind of a transcoder's input site, checked against the site it writes."""
+    read, write = S.parse(reads), S.parse(site)
+    if read.kind not in S.BLOCK_KINDS or write.kind not in S.BLOCK_KINDS:
+        raise ValueError(f"A transcoder splice reads and writes sites inside one block; got reads={read.name!r}, "
+                         f"site={write.name!r}")
+    if isinstance(read.layer, int) and isinstance(write.layer, int) and read.layer != write.layer:
+        raise ValueError(f"A transcoder splice reads and writes in one block; got reads={read.name!r} (layer "
+                         f"{read.layer}) and site={write.name!r} (layer {write.layer})")
+    if read.kind == write.kind:
+        raise ValueError(f"SAESplice would read and write {write.name!r}: a transcoder writes the site it predicts "
+                         f"(its target_site, e.g. mlp_out), not the one it reads")
+    return read.kind
