@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml Makefile
 
 test: setup
 	$(BIN)/ruff check jinterp experiments tests benchmarks
-	$(BIN)/python -m pytest -q
+	# Two workers, a test file each at a time: XLA compiles on one core, so two files overlap well.
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 # IOI on SmolLM2-135M: plots, metrics and an HTML report in runs/ioi (resumes if interrupted).
 demo: setup
