@@ -113,22 +113,24 @@ def compute(run: Run) -> dict:
     sae = trained.sae
     saes.save_saelens(sae, run.directory / SAE_DIRECTORY, model_name=cfg.model)
 
-    def evaluate():
-        latents = np.asarray(sae.encode(activations))
-        error = np.sum((np.asarray(sae(activations)) - np.asarray(activations)) ** 2, axis=-1)
-        variance = np.sum((np.asarray(activations) - np.asarray(activations).mean(0)) ** 2, axis=-1)
+    def evaluate():  # the held-out latents are encoded once, for the metrics and the top contexts
+        x = np.asarray(activations)
+        latents = sae.encode(activations)
+        error = np.sum((np.asarray(sae.decode(latents)) - x) ** 2, axis=-1)
+        variance = np.sum((x - x.mean(0)) ** 2, axis=-1)
+        latents = np.asarray(latents)
         losses = saes.splice_losses(model, sae, held_out, skip=1, batch_size=8, progress=not run.quiet)
         alive = np.flatnonzero((latents > 0).any(0))
         chosen = np.sort(np.random.default_rng(cfg.seed).choice(alive, min(cfg.latents_shown, len(alive)), False))
         return {"explained_variance": np.float64(1 - error.sum() / variance.sum()),
                 "l0": np.float64((latents > 0).sum(-1).mean()),
                 "frequency": (latents > 0).mean(0), "losses": losses.as_dict(), "chosen": chosen,
-                "max_activation": latents.max(0)}
+                "max_activation": latents.max(0), "contexts": top_contexts(latents, held_out, tokenizer, chosen)}
 
-    results = run.step("evaluation", evaluate)
-    latents = np.asarray(sae.encode(activations))  # [tokens, d_sae]: not kept, only the top contexts
-    return {"history": trained.history, "evaluation": results, "input_scale": np.float64(trained.input_scale),
-            "contexts": top_contexts(latents, held_out, tokenizer, np.asarray(results["chosen"])),
+    evaluation = dict(run.step("evaluation", evaluate))
+    contexts = evaluation.pop("contexts")
+    return {"history": trained.history, "evaluation": evaluation, "input_scale": np.float64(trained.input_scale),
+            "contexts": contexts,
             "train_seconds": np.float64(run.timings["sae"]["seconds"]),
             "tokens": {"fresh": np.int64(cfg.steps * source.batch_size), "served": np.int64(cfg.steps * cfg.batch_size),
                        "held_out": np.int64(activations.shape[0]), "train_available": np.int64(source.n_tokens)}}
