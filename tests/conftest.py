@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# Tests convert weights into their own cache, never the user's.
-os.environ["JINTERP_CACHE"] = tempfile.mkdtemp(prefix="jinterp-test-cache-")
+# Tests convert weights into their own cache, never the user's: one per test run, shared with the
+# pytest-xdist workers (they inherit the environment; cache entries are published atomically) and
+# removed by the process that made it (converted weights are ~2 GB; /tmp must not fill up run by run).
+if "JINTERP_TEST_CACHE" not in os.environ:
+    os.environ["JINTERP_TEST_CACHE"] = tempfile.mkdtemp(prefix="jinterp-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["JINTERP_TEST_CACHE"], ignore_errors=True)
+os.environ["JINTERP_CACHE"] = os.environ["JINTERP_TEST_CACHE"]
 
 import json
 
