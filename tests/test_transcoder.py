@@ -3,6 +3,8 @@ toy model's MLPs; spliced in place of an MLP they change exactly what a hand com
 attribution graph's edges are direct effects that add up to each node's value, and pruning keeps
 what carries the influence on the logits."""
 
+import json
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,7 @@ import pytest
 from conftest import LINEAR, TOY, random_tokens
 
 import jinterp
-from jinterp.sae import SAE, ArrayActivations, ModelActivations, SAESplice, save_saelens, train_sae
+from jinterp.sae import SAE, ArrayActivations, ModelActivations, SAESplice, load_saelens, save_saelens, train_sae
 from jinterp.sae.graph import AttributionGraph, attribution_graph, influence, normalized, prune_graph
 from jinterp.sae.transcoder import mlp_sites, transcoder_activations
 
@@ -184,6 +186,43 @@ def test_gradients_reach_the_mlp_input_through_the_transcoder_only(toy):
     assert np.abs(np.asarray(at_input.vector)).max() > 1e-3
 
 
+@pytest.mark.parametrize("architecture, saelens_name", [("relu", "transcoder"), ("jumprelu", "jumprelu_transcoder"),
+                                                       ("batchtopk", "jumprelu_transcoder")])
+def test_transcoders_round_trip_the_saelens_layout(tmp_path, architecture, saelens_name):
+    transcoder = random_transcoder(architecture, d_out=TOY.d_model + 3)
+    save_saelens(transcoder, tmp_path)
+    config = json.loads((tmp_path / "cfg.json").read_text())
+    assert config["architecture"] == saelens_name and config["d_out"] == TOY.d_model + 3
+    assert config["metadata"]["hook_name"] == f"blocks.{LAYER}.ln2.hook_normalized"
+    assert config["metadata"]["hook_name_out"] == f"blocks.{LAYER}.hook_mlp_out"
+    loaded = load_saelens(tmp_path)
+    assert (loaded.site, loaded.target_site, loaded.apply_b_dec_to_input) == (READS, WRITES, False)
+    x = jax.random.normal(jax.random.key(5), (6, TOY.d_model))
+    np.testing.assert_array_equal(loaded.encode(x), transcoder.encode(x))
+    np.testing.assert_array_equal(loaded(x), transcoder(x))
+
+
+@pytest.mark.parametrize("architecture", ["relu", "jumprelu"])
+def test_saelens_reads_the_transcoders_jinterp_writes_and_back(tmp_path, architecture):
+    saelens = pytest.importorskip("sae_lens", reason="sae-lens (the reference library) is not installed")
+    import torch
+
+    transcoder = random_transcoder(architecture, d_out=TOY.d_model + 3)
+    save_saelens(transcoder, tmp_path)
+    theirs = saelens.SAE.load_from_disk(tmp_path)
+    assert type(theirs).__name__ == {"relu": "Transcoder", "jumprelu": "JumpReLUTranscoder"}[architecture]
+    x = np.array(jax.random.normal(jax.random.key(6), (6, TOY.d_model)))
+    with torch.no_grad():
+        latents = theirs.encode(torch.from_numpy(x))
+        output = theirs.decode(latents)
+    np.testing.assert_allclose(latents.numpy(), transcoder.encode(x), atol=1e-5)
+    np.testing.assert_allclose(output.numpy(), transcoder(x), atol=1e-5)
+    theirs.save_model(tmp_path / "saved by SAELens")
+    back = load_saelens(tmp_path / "saved by SAELens")
+    assert (back.site, back.target_site, back.architecture) == (READS, WRITES, architecture)
+    np.testing.assert_allclose(back(x), output.numpy(), atol=1e-5)
+
+
 def test_mismatched_sites_and_shapes_get_clear_errors(toy):
     with pytest.raises(ValueError, match="writes d_out=20"):
         jinterp.run(toy, TOKENS, edits=[SAESplice(None, random_transcoder(d_out=20))])
@@ -197,7 +236,7 @@ def test_mismatched_sites_and_shapes_get_clear_errors(toy):
         jinterp.run(toy, TOKENS, edits=[SAESplice(None, random_transcoder(site="blocks.1.resid_post"))])
     with pytest.raises(ValueError, match="apply_b_dec_to_input=False"):
         SAE.init(4, 8, "relu", key=jax.random.key(0), d_out=6, apply_b_dec_to_input=True)
-    with pytest.raises(ValueError, match="this is a transcoder"):
+    with pytest.raises(ValueError, match="SAELens has no topk transcoder.*relu, batchtopk, jumprelu"):
         save_saelens(random_transcoder(), "never-written")
     with pytest.raises(ValueError, match="not \\(input, target\\) pairs"):
         train_sae(INPUTS, "relu", 16, steps=1, target_site=WRITES)

@@ -5,7 +5,10 @@ SAELens (6.x): a directory with ``cfg.json`` and ``sae_weights.safetensors`` (``
 relu <-> "standard", topk <-> "topk", jumprelu <-> "jumprelu"; a batchtopk SAE is saved as a
 jumprelu one with its global threshold on every latent (what SAELens does with its own), so it
 loads back as a jumprelu SAE computing the same function. ``cfg.json``'s ``metadata.hook_name``
-holds the site in TransformerLens spelling (``blocks.3.hook_resid_post``).
+holds the site in TransformerLens spelling (``blocks.3.hook_resid_post``). Transcoders take
+SAELens' transcoder classes: relu <-> "transcoder", jumprelu (and batchtopk, as above) <->
+"jumprelu_transcoder", with ``d_out`` and the target site in ``metadata.hook_name_out``; SAELens
+has no TopK transcoder, so a topk one is refused.
 
 Gemma Scope: ``params.npz`` with ``W_enc``, ``W_dec``, ``b_enc``, ``b_dec``, ``threshold``: a
 jumprelu SAE that does not subtract ``b_dec`` from its input.
@@ -27,6 +30,8 @@ CONFIG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
 FORMAT_VERSION = "6.0.0"  # SAELens reads configs without a version >= 6 in its older layout
 TO_SAELENS = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
 FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+TRANSCODER_TO_SAELENS = {"relu": "transcoder", "batchtopk": "jumprelu_transcoder", "jumprelu": "jumprelu_transcoder"}
+TRANSCODER_FROM_SAELENS = {"transcoder": "relu", "jumprelu_transcoder": "jumprelu"}
 GEMMA_SCOPE_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 
 
@@ -41,37 +46,43 @@ def tl_hook_name(site: str) -> str:
 
 def save_saelens(sae: SAE, directory, *, model_name: str | None = None) -> Path:
     """Write ``sae`` as SAELens writes it (``SAE.load_from_disk(directory)`` reads it); returns the directory."""
-    if sae.is_transcoder:
-        raise ValueError(f"save_saelens writes sparse autoencoders; this is a transcoder ({sae.site} -> "
-                         f"{sae.target_site}, d_in={sae.d_in}, d_out={sae.d_out}), whose file layout it does not "
-                         f"write yet: save its arrays with safetensors")
+    names = TRANSCODER_TO_SAELENS if sae.is_transcoder else TO_SAELENS
+    if sae.architecture not in names:
+        raise ValueError(f"SAELens has no {sae.architecture} transcoder ({sae.site} -> {sae.target_site}); "
+                         f"transcoder architectures it reads: {', '.join(TRANSCODER_TO_SAELENS)}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    architecture = TO_SAELENS[sae.architecture]
+    architecture = names[sae.architecture]
     weights = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-    if architecture == "jumprelu":
+    if architecture.startswith("jumprelu"):
         weights["threshold"] = sae.threshold
     weights = {name: np.ascontiguousarray(np.asarray(value)) for name, value in weights.items()}
     metadata = {"sae_lens_version": FORMAT_VERSION, "sae_lens_training_version": FORMAT_VERSION,
                 "hook_name": None if sae.site is None else tl_hook_name(sae.site), "model_name": model_name,
                 "written_by": "jinterp", "jinterp_architecture": sae.architecture}
+    if sae.is_transcoder:
+        metadata["hook_name_out"] = None if sae.target_site is None else tl_hook_name(sae.target_site)
     config = {"d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": str(sae.W_enc.dtype), "device": "cpu",
               "apply_b_dec_to_input": sae.apply_b_dec_to_input, "normalize_activations": "none",
               "reshape_activations": "hook_z" if sae.site and S.parse(sae.site).kind == "attn.z" else "none",
               "metadata": metadata, "architecture": architecture}
     if architecture == "topk":
         config |= {"k": sae.k, "rescale_acts_by_decoder_norm": False}
+    if sae.is_transcoder:
+        config["d_out"] = sae.d_out
     save_file(weights, str(directory / WEIGHTS))
     (directory / CONFIG).write_text(json.dumps(config, indent=2))
     return directory
 
 
-def load_saelens(directory, *, site: str | None = None) -> SAE:
-    """Read an SAE directory written by SAELens (``save_model``) or by ``save_saelens``.
+def load_saelens(directory, *, site: str | None = None, target_site: str | None = None) -> SAE:
+    """Read an SAE or transcoder directory written by SAELens (``save_model``) or by ``save_saelens``.
 
-    ``site`` overrides the one read from ``hook_name``. Refuses what it would get wrong: an
-    architecture other than standard/topk/jumprelu, or a ``normalize_activations`` other than
-    "none" (its scale factor is not in the file; fold it in SAELens first).
+    ``site`` (and ``target_site``, for a transcoder) override the ones read from ``hook_name`` (and
+    ``hook_name_out``). Refuses what it would get wrong: an architecture other than standard, topk,
+    jumprelu, transcoder or jumprelu_transcoder (a skip transcoder's ``W_skip`` has no place in
+    jinterp's SAE), or a ``normalize_activations`` other than "none" (its scale factor is not in
+    the file; fold it in SAELens first).
     """
     directory = Path(directory)
     missing = [name for name in (CONFIG, WEIGHTS) if not (directory / name).is_file()]
@@ -79,9 +90,10 @@ def load_saelens(directory, *, site: str | None = None) -> SAE:
         raise FileNotFoundError(f"{directory} is not an SAELens SAE directory: {', '.join(missing)} missing")
     config = json.loads((directory / CONFIG).read_text())
     architecture = config.get("architecture", "standard")
-    if architecture not in FROM_SAELENS:
+    known = FROM_SAELENS | TRANSCODER_FROM_SAELENS
+    if architecture not in known:
         raise ValueError(f"SAELens architecture {architecture!r} in {directory / CONFIG} is not supported; "
-                         f"valid: {', '.join(FROM_SAELENS)}")
+                         f"valid: {', '.join(known)}")
     normalize = config.get("normalize_activations") or "none"
     if normalize != "none":
         raise ValueError(f"{directory / CONFIG} has normalize_activations={normalize!r}: the SAE expects rescaled "
@@ -92,12 +104,17 @@ def load_saelens(directory, *, site: str | None = None) -> SAE:
     hook_name = metadata.get("hook_name") or config.get("hook_name") or config.get("hook_point")
     if site is None and hook_name is not None:
         site = S.parse(hook_name).name
+    transcoder = architecture in TRANSCODER_FROM_SAELENS
+    hook_name_out = metadata.get("hook_name_out") or config.get("hook_name_out")
+    if transcoder and target_site is None and hook_name_out is not None:
+        target_site = S.parse(hook_name_out).name
     k = config.get("k") if architecture == "topk" else None
     if architecture == "topk" and config.get("rescale_acts_by_decoder_norm"):
         weights = _fold_decoder_norms(weights)  # the same latents, computed with unit decoder rows
     return SAE(weights["W_enc"], weights["b_enc"], weights["W_dec"], weights["b_dec"], weights.get("threshold"),
-               architecture=FROM_SAELENS[architecture], k=None if k is None else int(k),
-               apply_b_dec_to_input=bool(config.get("apply_b_dec_to_input", True)), site=site)
+               architecture=known[architecture], k=None if k is None else int(k),
+               apply_b_dec_to_input=False if transcoder else bool(config.get("apply_b_dec_to_input", True)),
+               site=site, target_site=target_site if transcoder else None)
 
 
 def _fold_decoder_norms(weights: dict) -> dict:
