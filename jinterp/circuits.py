@@ -179,6 +179,8 @@ def edge_attribution(model: Transformer, clean_tokens, corrupt_tokens, metric: C
     m midpoints of the straight path between the base and source input embeddings.
     """
     choose(direction, DIRECTIONS, "patching direction")
+    if not isinstance(ig_steps, int) or ig_steps < 0:
+        raise ValueError(f"ig_steps must be a non-negative int (0 = EAP), got {ig_steps!r}")
     graph = Graph.of(model.cfg)
     clean_tokens, corrupt_tokens = _pair(model, clean_tokens, corrupt_tokens, attention_mask)
     base, source = (corrupt_tokens, clean_tokens) if direction == "denoise" else (clean_tokens, corrupt_tokens)

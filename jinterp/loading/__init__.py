@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax.numpy as jnp
+
 from jinterp.loading import registry, store
 from jinterp.loading.errors import LoadError
 from jinterp.loading.gguf import read_gguf
@@ -11,6 +13,7 @@ from jinterp.loading.hf import read_hf_dir
 from jinterp.loading.registry import models
 from jinterp.loading.tokenizer import Batch, Tokenizer
 from jinterp.models import flat
+from jinterp.models.config import DTYPES
 from jinterp.models.transformer import Transformer
 
 
@@ -23,6 +26,8 @@ def load(source=registry.DEFAULT, dtype=None, *, progress: bool = True) -> tuple
     dequantised once and cached as float32 safetensors (see ``jinterp.loading.store``).
     ``dtype``: e.g. ``jnp.bfloat16``; default float32. No torch, no network.
     """
+    if dtype is not None and (not _is_dtype(dtype) or jnp.dtype(dtype).name not in DTYPES):
+        raise ValueError(f"Unknown dtype {dtype!r}; valid choices: {', '.join(DTYPES)} (or None for float32)")
     named = None
     if isinstance(source, str) and not Path(source).exists():
         named = registry.resolve(source)
@@ -43,6 +48,14 @@ def load(source=registry.DEFAULT, dtype=None, *, progress: bool = True) -> tuple
         return _build(cfg, arrays, dtype, path), tokenizer
     raise LoadError(path, f"no such file or directory; pass a registered name ({', '.join(registry.MODELS)}), "
                           "a .gguf file or an HF-format directory")
+
+
+def _is_dtype(dtype) -> bool:
+    try:
+        jnp.dtype(dtype)
+        return True
+    except TypeError:
+        return False
 
 
 def _build(cfg, arrays, dtype, source) -> Transformer:

@@ -8,6 +8,7 @@ Gemma files store norm weights as ``1 + w`` already, which is what jinterp's nor
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jinterp.loading.errors import LoadError
+from jinterp.loading.limits import check_counts, check_fits
 from jinterp.loading.tokenizer import Tokenizer
 from jinterp.models import flat
 from jinterp.models.config import Config
@@ -26,8 +28,6 @@ class GGUFFile:
     """An opened GGUF: metadata as Python values, tensors by name, every error naming the file."""
 
     def __init__(self, path):
-        import gguf
-
         self.path = Path(path)
         try:
             with open(self.path, "rb") as handle:
@@ -37,7 +37,7 @@ class GGUFFile:
         if magic != b"GGUF":
             raise LoadError(self.path, f"not a GGUF file (starts with {magic!r}, expected b'GGUF')")
         try:
-            self.reader = gguf.GGUFReader(str(self.path))
+            self.reader = _bounded_reader()(str(self.path))
         except Exception as error:  # the reader raises ValueError, IndexError, struct errors... on damage
             raise LoadError(self.path, f"damaged or unreadable GGUF ({type(error).__name__}: {error})") from None
         self.tensors = {tensor.name: tensor for tensor in self.reader.tensors}
@@ -79,6 +79,24 @@ class GGUFFile:
         return array
 
 
+@functools.cache
+def _bounded_reader() -> type:
+    import gguf  # lazily: importing it costs most of a second
+
+    class BoundedReader(gguf.GGUFReader):
+        """``GGUFReader`` that refuses to read past the end of the file. The stock reader returns
+        an empty array there, so an array declaring 2**63 scalars loops (and grows) for ever."""
+
+        def _get(self, offset, dtype, count=1, override_order=None):
+            end = int(offset) + np.dtype(dtype).itemsize * int(count)
+            if int(offset) < 0 or int(count) < 0 or end > len(self.data):
+                raise ValueError(f"{int(count)} values of {np.dtype(dtype)} at byte {int(offset)} would end at byte "
+                                 f"{end}, past the end of the file ({len(self.data)} bytes)")
+            return super()._get(offset, dtype, count, override_order)
+
+    return BoundedReader
+
+
 def config_from_gguf(file: GGUFFile) -> Config:
     arch = file.require("general.architecture")
     if arch not in ARCHITECTURES:
@@ -89,6 +107,23 @@ def config_from_gguf(file: GGUFFile) -> Config:
     n_kv_heads = get("attention.head_count_kv", n_heads)
     if isinstance(n_heads, list) or isinstance(n_kv_heads, list):
         raise LoadError(file.path, "per-layer head counts are not supported")
+    # Bits bound the values a (quantised) file can hold: no count may exceed them.
+    check_counts(file.path, file.path.stat().st_size * 8, {
+        f"{arch}.embedding_length": d_model, f"{arch}.attention.head_count": n_heads, f"{arch}.block_count": n_layers,
+        f"{arch}.attention.head_count_kv": n_kv_heads, f"{arch}.attention.key_length": get("attention.key_length"),
+        f"{arch}.feed_forward_length": need("feed_forward_length"), f"{arch}.vocab_size": get("vocab_size"),
+        f"{arch}.rope.dimension_count": get("rope.dimension_count")})
+    if n_heads == 0:
+        raise LoadError(file.path, f"{arch}.attention.head_count must be positive, got 0")
+    try:
+        return _config(file, arch, get, need, d_model, n_heads, n_layers, n_kv_heads)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as error:
+        if isinstance(error, LoadError):
+            raise
+        raise LoadError(file.path, f"inconsistent metadata: {error}") from None
+
+
+def _config(file, arch, get, need, d_model, n_heads, n_layers, n_kv_heads) -> Config:
     d_head = get("attention.key_length", d_model // n_heads)
     vocab = get("vocab_size") or len(file.require("tokenizer.ggml.tokens"))
     scaling = None
@@ -101,24 +136,20 @@ def config_from_gguf(file: GGUFFile) -> Config:
                   norm_eps=float(need("attention.layer_norm_rms_epsilon")), gated_mlp=True, positional="rotary",
                   rotary_dim=get("rope.dimension_count", d_head), rope_theta=float(get("rope.freq_base", 10_000.0)),
                   rope_scaling=scaling, tied_embeddings="output.weight" not in file.tensors)
-    try:
-        if arch == "llama":
-            return Config(**common, act="silu", architecture="llama")
-        # Gemma 3: every 6th layer global (the rest slide over 512 tokens); local rotary base 10k;
-        # queries scaled by head_dim^-1/2 (by (d_model / n_heads)^-1/2 for the 62-layer 27B), as llama.cpp does.
-        window = get("attention.sliding_window", 512)
-        scale_dim = d_model // n_heads if n_layers == 62 else d_head
-        pattern = get("attention.sliding_window_pattern", 6)  # every n-th layer global, or per-layer flags
-        if isinstance(pattern, list):
-            layer_types = tuple("local" if sliding else "global" for sliding in pattern)
-        else:
-            layer_types = tuple("global" if (i + 1) % pattern == 0 else "local" for i in range(n_layers))
-        return Config(**common, act="gelu_tanh", norm_placement="sandwich", qk_norm=True, layer_types=layer_types,
-                      sliding_window=window, rope_theta_local=float(get("rope.freq_base_swa", 10_000.0)),
-                      attn_scale=scale_dim ** -0.5, embed_scale=math.sqrt(d_model),
-                      architecture="gemma3")
-    except ValueError as error:
-        raise LoadError(file.path, f"inconsistent metadata: {error}") from None
+    if arch == "llama":
+        return Config(**common, act="silu", architecture="llama")
+    # Gemma 3: every 6th layer global (the rest slide over 512 tokens); local rotary base 10k;
+    # queries scaled by head_dim^-1/2 (by (d_model / n_heads)^-1/2 for the 62-layer 27B), as llama.cpp does.
+    window = get("attention.sliding_window", 512)
+    scale_dim = d_model // n_heads if n_layers == 62 else d_head
+    pattern = get("attention.sliding_window_pattern", 6)  # every n-th layer global, or per-layer flags
+    if isinstance(pattern, list):
+        layer_types = tuple("local" if sliding else "global" for sliding in pattern)
+    else:
+        layer_types = tuple("global" if (i + 1) % pattern == 0 else "local" for i in range(n_layers))
+    return Config(**common, act="gelu_tanh", norm_placement="sandwich", qk_norm=True, layer_types=layer_types,
+                  sliding_window=window, rope_theta_local=float(get("rope.freq_base_swa", 10_000.0)),
+                  attn_scale=scale_dim ** -0.5, embed_scale=math.sqrt(d_model), architecture="gemma3")
 
 
 def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -132,6 +163,8 @@ def read_gguf(path, progress: bool = True) -> tuple[Config, dict[str, np.ndarray
     file = GGUFFile(path)
     cfg = config_from_gguf(file)
     tokenizer = Tokenizer.from_gguf(file.tokenizer_fields(), str(file.path))
+    # A tensor cannot hold more values than its bytes have bits (the header's count can overflow).
+    check_fits(cfg, sum(min(int(t.n_elements), t.data.nbytes * 8) for t in file.reader.tensors), file.path)
     H, K, E, D, M = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp
     gemma = cfg.architecture == "gemma3"
     out = flat.empty(cfg)
@@ -160,4 +193,7 @@ def read_gguf(path, progress: bool = True) -> tuple[Config, dict[str, np.ndarray
     out["ln_final.w"] = file.tensor("output_norm.weight", (D,))
     if not cfg.tied_embeddings:
         out["W_U"] = file.tensor("output.weight", (cfg.d_vocab, D)).T
+    for name, array in out.items():  # checked here, before the arrays are cached under the file's hash
+        if not np.isfinite(array).all():
+            raise LoadError(file.path, f"parameter {name!r} has NaN or infinite values")
     return cfg, out, tokenizer

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from jinterp.loading.errors import LoadError
+from jinterp.loading.limits import check_counts, check_fits
 from jinterp.models import flat
 from jinterp.models.config import Config
 from jinterp.models.transformer import Transformer
@@ -118,6 +119,10 @@ class Tensors:
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
+
+    def stored_values(self) -> int:
+        """How many values the files hold, from their headers (which safetensors checks against the file length)."""
+        return sum(math.prod(self.handles[path].get_slice(name).get_shape()) for name, path in self.where.items())
 
     def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
         if name not in self.where:
@@ -235,6 +240,8 @@ CONFIGS: dict[str, Callable[[HFConfig, str], Config]] = {
     "gpt2": _gpt2, "gpt_neox": _neox, "bert": _bert,
 }
 ARCHITECTURES = tuple(CONFIGS)
+COUNTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+          "vocab_size", "head_dim", "n_embd", "n_layer", "n_head", "n_inner", "type_vocab_size")
 
 
 def config_from_hf(data: dict, path: Path) -> Config:
@@ -243,11 +250,15 @@ def config_from_hf(data: dict, path: Path) -> Config:
     if arch == "gemma3" and isinstance(data.get("text_config"), dict):
         data = {**data["text_config"], "model_type": "gemma3_text"}
         arch = "gemma3_text"
-    if arch not in CONFIGS:
+    if not isinstance(arch, str) or arch not in CONFIGS:
         raise LoadError(path, f"unsupported model_type {arch!r}; supported: {', '.join(ARCHITECTURES)}")
+    # Counts are checked before a Config (which builds per-layer tuples) exists: a byte holds at
+    # least one value, so no count may exceed the bytes of the weight files beside config.json.
+    weight_bytes = sum(f.stat().st_size for f in Path(path).parent.glob("*.safetensors"))
+    check_counts(path, weight_bytes, {key: data.get(key) for key in COUNTS})
     try:
         return CONFIGS[arch](HFConfig(data, path), arch)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as error:
         if isinstance(error, LoadError):
             raise
         raise LoadError(path, f"contradictory or invalid config: {error}") from None
@@ -419,10 +430,12 @@ def read_hf_dir(directory) -> tuple[Config, dict[str, np.ndarray]]:
     config_path = directory / "config.json"
     if not config_path.exists():
         raise LoadError(directory, "no config.json; an HF-format directory needs config.json and safetensors weights")
-    cfg = config_from_hf(_read_json(config_path), config_path)
-    tensors = Tensors(directory)
+    data = _read_json(config_path)
+    tensors = Tensors(directory)  # first: missing or pickled weights are the clearer error
+    cfg = config_from_hf(data, config_path)
     if cfg.architecture == "bert":
         cfg = cfg.replace(pooler=_bert_prefix(tensors) + "pooler.dense.weight" in tensors)
+    check_fits(cfg, tensors.stored_values(), config_path)
     arrays = flat.empty(cfg)
     CONVERTERS.get(cfg.architecture, _convert_llama)(tensors, cfg, arrays)
     return cfg, arrays

@@ -54,6 +54,9 @@ class Tokenizer:
             backend = tokenizers.Tokenizer.from_file(str(path))
         except Exception as error:  # tokenizers raises a bare Exception for malformed files
             raise LoadError(path, f"not a readable tokenizer.json ({error})") from None
+        unk = getattr(backend.model, "unk_token", None)
+        if unk is not None and backend.token_to_id(unk) is None:  # else encoding any unknown text fails
+            raise LoadError(path, f"the unknown token {unk!r} is not in the vocabulary")
         backend.no_padding()  # padding is done per batch by __call__; encode never truncates
         backend.no_truncation()
         return cls(backend, _read_specials(path.parent, backend), str(path))
@@ -61,6 +64,15 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, fields: dict, source: str = "") -> Tokenizer:
         """From GGUF ``tokenizer.*`` metadata (already decoded to Python values)."""
+        try:
+            return cls._from_gguf(fields, source)
+        except LoadError:
+            raise
+        except Exception as error:  # damaged metadata: wrong types, ids out of range; tokenizers raises bare Exception
+            raise LoadError(source, f"damaged tokenizer metadata ({type(error).__name__}: {error})") from None
+
+    @classmethod
+    def _from_gguf(cls, fields: dict, source: str) -> Tokenizer:
         kind = fields.get("tokenizer.ggml.model")
         tokens = fields.get("tokenizer.ggml.tokens")
         if not tokens:
@@ -77,6 +89,9 @@ class Tokenizer:
             eos_token_id=fields.get("tokenizer.ggml.eos_token_id"),
             pad_token_id=fields.get("tokenizer.ggml.padding_token_id"),
             chat_template=fields.get("tokenizer.chat_template"))
+        for name, value in specials.__dict__.items():
+            if name.endswith("_id") and value is not None and not 0 <= value < len(tokens):
+                raise LoadError(source, f"{name}={value} is outside the vocabulary of {len(tokens)} tokens")
         add_bos = fields.get("tokenizer.ggml.add_bos_token", kind == "llama")
         if add_bos and specials.bos_token_id is not None:
             bos = tokens[specials.bos_token_id]
@@ -172,21 +187,39 @@ class Tokenizer:
 def _read_specials(directory: Path, backend: tokenizers.Tokenizer) -> Specials:
     ours = directory / "jinterp_tokenizer.json"
     if ours.exists():
-        return Specials(**json.loads(ours.read_text()))
+        found = _json_object(ours)
+        fields = set(Specials.__dataclass_fields__)
+        if not set(found) <= fields:
+            raise LoadError(ours, f"unknown keys {sorted(set(found) - fields)}; valid: {sorted(fields)}")
+        return Specials(**found)
     config_path = directory / "tokenizer_config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config = _json_object(config_path) if config_path.exists() else {}
 
     def token_id(name):
         token = config.get(name)
         token = token.get("content") if isinstance(token, dict) else token
+        if token is not None and not isinstance(token, str):
+            raise LoadError(config_path, f"{name} must be a string or {{'content': string}}, got {token!r}")
         return None if token is None else backend.token_to_id(token)
 
     bos = token_id("bos_token")
     if bos is None:
         bos = token_id("cls_token")  # BERT: [CLS] plays BOS
+    template = config.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise LoadError(config_path, f"chat_template must be a string, got {type(template).__name__}")
     return Specials(bos_token_id=bos, eos_token_id=token_id("eos_token") if token_id("eos_token") is not None
-                    else token_id("sep_token"), pad_token_id=token_id("pad_token"),
-                    chat_template=config.get("chat_template"))
+                    else token_id("sep_token"), pad_token_id=token_id("pad_token"), chat_template=template)
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LoadError(path, f"not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise LoadError(path, f"expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 # --- GGUF vocabularies ----------------------------------------------------------------------
