@@ -7,6 +7,7 @@ import pytest
 from texts import varied_strings
 
 import jinterp
+from jinterp.generation import generate
 
 torch = pytest.importorskip("torch", reason="the `reference` extra (torch, transformers) is not installed")
 
@@ -109,3 +110,18 @@ def test_models_lists_what_is_registered_and_installed():
     assert set(listed) == {"smollm2-135m", "gemma3-270m", "minilm-l6"}
     assert listed["smollm2-135m"]["default"] and "Gemma" in listed["gemma3-270m"]["license"]
     assert all(isinstance(m["installed"], bool) for m in listed.values())
+
+
+def test_greedy_generation_equals_transformers_on_smollm2(named):
+    """jinterp.generate on a padded batch gives transformers' generate(do_sample=False) tokens and texts."""
+    model, tokenizer, hf, hf_tokenizer = named("smollm2-135m")
+    prompts = ["The capital of France is", "When Mary and John went to the store, John gave a drink to", "Hello"]
+    ours = generate(model, tokenizer, prompts, 8)
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor(ours.prompt_tokens, dtype=torch.long),
+                             attention_mask=torch.tensor(ours.prompt_mask, dtype=torch.long), max_new_tokens=8,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    new = theirs[:, ours.prompt_tokens.shape[1]:].numpy()
+    np.testing.assert_array_equal(ours.tokens, new)
+    assert ours.texts == hf_tokenizer.batch_decode(new, skip_special_tokens=True)
+    assert ours.texts[0].strip().startswith("Paris")

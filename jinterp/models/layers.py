@@ -166,12 +166,15 @@ def attention(
     rope: tuple[Array, Array] | None,
     cfg: Config,
     hook: Hook,
-    prefix: tuple[Array, Array] | None = None,
-) -> Float[Array, "batch pos d_model"]:
+    cache: tuple[Array, Array, Array | int] | None = None,
+) -> tuple[Float[Array, "batch pos d_model"], tuple[Array, Array]]:
     """softmax(q k^T * scale + mask) v W_O, grouped-query: query head h reads kv head h // group.
 
     ``inputs``: what q, k, v read, each ``[batch, pos, d_model]`` or per head ``[batch, pos, heads, d_model]``.
-    ``prefix``: cached (keys, values) of earlier positions, ``[batch, p, kv_heads, d_head]``, attended to first.
+    ``cache``: ``(keys, values, index)``, keys and values of every slot ``[batch, slots, kv_heads, d_head]``:
+    this call's positions are written into slots ``index..`` and the queries attend over all slots
+    (``mask`` ``[batch, pos, slots]`` says which). Returns the output and this call's (keys, values)
+    as attention used them (normed, rotated): what a cache stores.
     """
     def project(x, W, b):
         y = jnp.einsum("bsd,hde->bshe" if x.ndim == 3 else "bshd,hde->bshe", x, W)
@@ -185,8 +188,11 @@ def attention(
     if rope is not None:
         q = hook("attn.rot_q", rotate(q, *rope))
         k = hook("attn.rot_k", rotate(k, *rope))
-    if prefix is not None:
-        k, v = jnp.concatenate([prefix[0], k], 1), jnp.concatenate([prefix[1], v], 1)
+    new = (k, v)
+    if cache is not None:
+        keys, values, index = cache
+        k = jax.lax.dynamic_update_slice_in_dim(keys.astype(k.dtype), k, index, 1)
+        v = jax.lax.dynamic_update_slice_in_dim(values.astype(v.dtype), v, index, 1)
 
     batch, seq, _, d_head = q.shape
     q_grouped = q.reshape(batch, seq, cfg.n_kv_heads, cfg.group_size, d_head)
@@ -206,7 +212,7 @@ def attention(
         out = hook("attn.result", jnp.einsum("bqhe,hed->bqhd", z, p.W_O)).sum(2)
     else:
         out = jnp.einsum("bqhe,hed->bqd", z, p.W_O)
-    return out if p.b_O is None else out + p.b_O
+    return (out if p.b_O is None else out + p.b_O), new
 
 
 def mlp(p: MLP, x: Float[Array, "batch pos d_model"], cfg: Config, hook: Hook) -> Array:
@@ -233,27 +239,28 @@ def block(
     rope: tuple[Array, Array] | None,
     cfg: Config,
     hook: Hook,
-    prefix: tuple[Array, Array] | None = None,
-) -> Float[Array, "batch pos d_model"]:
+    cache: tuple[Array, Array, Array | int] | None = None,
+) -> tuple[Float[Array, "batch pos d_model"], tuple[Array, Array]]:
     """One block: pre-norm (Llama, GPT-2), parallel (GPT-NeoX), sandwich (Gemma) or post-norm (BERT).
-    ``prefix``: cached keys and values of earlier positions (see ``attention``)."""
+    ``cache``: keys and values of every slot (see ``attention``). Returns the block's output and
+    this call's (keys, values)."""
     resid_pre = hook("resid_pre", resid_pre)
 
     if cfg.norm_placement == "post":
-        attn_out = hook("attn_out", attention(p.attn, (resid_pre,) * 3, mask, rope, cfg, hook, prefix))
-        resid_mid = hook("resid_mid", resid_pre + attn_out)
+        attn_out, kv = attention(p.attn, (resid_pre,) * 3, mask, rope, cfg, hook, cache)
+        resid_mid = hook("resid_mid", resid_pre + hook("attn_out", attn_out))
         h = normalize(p.ln1, resid_mid, cfg, hook, "ln1")
         mlp_out = hook("mlp_out", mlp(p.mlp, h, cfg, hook))
         resid_post = hook("resid_post", h + mlp_out)
-        return hook("normalized_resid_post", normalize(p.ln2, resid_post, cfg, hook, "ln2"))
+        return hook("normalized_resid_post", normalize(p.ln2, resid_post, cfg, hook, "ln2")), kv
 
-    attn_out = attention(p.attn, attention_inputs(p, resid_pre, cfg, hook), mask, rope, cfg, hook, prefix)
+    attn_out, kv = attention(p.attn, attention_inputs(p, resid_pre, cfg, hook), mask, rope, cfg, hook, cache)
     attn_out = hook("attn_out", normalize(p.ln1_post, attn_out, cfg, hook, "ln1_post"))
     if cfg.attn_only:
-        return hook("resid_post", resid_pre + attn_out)
+        return hook("resid_post", resid_pre + attn_out), kv
 
     resid = resid_pre if cfg.parallel else hook("resid_mid", resid_pre + attn_out)
     # mlp_in: the MLP's own copy of the residual stream it reads (the residual path goes on unchanged)
     mlp_out = mlp(p.mlp, normalize(p.ln2, hook("mlp_in", resid), cfg, hook, "ln2"), cfg, hook)
     mlp_out = hook("mlp_out", normalize(p.ln2_post, mlp_out, cfg, hook, "ln2_post"))
-    return hook("resid_post", resid + attn_out + mlp_out if cfg.parallel else resid + mlp_out)
+    return hook("resid_post", resid + attn_out + mlp_out if cfg.parallel else resid + mlp_out), kv

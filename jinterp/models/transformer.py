@@ -44,12 +44,17 @@ class Transformer(eqx.Module):
         check_inputs(self.cfg, tokens, attention_mask, token_type_ids)
         return _output(self, jnp.asarray(tokens), attention_mask, token_type_ids)
 
+    def __treescope_repr__(self, path, subtree_renderer):
+        from jinterp.treescope_views import render_model  # display code stays out of the model's imports
+
+        return render_model(self, path, subtree_renderer)
+
     @property
     def W_unembed(self) -> Float[Array, "d_model d_vocab"]:
         return self.W_E.T if self.W_U is None else self.W_U
 
     def forward(self, tokens, interventions=(), attention_mask=None, token_type_ids=None, start=None,
-                logit_positions=None, prefix=None):
+                logit_positions=None, prefix=None, cache=None):
         """The forward pass with interventions at its sites.
 
         ``start=(layer, resid_pre)`` resumes from a cached residual stream: blocks before
@@ -58,30 +63,43 @@ class Transformer(eqx.Module):
         n_kv_heads, d_head]``, keys as attention uses them: normed and rotated) takes the first
         p positions as already computed: only positions p.. run, attending to the cached keys
         and values too; every site, edit position, ``resid_pre`` of ``start`` and the output then
-        covers positions p.. only. ``logit_positions`` (int ``[n]`` or ``[batch, n]``) unembeds
-        only those positions: logits ``[batch, n, d_vocab]``. Returns (output, records outside
-        the blocks, records inside the blocks stacked over layers). Inputs are not validated
-        here; ``jinterp.run`` and ``__call__`` do.
+        covers positions p.. only. ``cache`` (a ``KVCache``, causal models) does the same for
+        incremental decoding: ``tokens`` (with their ``attention_mask``) are the next positions, written
+        into the cache's slots from ``cache.index`` on; sites cover these positions only. ``logit_positions``
+        (int ``[n]`` or ``[batch, n]``) unembeds only those positions: logits ``[batch, n, d_vocab]``.
+        Returns (output, records outside the blocks, records inside the blocks stacked over layers),
+        and with ``cache`` a fourth item, the cache holding these positions too. Inputs are not
+        validated here; ``jinterp.run`` and ``__call__`` do.
         """
         cfg = self.cfg
         interventions = iv.flatten(interventions)
         grouped = iv.by_kind(interventions)
-        batch, seq = tokens.shape
-        valid = jnp.ones((batch, seq), bool) if attention_mask is None else attention_mask.astype(bool)
-        # Positions count real tokens only, so a padded row equals the unpadded run.
-        positions = jnp.maximum(jnp.cumsum(valid, -1) - 1, 0)
-        # Global and local (sliding-window) layers differ only in mask and rotary base.
-        masks, ropes = attention_masks(cfg, valid, positions), rope_pair(cfg, positions)
-        if prefix is not None and not cfg.causal:
-            raise ValueError("prefix= (cached keys and values) needs a causal model: in this bidirectional "
-                             "encoder earlier positions also attend to later ones")
-        first = 0 if prefix is None else prefix[0].shape[2]  # queries (and sites) from here on
-        if first:
-            masks = jax.tree.map(lambda m: m[:, first:], masks)
-            ropes = ropes and jax.tree.map(lambda r: r[:, first:], ropes)
-            tokens, positions = tokens[:, first:], positions[:, first:]
+        valid = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+        if (prefix is not None or cache is not None) and not cfg.causal:
+            raise ValueError("prefix= or cache= (cached keys and values) needs a causal model: in this "
+                             "bidirectional encoder earlier positions also attend to later ones")
+        if cache is not None and (prefix is not None or start is not None):
+            raise ValueError("cache= cannot be combined with prefix= or start=")
+        returns_cache = cache is not None
+        if prefix is not None:  # the cached positions fill the first slots, the rest are written now
+            first, rest = prefix[0].shape[2], tokens.shape[1] - prefix[0].shape[2]
+            slots = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, rest), (0, 0), (0, 0)])  # noqa: E731
+            cache = KVCache(slots(prefix[0]), slots(prefix[1]), valid.at[:, first:].set(False), first)
+            tokens, valid = tokens[:, first:], valid[:, first:]
             token_type_ids = None if token_type_ids is None else token_type_ids[:, first:]
-        states = iv.initial_states(interventions, cfg, batch, seq - first)
+        batch, seq = tokens.shape
+        if cache is None:
+            # Positions count real tokens only, so a padded row equals the unpadded run.
+            positions = jnp.maximum(jnp.cumsum(valid, -1) - 1, 0)
+            masks = attention_masks(cfg, valid, positions)
+        else:
+            filled = jax.lax.dynamic_update_slice_in_dim(cache.filled, valid, cache.index, 1)
+            slot_positions = jnp.maximum(jnp.cumsum(filled, -1) - 1, 0)
+            positions = jax.lax.dynamic_slice_in_dim(slot_positions, cache.index, seq, 1)
+            masks = attention_masks(cfg, filled, slot_positions, cache.index, seq)
+        # Global and local (sliding-window) layers differ only in mask and rotary base.
+        ropes = rope_pair(cfg, positions)
+        states = iv.initial_states(interventions, cfg, batch, seq)
         top = iv.SiteHook(grouped, None, states)
         if start is None:
             x, start_layer = self.embed(tokens, positions, token_type_ids, top), None
@@ -89,16 +107,18 @@ class Transformer(eqx.Module):
             start_layer, x = start
         is_local = jnp.asarray([t == "local" for t in cfg.layer_types])
         pick = lambda local, pair: jax.tree.map(lambda g, lo: jnp.where(local, lo, g), *pair)
+        slabs = None if cache is None else (cache.keys, cache.values)
 
         def run(carry, inputs):
-            (x, states), (params, index, local, cached) = carry, inputs
+            (x, states), (params, index, local, slab) = carry, inputs
             hook = iv.SiteHook(grouped, index, dict(states))
             mask, rope = pick(local, masks), ropes and pick(local, ropes)
-            return (block(params, x, mask, rope, cfg, hook, cached), hook.states), hook.records
+            x, kv = block(params, x, mask, rope, cfg, hook, None if slab is None else (*slab, cache.index))
+            return (x, hook.states), (hook.records, kv)
 
-        layers = (self.blocks, jnp.arange(cfg.n_layers), is_local, prefix)
+        layers = (self.blocks, jnp.arange(cfg.n_layers), is_local, slabs)
         one_layer = jax.tree.map(lambda a: a[0], layers)
-        shapes = jax.eval_shape(run, (x, top.states), one_layer)[1]
+        shapes = jax.eval_shape(run, (x, top.states), one_layer)[1][0]
         # The records are written into their [n_layers, ...] buffers as the layers run. Buffers
         # filled with distinct values: scan's own stacked outputs all start from one shared zero
         # broadcast that XLA copies into each, an extra pass over everything captured.
@@ -109,19 +129,23 @@ class Transformer(eqx.Module):
             carry, buffers = carry
             index = inputs[1]
             if start_layer is None:
-                carry, records = run(carry, inputs)
+                carry, (records, kv) = run(carry, inputs)
             else:  # blocks before start_layer are skipped and record zeros
-                skipped = lambda carry, inputs: (carry, jax.tree.map(jnp.zeros_like, shapes))
-                carry, records = jax.lax.cond(index >= start_layer, run, skipped, carry, inputs)
-            buffers = {k: jax.lax.dynamic_update_index_in_dim(b, records[k], index, 0) for k, b in buffers.items()}
-            return (carry, buffers), None
+                def ran(carry, inputs):
+                    carry, (records, _) = run(carry, inputs)
+                    return carry, records
 
-        ((x, top.states), block_records), _ = jax.lax.scan(layer, ((x, top.states), buffers), layers)
+                skipped = lambda carry, inputs: (carry, jax.tree.map(jnp.zeros_like, shapes))
+                (carry, records), kv = jax.lax.cond(index >= start_layer, ran, skipped, carry, inputs), None
+            buffers = {k: jax.lax.dynamic_update_index_in_dim(b, records[k], index, 0) for k, b in buffers.items()}
+            return (carry, buffers), kv if returns_cache else None
+
+        ((x, top.states), block_records), new_kv = jax.lax.scan(layer, ((x, top.states), buffers), layers)
 
         x = normalize(self.ln_final, x, cfg, top, "ln_final")
         if cfg.unembed:
             if logit_positions is not None:
-                chosen = jnp.asarray(logit_positions) % (seq - first)
+                chosen = jnp.asarray(logit_positions) % seq
                 chosen = jnp.broadcast_to(chosen, (batch, np.shape(logit_positions)[-1]))
                 x = jnp.take_along_axis(x, chosen[..., None], axis=1)
             x = x @ self.W_unembed.astype(x.dtype)
@@ -130,7 +154,12 @@ class Transformer(eqx.Module):
             if cfg.final_softcap is not None:
                 x = cfg.final_softcap * jnp.tanh(x / cfg.final_softcap)
             x = top("logits", x)
-        return x, top.records, block_records
+        if not returns_cache:
+            return x, top.records, block_records
+        # This call's keys and values [n_layers, batch, seq, ...] go into their slots.
+        write = lambda slab, new: jax.lax.dynamic_update_slice_in_dim(slab, new.astype(slab.dtype), cache.index, 2)
+        cache = KVCache(write(cache.keys, new_kv[0]), write(cache.values, new_kv[1]), filled, cache.index + seq)
+        return x, top.records, block_records, cache
 
     def embed(self, tokens, positions, token_type_ids, hook) -> Float[Array, "batch pos d_model"]:
         """The residual stream entering block 0: token (+ position, + token-type) embeddings."""
@@ -223,23 +252,49 @@ class Transformer(eqx.Module):
         )
 
 
+class KVCache(eqx.Module):
+    """Keys and values of the positions run so far, preallocated for incremental decoding.
+
+    Slot i of a row holds the i-th token fed (prompt padding included); keys are stored as
+    attention uses them (normed and rotated). ``Transformer.forward(tokens, cache=...)`` writes
+    the next tokens into the slots from ``index`` on and returns the updated cache.
+    """
+
+    keys: Float[Array, "n_layers batch slots n_kv_heads d_head"]
+    values: Float[Array, "n_layers batch slots n_kv_heads d_head"]
+    filled: Bool[Array, "batch slots"]  # slots holding a real token (not padding, not yet written)
+    index: Int[Array, ""] | int  # the first free slot
+
+    @classmethod
+    def empty(cls, cfg: Config, batch: int, slots: int) -> KVCache:
+        shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.d_head)
+        zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+        return cls(zeros, zeros, jnp.zeros((batch, slots), bool), jnp.asarray(0, jnp.int32))
+
+
 @eqx.filter_jit
 def _output(model: Transformer, tokens, attention_mask, token_type_ids):
     return model.forward(tokens, (), attention_mask, token_type_ids)[0]
 
 
-def attention_masks(cfg: Config, valid: Bool[Array, "batch pos"], positions: Int[Array, "batch pos"]):
-    """(global, local) boolean masks [batch, query, key]: real keys, causal, within the window."""
-    seq = valid.shape[1]
-    allowed = jnp.broadcast_to(valid[:, None, :], (valid.shape[0], seq, seq))
+def attention_masks(cfg: Config, valid: Bool[Array, "batch slots"], positions: Int[Array, "batch slots"],
+                    first: Array | int = 0, n_queries: int | None = None):
+    """(global, local) boolean masks [batch, query, key]: real keys, causal, within the window.
+
+    Keys are every slot; queries are slots ``first..first + n_queries`` (default: every slot)."""
+    batch, slots = valid.shape
+    n_queries = slots if n_queries is None else n_queries
+    query, key = first + jnp.arange(n_queries)[:, None], jnp.arange(slots)[None, :]
+    allowed = jnp.broadcast_to(valid[:, None, :], (batch, n_queries, slots))
     if cfg.causal:
-        allowed = allowed & jnp.tril(jnp.ones((seq, seq), bool))
+        allowed = allowed & (key <= query)
     # A padding query attends to itself alone (no real query reads a padding key): its values stay
     # finite and causal instead of a uniform average over every key, later ones included.
-    allowed = allowed | jnp.eye(seq, dtype=bool)
+    allowed = allowed | (key == query)
     if "local" not in cfg.layer_types:
         return allowed, allowed
-    distance = positions[:, :, None] - positions[:, None, :]
+    query_positions = jax.lax.dynamic_slice_in_dim(positions, first, n_queries, 1)
+    distance = query_positions[:, :, None] - positions[:, None, :]
     return allowed, allowed & (distance < cfg.sliding_window)
 
 
