@@ -25,15 +25,17 @@ def _describe_experiments() -> str:
 
 
 def run(args) -> None:
-    from jinterp import runs
+    from jinterp import runs, sharding
 
+    # Before anything touches a device: every process then sees every process's devices.
+    sharding.initialize(args.coordinator, args.num_processes, args.process_id)
     experiment = runs.by_name(_experiments(), args.experiment)
     values = runs.read_config_file(args.config) if args.config else {}
     overrides = list(args.overrides) + ([f"model={args.model}"] if args.model else [])
     config = runs.make_config(experiment.config, values, overrides)
     out = Path(args.out or Path("runs") / experiment.name)
     runs.execute(experiment, config, out, fresh=args.fresh, quiet=args.quiet)
-    if not args.quiet:
+    if not args.quiet and sharding.is_main_process():
         print(f"Report: {out / 'report.html'}\nMetrics: {out / 'metrics.json'}")
 
 
@@ -78,6 +80,13 @@ def parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--config", help="a JSON or YAML config file (overrides apply on top)")
     run_parser.add_argument("--fresh", action="store_true", help="discard saved checkpoints and recompute")
     run_parser.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    several = run_parser.add_argument_group(
+        "several processes (hosts)", "Run one experiment on the devices of several processes: start the same "
+        "command in each, with the same coordinator and its own process id. Each option defaults to an environment "
+        "variable; --coordinator auto lets jax.distributed find them on a TPU pod slice, SLURM or Open MPI.")
+    several.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address ($JINTERP_COORDINATOR)")
+    several.add_argument("--num-processes", type=int, metavar="N", help="how many processes ($JINTERP_NUM_PROCESSES)")
+    several.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1 ($JINTERP_PROCESS_ID)")
     run_parser.set_defaults(handler=run)
 
     models_parser = commands.add_parser("models", help="list registered models and whether they are installed")

@@ -19,6 +19,12 @@ chunk. A checkpoint that is unsealed, unreadable or whose values no longer match
 reported, deleted and recomputed. Restored values are the saved bytes, and recomputed ones come
 from the same code on the same inputs, so a resumed run's results are bit-identical to an
 uninterrupted one (on CPU). A directory holding a run of a different config is refused.
+
+Several processes (``jinterp.sharding.initialize``) run the same experiment together: every
+process takes every step (the computations are collective, over ``Run.mesh``), the checkpoints
+go through orbax's multi-process saving (each process calls it; process 0 writes the values) in
+a directory they all see, and only process 0 deletes checkpoints and writes seals, ``run.json``,
+logs and the report.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
+from jinterp import sharding
 from jinterp.models.config import choose
 
 RUN_FILE = "run.json"
@@ -144,7 +151,7 @@ def _digest(tree) -> str:
 
 
 def _to_numpy(tree):
-    return jax.tree.map(lambda x: np.asarray(x) if isinstance(x, (jax.Array, np.generic)) else x, tree)
+    return jax.tree.map(lambda x: sharding.to_host(x) if isinstance(x, (jax.Array, np.generic)) else x, tree)
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -166,18 +173,24 @@ class Store:
         self.log = log
         self._checkpointer = ocp.PyTreeCheckpointer()
         directory.mkdir(parents=True, exist_ok=True)
-        for leftover in directory.rglob("*.orbax-checkpoint-tmp*"):
-            self.log(f"Removing a half-written checkpoint {leftover.relative_to(directory)}")
-            shutil.rmtree(leftover, ignore_errors=True)
+        if sharding.is_main_process():
+            for leftover in directory.rglob("*.orbax-checkpoint-tmp*"):
+                self.log(f"Removing a half-written checkpoint {leftover.relative_to(directory)}")
+                shutil.rmtree(leftover, ignore_errors=True)
+        sharding.barrier("jinterp store opened")
 
     def _paths(self, name: str) -> tuple[Path, Path]:
-        return self.directory / name, self.directory / f"{name}.json"
+        from jinterp.paths import inside
+
+        return inside(self.directory, name), inside(self.directory, f"{name}.json")
 
     def load(self, name: str):
         """(values, seal) of a complete checkpoint, or None if there is none or it is broken."""
         path, seal_path = self._paths(name)
-        if not path.exists() and not seal_path.exists():
+        # Every process takes the same branch: the steps that follow are collective.
+        if not sharding.everywhere(path.exists() or seal_path.exists()):
             return None
+        problem = None
         try:
             if not seal_path.exists():
                 raise ValueError("it was never sealed (the run stopped while writing it)")
@@ -185,27 +198,34 @@ class Store:
             values = self._checkpointer.restore(path.resolve())
             if _digest(values) != seal["sha256"]:
                 raise ValueError("its values do not match the sha256 it was sealed with")
-            return values, seal
         except Exception as error:  # whatever makes a checkpoint unreadable, it is recomputed
-            self.log(f"Checkpoint {path.relative_to(self.directory.parent)} is corrupt or incomplete "
-                     f"({str(error).splitlines()[0][:200]}); recomputing it")
-            self.delete(name)
-            return None
+            problem = error
+        if sharding.everywhere(problem is None):
+            return values, seal
+        self.log(f"Checkpoint {path.relative_to(self.directory.parent)} is corrupt or incomplete "
+                 f"({str(problem or 'on another process').splitlines()[0][:200]}); recomputing it")
+        self.delete(name)
+        return None
 
     def save(self, name: str, values, seconds: float):
         """Writes and seals ``values``; returns them as they read back (numpy arrays)."""
         path, seal_path = self._paths(name)
         self.delete(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._checkpointer.save(path.resolve(), _to_numpy(values))
+        self._checkpointer.save(path.resolve(), _to_numpy(values))  # with several processes, all of them
         restored = self._checkpointer.restore(path.resolve())
-        _write_atomically(seal_path, json.dumps({"sha256": _digest(restored), "seconds": seconds}))
+        if sharding.is_main_process():
+            _write_atomically(seal_path, json.dumps({"sha256": _digest(restored), "seconds": seconds}))
+        sharding.barrier(f"jinterp sealed {name}")
         return restored
 
     def delete(self, name: str) -> None:
         path, seal_path = self._paths(name)
-        seal_path.unlink(missing_ok=True)  # unseal first: a half-deleted checkpoint is then incomplete
-        shutil.rmtree(path, ignore_errors=True)
+        sharding.barrier(f"jinterp deleting {name}")  # no process still reads it
+        if sharding.is_main_process():
+            seal_path.unlink(missing_ok=True)  # unseal first: a half-deleted checkpoint is then incomplete
+            shutil.rmtree(path, ignore_errors=True)
+        sharding.barrier(f"jinterp deleted {name}")
 
 
 class Run:
@@ -215,7 +235,7 @@ class Run:
     def __init__(self, directory: Path, config, *, quiet: bool = False):
         self.directory = Path(directory)
         self.config = config
-        self.quiet = quiet
+        self.quiet = quiet or not sharding.is_main_process()  # one process reports progress
         self.store = Store(self.directory / "checkpoints", self.log)
         self.timings: dict[str, dict] = {}
 
@@ -225,6 +245,12 @@ class Run:
 
     def progress(self, iterable, **kwargs):
         return tqdm(iterable, disable=self.quiet, **kwargs)
+
+    @property
+    def mesh(self):
+        """A ``("data", "model")`` mesh over every device of every process, data-parallel (pass it as
+        ``mesh=`` to sweeps); None with a single device."""
+        return sharding.mesh() if len(jax.devices()) > 1 else None
 
     def step(self, name: str, compute: Callable[[], Any]):
         """``compute()``'s result, saved under ``name``; restored instead of recomputed when saved."""
@@ -270,7 +296,7 @@ def environment() -> dict:
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
     return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
-            "devices": [str(d) for d in jax.devices()]}
+            "devices": [str(d) for d in jax.devices()], "processes": jax.process_count()}
 
 
 def read_info(directory: Path) -> dict:
@@ -298,7 +324,9 @@ def execute(experiment: Experiment, config, directory, *, fresh: bool = False, q
                                  f"({changed}). Pass --fresh to discard it, or --out for another directory")
         # Steps inside restored results are not visited again; keep their original timings.
         earlier_steps = {name: {**t, "restored": True} for name, t in info.get("steps", {}).items()}
-    if fresh and directory.exists():
+    main = sharding.is_main_process()  # with several processes, process 0 alone writes files
+    sharding.barrier("jinterp run checked")  # every process read run.json before it changes
+    if fresh and directory.exists() and main:
         for owned in (RUN_FILE, "checkpoints"):
             path = directory / owned
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
@@ -306,17 +334,21 @@ def execute(experiment: Experiment, config, directory, *, fresh: bool = False, q
     info = {"experiment": experiment.name, "config": config_dict(config), "config_hash": digest,
             "command": sys.argv, "environment": environment(), "status": "running",
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _write_atomically(previous, json.dumps(info, indent=2))
+    if main:
+        _write_atomically(previous, json.dumps(info, indent=2))
+    sharding.barrier("jinterp run started")
 
     start = time.perf_counter()
     run = Run(directory, config, quiet=quiet)
     results = run.step("results", lambda: experiment.compute(run))
     info.update(status="complete", seconds=time.perf_counter() - start, steps=earlier_steps | run.timings)
-    _write_atomically(previous, json.dumps(info, indent=2))
-    report_start = time.perf_counter()
-    experiment.report(config, results, directory, info)
-    info["report_seconds"] = time.perf_counter() - report_start
-    _write_atomically(previous, json.dumps(info, indent=2))
+    if main:
+        _write_atomically(previous, json.dumps(info, indent=2))
+        report_start = time.perf_counter()
+        experiment.report(config, results, directory, info)
+        info["report_seconds"] = time.perf_counter() - report_start
+        _write_atomically(previous, json.dumps(info, indent=2))
+    sharding.barrier("jinterp run reported")
     return results
 
 
