@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jinterp import names as S
-from jinterp.cache import _run, run
+from jinterp import sharding
+from jinterp.byo.hook import Wrapped
+from jinterp.cache import _run, _transformer_only, run
 from jinterp.interventions import Add, Capture, Replace
 from jinterp.models.transformer import Transformer, check_inputs
 from jinterp.patching import reduce_site, sweep_inputs
@@ -24,15 +26,32 @@ from jinterp.patching import reduce_site, sweep_inputs
 
 def attribution_patching(model: Transformer, clean_tokens, corrupt_tokens, metric: Callable, site="resid_pre", *,
                          per: str | None = None, direction: str = "denoise", attention_mask=None,
-                         metric_positions=None):
-    """First-order estimate of ``patching.sweep`` with the same arguments and result shape."""
+                         metric_positions=None, mesh=None):
+    """First-order estimate of ``patching.sweep`` with the same arguments and result shape.
+
+    ``mesh``: split the prompts (the batch axis) over the mesh's ``"data"`` axis (the batch size
+    must be a multiple of it); weights replicated unless ``jinterp.sharding.shard_model`` split them.
+    """
+    if isinstance(model, Wrapped):  # a model from jinterp.byo.wrap
+        from jinterp.byo import patching as byo
+
+        _transformer_only(attention_mask=attention_mask, metric_positions=metric_positions, mesh=mesh)
+        return byo.attribution_patching(model, clean_tokens, corrupt_tokens, metric, site, per=per, direction=direction)
     kind, per, base, source = sweep_inputs(model, clean_tokens, corrupt_tokens, site, per, direction, attention_mask)
+    if mesh is not None:
+        model, base, source, attention_mask, metric_positions = sharding.split_batch(
+            mesh, model, base, source, attention_mask, metric_positions)
     # The source run only needs the site: no unembedding at all (zero logit positions).
     _, source_cache = run(model, source, capture=f"blocks.*.{kind}", attention_mask=attention_mask,
                           logit_positions=np.zeros(0, np.int32))
     grads, base_values = _gradients(model, base, kind, metric, attention_mask, metric_positions)
-    contribution = (source_cache.stack(kind) - base_values) * grads  # [layer, *site axes]
-    return reduce_site(contribution, kind, per)
+    return _contributions(source_cache.stack(kind), base_values, grads, kind, per, mesh)
+
+
+@eqx.filter_jit
+def _contributions(source_values, base_values, grads, kind, per, mesh):
+    contribution = (source_values - base_values) * grads  # [layer, *site axes]
+    return sharding.constrain(reduce_site(contribution, kind, per), mesh)  # the same on every device
 
 
 @eqx.filter_jit
@@ -93,6 +112,8 @@ def integrated_gradients(model: Transformer, tokens, metric: Callable, *, baseli
     (the attention sink, with massive activations) makes the path rough; a neutral token at every
     position but the first converges within 1% in 64 steps on SmolLM2.
     """
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int (the number of points on the path), got {steps!r}")
     check_inputs(model.cfg, tokens, attention_mask)
     tokens = jnp.asarray(tokens)
     embeds = _embeddings(model, tokens, attention_mask)

@@ -15,6 +15,7 @@ from jaxtyping import Array
 
 from jinterp import interventions as iv
 from jinterp import names as S
+from jinterp.byo.hook import Wrapped
 from jinterp.models.transformer import Transformer, check_inputs
 
 
@@ -108,6 +109,8 @@ class Cache(eqx.Module, Mapping):
         return (site.kind, layers.index(site.layer)) if site.layer in layers else None
 
     def __getitem__(self, name) -> Array:
+        if isinstance(name, str) and name in self.stacked and name not in dict(self.layers):
+            return self.stacked[name]  # a value stored under its own name (and a wrapped model's site)
         site = S.parse(name)
         derived = self._derived(site)
         if derived is not None:
@@ -139,6 +142,8 @@ class Cache(eqx.Module, Mapping):
         return stored + sum(len(derived_layers) for _, _, _, derived_layers in self.derived)
 
     def __contains__(self, name) -> bool:
+        if isinstance(name, str) and name in self.stacked and name not in dict(self.layers):
+            return True
         try:
             site = S.parse(name)
         except (ValueError, TypeError):
@@ -155,6 +160,11 @@ class Cache(eqx.Module, Mapping):
         if kind not in dict(self.layers):
             raise KeyError(f"No layer of {kind!r} was captured; captured: {', '.join(self.stacked)}")
         return self.stacked[kind]
+
+    def __treescope_repr__(self, path, subtree_renderer):
+        from jinterp.treescope_views import render_cache  # display code stays out of the forward's imports
+
+        return render_cache(self, path, subtree_renderer)
 
     def captured_layers(self, kind) -> tuple[int, ...]:
         """The layers a stacked kind holds, in order."""
@@ -206,8 +216,9 @@ def _validate(model: Transformer, interventions, seq_len: int) -> None:
     for intervention in interventions:
         for kind in intervention.kinds():
             if kind not in top + block:
-                layer = "*" if kind in S.BLOCK_KINDS else None
-                S.resolve(model.cfg, S.Site(kind, layer).name)  # raises the unknown-site message
+                layered = kind in S.BLOCK_KINDS or getattr(intervention, "layers", None) is not None
+                name = kind if "*" in kind else S.Site(kind, "*" if layered else None).name
+                S.resolve(model.cfg, name)  # raises the unknown-site message
         intervention.check(model.cfg, seq_len)
 
 
@@ -230,7 +241,7 @@ def _run(model, tokens, interventions, attention_mask, token_type_ids, logit_pos
 
 
 def run(model: Transformer, tokens, *, capture=(), edits=(), attention_mask=None, token_type_ids=None,
-        logit_positions=None):
+        logit_positions=None, mesh=None, check: bool = False):
     """Run ``model`` on ``tokens`` with ``edits`` applied, recording the ``capture`` sites.
 
     Args:
@@ -246,17 +257,42 @@ def run(model: Transformer, tokens, *, capture=(), edits=(), attention_mask=None
         token_type_ids: ``[batch, seq]`` segment ids for models with token types (BERT).
         logit_positions: unembed only these positions (``[n]``, or ``[batch, n]`` per row; negative
             counts from the end): logits ``[batch, n, d_vocab]``, and the unembedding's cost saved.
+        mesh: a ``jax.sharding.Mesh`` (``jinterp.sharding.mesh()``): the batch is split over its
+            ``"data"`` axis (the batch size must be a multiple of it), and so are the output and the
+            captured values; weights are replicated unless ``jinterp.sharding.shard_model`` split them.
+        check: raise ``FloatingPointError`` naming the operation that made a NaN, or the output or
+            captured site holding a NaN or inf (``jax.experimental.checkify``; slower, off by default).
 
     Returns:
         ``(output, cache)``: logits ``[batch, seq, d_vocab]`` (hidden states for an encoder) and
         a ``Cache`` of the captured values.
+
+    A model wrapped with ``jinterp.byo.wrap`` (Equinox, Flax linen or nnx) takes its own
+    ``inputs`` in place of tokens, with ``capture`` and ``edits`` only.
     """
+    if isinstance(model, Wrapped):
+        from jinterp.byo import run as byo
+
+        _transformer_only(attention_mask=attention_mask, token_type_ids=token_type_ids, logit_positions=logit_positions,
+                          mesh=mesh, check=check or None)
+        return byo.run(model, tokens, capture=capture, edits=edits)
     check_inputs(model.cfg, tokens, attention_mask, token_type_ids)
     edits = iv.flatten(edits)
     _validate(model, edits, tokens.shape[1])
     edited = {kind for edit in edits for kind in edit.kinds()}
     wanted, derived = _plan(model.cfg, _names(capture), frozenset(edited))
-    output, cache = _run(model, jnp.asarray(tokens), edits + wanted, attention_mask, token_type_ids, logit_positions)
+    if mesh is not None:
+        from jinterp import sharding
+
+        model, tokens, attention_mask, token_type_ids, logit_positions = sharding.split_batch(
+            mesh, model, tokens, attention_mask, token_type_ids, logit_positions)
+    args = (model, jnp.asarray(tokens), edits + wanted, attention_mask, token_type_ids, logit_positions)
+    if check:
+        from jinterp.checks import checked
+
+        output, cache = checked(_run, *args)
+    else:
+        output, cache = _run(*args)
     if derived:
         heads = (model.cfg.n_heads, model.cfg.n_kv_heads)
         cache = dataclasses.replace(cache, W_O=model.blocks.attn.W_O, derived=derived, heads=heads,
@@ -311,6 +347,17 @@ def _derive(wanted: tuple[iv.Capture, ...], cfg, edited: set[str]):
     return plan, tuple((kind, *how) for kind, how in derived.items())
 
 
+def _transformer_only(**options) -> None:
+    given = sorted(name for name, value in options.items() if value is not None)
+    if given:
+        raise TypeError(f"{', '.join(given)} apply to jinterp transformers only, not to a wrapped model")
+
+
 def sites(model: Transformer, batch="batch", seq="pos") -> dict[str, tuple]:
-    """Every site of ``model`` with its shape (batch and sequence sizes symbolic unless given)."""
+    """Every site of ``model`` with its shape (batch and sequence sizes symbolic unless given).
+    For a wrapped model (``jinterp.byo``): ``sites(model, inputs)``, shapes at those inputs."""
+    if isinstance(model, Wrapped):
+        from jinterp.byo import run as byo
+
+        return byo.sites(model, batch)
     return {name: S.site_shape(model.cfg, S.parse(name).kind, batch, seq) for name in S.site_names(model.cfg)}

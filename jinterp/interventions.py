@@ -13,7 +13,6 @@ at a site they apply in order (``chain``).
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -75,14 +74,33 @@ def _indices(values, what: str) -> Int[Array, "n"] | None:
     return jnp.asarray(arr, jnp.int32)
 
 
+def site_key(site) -> S.Site:
+    """The (kind, layer) a site name is keyed by. jinterp's own names parse as usual
+    (``blocks.3.attn.z``: kind ``attn.z``, layer 3). Any other name is a site of a wrapped model
+    (``jinterp.byo``), checked when it runs: its first integer path part (or ``*``) is its layer
+    (``layers.3.mlp``: kind ``layers.*.mlp``, layer 3)."""
+    parsed = S.parse(site)
+    if parsed.kind in S.SITE_AXES or not isinstance(site, str):
+        return parsed
+    parts = site.split(".")
+    for i, part in enumerate(parts):
+        if part == "*" or part.isdigit():
+            return S.Site(".".join([*parts[:i], "*", *parts[i + 1:]]), part if part == "*" else int(part))
+    return S.Site(site, None)
+
+
 def _split_site(site, layers) -> tuple[str, Array | None]:
     """A site name (with or without its layer) plus optional layers -> (kind, layer indices)."""
-    parsed = S.parse(site)
+    parsed = site_key(site)
     if parsed.kind not in S.SITE_AXES:
-        close = difflib.get_close_matches(parsed.kind, list(S.SITE_AXES), n=5, cutoff=0.5)
-        hint = f" Closest: {', '.join(close)}." if close else ""
-        raise ValueError(f"Unknown site {site!r}: no site kind {parsed.kind!r}.{hint} "
-                         f"Valid kinds: {', '.join(S.SITE_AXES)}.")
+        if not isinstance(site, str):
+            raise ValueError(f"Unknown site {site!r}: no site kind {parsed.kind!r}. "
+                             f"Valid kinds: {', '.join(S.SITE_AXES)}.")
+        # A site of a user's own model: the wrapped model checks it when it runs.
+        layer = [parsed.layer] if isinstance(parsed.layer, int) else None
+        if layer is not None and layers is not None:
+            raise ValueError(f"Site {site!r} already names layer {parsed.layer}; do not pass layers= too")
+        return parsed.kind, _indices(layer if layers is None else layers, f"layers of {site!r}")
     in_block = parsed.kind in S.BLOCK_KINDS
     if parsed.layer is not None and not in_block:
         raise ValueError(f"Site {site!r}: {parsed.kind!r} is outside the blocks and has no layer")
@@ -334,7 +352,7 @@ class Capture(Intervention):
     layers: tuple[int, ...] | None = eqx.field(static=True)  # None: every layer (or not a block site)
 
     def __init__(self, site, layers=None):
-        parsed = S.parse(site)
+        parsed = site_key(site)
         self.site = parsed.kind
         if isinstance(parsed.layer, int):
             layers = (parsed.layer,) if layers is None else layers

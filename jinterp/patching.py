@@ -35,6 +35,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jinterp import names as S
+from jinterp import sharding
+from jinterp.byo.hook import Wrapped
 from jinterp.cache import _run, run
 from jinterp.interventions import Capture, Replace
 from jinterp.models.config import choose
@@ -128,27 +130,43 @@ def sweep(model: Transformer, clean_tokens, corrupt_tokens, metric: Callable, si
         attention_mask: ``[batch, seq]`` shared by both runs (same padding).
         metric_positions: unembed only these positions (``[n]`` or ``[batch, n]``) before the metric.
         layers: restrict to these layers (the result keeps one row per given layer).
-        memory_budget: bytes of activations a chunk may use; ``chunk_size`` overrides it.
+        memory_budget: bytes of activations a chunk may use (on each device of ``mesh``'s data axis);
+            ``chunk_size`` overrides it.
         exact: False (default) ``vmap``s a chunk's patches into one wide batch (about 3x faster on
             CPU) and skips patches that change nothing and the shared leading positions; XLA's
             matrix products then round differently in the last bits (about 1e-6 relative) from a
             single patched forward, and depend on the chunking. True runs every patch, one after
             another inside the compiled program: every result is bit for bit what a single
             patched forward (``jinterp.run`` with that one edit) gives.
+        mesh: a ``jax.sharding.Mesh`` (``jinterp.sharding.mesh()``): each chunk's patches are split over
+            its ``"data"`` axis; the weights are replicated unless ``jinterp.sharding.shard_model`` split
+            them over its ``"model"`` axis. Results equal the single-device ones (bit for bit with
+            ``exact=True`` and a replicated model).
 
     Returns the metric for every patch, shaped as described for ``per``.
+
+    A model wrapped with ``jinterp.byo.wrap`` takes its own inputs and any of its sites (a name,
+    a glob or a list); ``per`` then names the site's axes (see ``jinterp.byo.patching.sweep``).
     """
+    if isinstance(model, Wrapped):
+        from jinterp.byo import patching as byo
+        from jinterp.cache import _transformer_only
+
+        _transformer_only(**{name: value for name, value in options.items()
+                             if name not in ("per", "direction", "chunk_size")})
+        return byo.sweep(model, clean_tokens, corrupt_tokens, metric, site, progress=progress, **options)
     return sweep_chunks(model, clean_tokens, corrupt_tokens, metric, site, **options).run(progress)
 
 
 def sweep_chunks(model: Transformer, clean_tokens, corrupt_tokens, metric: Callable, site="resid_pre", *,
                  per: str | None = None, direction: str = "denoise", attention_mask=None, metric_positions=None,
                  layers=None, memory_budget: float = 2**30, chunk_size: int | None = None,
-                 exact: bool = False) -> Chunks:
+                 exact: bool = False, mesh=None) -> Chunks:
     """``sweep`` as ``Chunks`` (same arguments): the clean and corrupted caches are computed now,
     the patches chunk by chunk."""
     kind, per, base, source = sweep_inputs(model, clean_tokens, corrupt_tokens, site, per, direction, attention_mask)
     first = 0 if exact else _shared_prefix(model.cfg, clean_tokens, corrupt_tokens, metric_positions)
+    model, base, source, attention_mask = _on_mesh(mesh, model, base, source, attention_mask)
     key_site = "attn.rot_k" if model.cfg.positional == "rotary" else "attn.k"
     # Both runs are the same compiled program, so values the inputs cannot change are equal to the bit.
     capture = ["blocks.*.resid_pre", f"blocks.*.{kind}"]
@@ -157,6 +175,7 @@ def sweep_chunks(model: Transformer, clean_tokens, corrupt_tokens, metric: Calla
                                   logit_positions=metric_positions)
     _, source_cache = run(model, source, capture=capture, attention_mask=attention_mask,
                           logit_positions=metric_positions)
+    check_metric(metric, base_logits)
 
     columns, shape = patch_grid(model.cfg, kind, per, base.shape[1], layers)
     n = len(columns["layer"])
@@ -164,14 +183,15 @@ def sweep_chunks(model: Transformer, clean_tokens, corrupt_tokens, metric: Calla
         todo = np.arange(n)
     else:  # a patch whose source equals the base value changes nothing: it scores as the base run
         changed = source_cache.stack(kind) != base_cache.stack(kind)
-        changes = np.asarray(reduce_site(changed, kind, per, jnp.any))
+        changes = sharding.to_host(reduce_site(changed, kind, per, jnp.any))
         todo = np.flatnonzero(changes[tuple(columns[axis] for axis in columns)])
     if "position" in columns and (columns["position"][todo] < first).any():
         first = 0  # a patch before the first differing token changes something: run every position
     per_layer = n // len(np.unique(columns["layer"]))
     n_logits = base.shape[1] if metric_positions is None else np.shape(metric_positions)[-1]
-    size = chunk_size or _chunk_size(model, base.shape, n_logits, memory_budget, per_layer)
-    size = max(1, min(size, len(todo)))
+    devices = 1 if mesh is None else sharding.axis_size(mesh, sharding.DATA)  # a chunk's patches spread over them
+    size = chunk_size or _chunk_size(model, base.shape, n_logits, memory_budget * devices, per_layer)
+    size = sharding.pad_to(max(1, min(size, len(todo))), mesh)  # a chunk splits evenly over the mesh
     padded = math.ceil(len(todo) / size) * size
     index = todo[np.minimum(np.arange(padded), len(todo) - 1)]  # the last chunk repeats its final patch
     chunked = {name: column[index].reshape(-1, size) for name, column in columns.items()}
@@ -189,18 +209,26 @@ def sweep_chunks(model: Transformer, clean_tokens, corrupt_tokens, metric: Calla
     logits_before = base_logits[:, :first] if first and metric_positions is None else None
 
     def compute(c):
-        patches = {name: jnp.asarray(column[c]) for name, column in chunked.items()}
+        patches = {name: _patches(column[c], mesh) for name, column in chunked.items()}
         return _run_chunk(model, kind, metric, patches, base, attention_mask, positions,
-                          suffix(base_cache.stack("resid_pre")), source_values, exact, prefix, logits_before)
+                          suffix(base_cache.stack("resid_pre")), source_values, exact, prefix, logits_before, mesh)
 
     def assemble(results):
-        scores = jnp.full(n, metric(base_logits))
+        scores = np.full(n, sharding.to_host(metric(base_logits)))
         if len(todo):
-            scores = scores.at[todo].set(jnp.concatenate(results)[:len(todo)])
-        return scores.reshape(shape)
+            scores[todo] = np.concatenate([sharding.to_host(r) for r in results])[:len(todo)]
+        return jnp.asarray(scores.reshape(shape))
 
     skipped = f", {n - len(todo)} change nothing" if len(todo) < n else ""
     return Chunks(padded // size, compute, assemble, f"Patching {kind} ({n} patches{skipped})")
+
+
+def check_metric(metric: Callable, logits) -> None:
+    """A metric must map logits to one number (a vector would be scattered into the grid wrongly)."""
+    shape = jax.eval_shape(metric, logits).shape
+    if shape != ():
+        raise ValueError(f"metric must return a scalar, got shape {shape} from logits of shape {logits.shape}; "
+                         "reduce over the batch (e.g. .mean())")
 
 
 def sweep_inputs(model: Transformer, clean_tokens, corrupt_tokens, site, per, direction, attention_mask):
@@ -212,6 +240,19 @@ def sweep_inputs(model: Transformer, clean_tokens, corrupt_tokens, site, per, di
     clean_tokens, corrupt_tokens = _pair(model, clean_tokens, corrupt_tokens, attention_mask)
     base, source = (corrupt_tokens, clean_tokens) if direction == "denoise" else (clean_tokens, corrupt_tokens)
     return kind, per, base, source
+
+
+def _on_mesh(mesh, model, *tokens):
+    """The model and token arrays replicated over ``mesh`` (as they are without one)."""
+    if mesh is None:
+        return (model, *tokens)
+    mesh = sharding.check_mesh(mesh)
+    return (sharding.replicate(model, mesh), *(None if t is None else sharding.put(t, mesh) for t in tokens))
+
+
+def _patches(column, mesh):
+    """One chunk's patch indices, split over the mesh's data axis."""
+    return jnp.asarray(column) if mesh is None else sharding.put(column, mesh, sharding.P(sharding.DATA))
 
 
 def _shared_prefix(cfg, clean_tokens, corrupt_tokens, metric_positions) -> int:
@@ -233,7 +274,7 @@ def _shift(positions, first: int):
 
 @eqx.filter_jit
 def _run_chunk(model, kind, metric, patches, tokens, attention_mask, metric_positions, base_resid, source, exact,
-               prefix, logits_before):
+               prefix, logits_before, mesh):
     start_layer = patches["layer"][0]  # patches are sorted by layer
     start = (start_layer, base_resid[start_layer])
 
@@ -247,7 +288,13 @@ def _run_chunk(model, kind, metric, patches, tokens, attention_mask, metric_posi
             logits = jnp.concatenate([logits_before, logits], 1)
         return metric(logits)
 
-    return jax.lax.map(one, patches) if exact else jax.vmap(one)(patches)
+    if not exact:
+        return sharding.constrain(jax.vmap(one)(patches), mesh)
+    run_in_order = lambda patches: jax.lax.map(one, patches)
+    if mesh is not None:  # each device runs its share of the patches one after another
+        run_in_order = jax.shard_map(run_in_order, mesh=mesh, in_specs=sharding.P(sharding.DATA),
+                                     out_specs=sharding.P(sharding.DATA), check_vma=False)
+    return sharding.constrain(run_in_order(patches), mesh)
 
 
 def _pair(model, clean_tokens, corrupt_tokens, attention_mask):
@@ -279,25 +326,27 @@ def path_patch(model: Transformer, clean_tokens, corrupt_tokens, metric: Callabl
     receiver score as the unpatched base run). The second run starts from the base residual
     stream at the first receiver's layer: nothing before it differs from the base run.
 
-    Options: ``direction``, ``attention_mask``, ``metric_positions``, ``freeze_mlps``.
+    Options: ``direction``, ``attention_mask``, ``metric_positions``, ``freeze_mlps``, ``mesh`` (the
+    senders split over its ``"data"`` axis, as in ``sweep``).
     """
     return path_patch_chunks(model, clean_tokens, corrupt_tokens, metric, receivers, **options).run(progress)
 
 
 def path_patch_chunks(model: Transformer, clean_tokens, corrupt_tokens, metric: Callable, receivers, *,
                       direction: str = "noise", attention_mask=None, metric_positions=None,
-                      freeze_mlps: bool = False) -> Chunks:
+                      freeze_mlps: bool = False, mesh=None) -> Chunks:
     """``path_patch`` as ``Chunks`` (same arguments), one chunk per sender layer."""
     choose(direction, DIRECTIONS, "patching direction")
     clean_tokens, corrupt_tokens = _pair(model, clean_tokens, corrupt_tokens, attention_mask)
     base, other = (clean_tokens, corrupt_tokens) if direction == "noise" else (corrupt_tokens, clean_tokens)
     receivers = [_receiver(model.cfg, r) for r in receivers]
+    model, base, other, attention_mask = _on_mesh(mesh, model, base, other, attention_mask)
     frozen_kinds = ["attn.z"] + (["mlp_out"] if freeze_mlps else [])
     base_logits, base_cache = run(model, base, capture=[f"blocks.*.{k}" for k in frozen_kinds + ["resid_pre"]],
                                   attention_mask=attention_mask, logit_positions=metric_positions)
     _, other_cache = run(model, other, capture="blocks.*.attn.z", attention_mask=attention_mask)
     senders = np.stack(np.meshgrid(np.arange(model.cfg.n_layers), np.arange(model.cfg.n_heads), indexing="ij"), -1)
-    senders = jnp.asarray(senders.reshape(-1, 2), jnp.int32)
+    senders = senders.reshape(-1, 2).astype(np.int32)
     chunks = np.array_split(np.arange(len(senders)), model.cfg.n_layers)  # chunk c: the heads of layer c
     # A head at layer l reaches q/k/v and resid_pre of later layers only, the other sites from its own layer on.
     reach = max(layer + (kind not in ("attn.q", "attn.k", "attn.v", "resid_pre")) for kind, layer, _ in receivers)
@@ -306,12 +355,15 @@ def path_patch_chunks(model: Transformer, clean_tokens, corrupt_tokens, metric: 
     def compute(c):
         if c >= reach:
             return jnp.full(len(chunks[c]), metric(base_logits))
-        return _path_chunk(model, tuple(receivers), tuple(frozen_kinds), metric, senders[chunks[c]], base,
-                           attention_mask, metric_positions, base_cache, other_cache, resume)
+        chunk = chunks[c][np.minimum(np.arange(sharding.pad_to(len(chunks[c]), mesh)), len(chunks[c]) - 1)]
+        return _path_chunk(model, tuple(receivers), tuple(frozen_kinds), metric, _patches(senders[chunk], mesh), base,
+                           attention_mask, metric_positions, base_cache, other_cache, resume, mesh)[:len(chunks[c])]
 
-    return Chunks(len(chunks), compute,
-                  lambda results: jnp.concatenate(results).reshape(model.cfg.n_layers, model.cfg.n_heads),
-                  f"Path patching ({len(senders)} senders)")
+    def assemble(results):
+        return jnp.asarray(np.concatenate([sharding.to_host(r) for r in results]).reshape(model.cfg.n_layers,
+                                                                                          model.cfg.n_heads))
+
+    return Chunks(len(chunks), compute, assemble, f"Path patching ({len(senders)} senders)")
 
 
 def _receiver(cfg, receiver) -> tuple[str, int, tuple[int, ...] | None]:
@@ -330,7 +382,7 @@ def _receiver(cfg, receiver) -> tuple[str, int, tuple[int, ...] | None]:
 
 @eqx.filter_jit
 def _path_chunk(model, receivers, frozen_kinds, metric, senders, tokens, attention_mask, metric_positions,
-                base_cache, other_cache, resume):
+                base_cache, other_cache, resume, mesh):
     freeze = tuple(Replace(f"blocks.*.{k}", base_cache.stack(k), per_layer=True) for k in frozen_kinds)
     layers_by_kind = {}
     for kind, layer, _ in receivers:
@@ -348,5 +400,5 @@ def _path_chunk(model, receivers, frozen_kinds, metric, senders, tokens, attenti
         logits = model.forward(tokens, patches, attention_mask, start=start, logit_positions=metric_positions)[0]
         return metric(logits)
 
-    return jax.vmap(one)(senders)
+    return sharding.constrain(jax.vmap(one)(senders), mesh)
 
