@@ -43,7 +43,7 @@ import optax
 from jaxtyping import Array, Int
 
 import jinterp
-from jinterp import das
+from jinterp import das, plots
 from jinterp.patching import Chunks
 from jinterp.report import Report, write_json
 from jinterp.runs import Experiment, Run, option
@@ -264,13 +264,13 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
     labels = [f"{r['variable']}\n{r['site'].replace('blocks.', 'L').replace('.resid_', ' ')}\nat {r['token']}"
               for r in rows]
     fig, ax = plt.subplots(figsize=(max(7, 1.0 * len(rows)), 4.4))
-    x = np.arange(len(rows))
-    colours = ["tab:blue" if r["role"] == CAN else "tab:grey" for r in rows]
-    ax.bar(x - 0.2, [r["iia"] for r in rows], 0.4, color=colours, label="learned subspace")
-    ax.bar(x + 0.2, [r["random_iia"] for r in rows], 0.4, color="tab:orange", label="random subspace")
+    colours = {"learned subspace": ["tab:blue" if r["role"] == CAN else "tab:grey" for r in rows],
+               "random subspace": "tab:orange"}
+    iia = {"learned subspace": [r["iia"] for r in rows], "random subspace": [r["random_iia"] for r in rows]}
+    plots.grouped_bars(iia, labels, colours=colours, ax=ax, ylim=(0, 1.2), ylabel="interchange-intervention accuracy",
+                       title=f"IIA by variable and site (k = {cfg.k})")
     ax.axhline(float(results["no_op_iia_left"]), color="black", ls=":", lw=1, label="chance (no-op intervention)")
-    ax.set_xticks(x, labels, fontsize=8)
-    ax.set(ylim=(0, 1.2), ylabel="interchange-intervention accuracy", title=f"IIA by variable and site (k = {cfg.k})")
+    ax.tick_params(axis="x", labelsize=8)
     ax.legend(fontsize=8, loc="upper center", ncol=3)
     page.figure(fig, "iia_by_site", "Blue: sites that can carry the variable to the output; grey: sites that by "
                 "the attention pattern cannot (the controls: they have not seen both of its tokens, or come after "
@@ -282,8 +282,9 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
                  r["random_iia"], r["final_loss"]] for r in rows], "Held-out interchange-intervention accuracy")
     history = results["history"]
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.plot(history["eval_step"], history["accuracy"], marker=".")
-    ax.set(xlabel="step", ylabel="held-out accuracy", title="Task model training", ylim=(0, 1.02))
+    plots.curves(history["eval_step"], {"held-out accuracy": history["accuracy"]}, ax=ax, marker=".",
+                 ylabel="held-out accuracy", title="Task model training")
+    ax.set_ylim(0, 1.02)
     page.figure(fig, "task_accuracy", "Accuracy of the answer on fresh inputs during training.")
     page.run_section(cfg, info, f"This run took {info.get('seconds', 0):.1f} s. One learned alignment is saved "
                      "in alignment/ (rotation.safetensors + das.json).")

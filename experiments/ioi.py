@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import jinterp
-from jinterp import attribution, lens, patching
+from jinterp import attribution, lens, patching, plots
 from jinterp.report import Report, write_json
 from jinterp.runs import Experiment, Run, option
 
@@ -93,11 +93,13 @@ def make_prompts(tokenizer, cfg: Config) -> dict:
     if not aligned or len({int(p[0]) for p in positions.values()}) != 4:
         raise ValueError(f"template {cfg.template!r}: IO, S1, S2 and the last token (END) must sit at four "
                          "different positions, the same in every prompt")
-    labels = tokenizer.to_str_tokens(clean_tokens[0])
+    tokens = tokenizer.to_str_tokens(clean_tokens[0])
+    labels = list(tokens)
     for role, at in positions.items():
         labels[at[0]] = f"{role}"
     return {"clean": clean, "corrupt": corrupt, "clean_tokens": clean_tokens, "corrupt_tokens": corrupt_tokens,
-            "io": io, "s": s, "positions": {k: int(v[0]) for k, v in positions.items()}, "labels": labels}
+            "io": io, "s": s, "positions": {k: int(v[0]) for k, v in positions.items()}, "labels": labels,
+            "tokens": tokens}
 
 
 def logit_diff_metric(io, s):
@@ -138,9 +140,9 @@ def compute(run: Run) -> dict:
 
     base = run.step("baseline", baseline)
     resid = run.chunked("resid_pre", patching.sweep_chunks(model, clean, corrupt, metric, "resid_pre",
-                                                           metric_positions=end, layers=layers))
+                                                           metric_positions=end, layers=layers, mesh=run.mesh))
     heads = run.chunked("z", patching.sweep_chunks(model, clean, corrupt, metric, "z", metric_positions=end,
-                                                   layers=layers))
+                                                   layers=layers, mesh=run.mesh))
     estimates = run.step("attribution", lambda: {
         site: attribution.attribution_patching(model, clean, corrupt, metric, site, metric_positions=end)
         for site in ("resid_pre", "z")})
@@ -160,7 +162,8 @@ def compute(run: Run) -> dict:
                 "lens_logit_diff": lens_diff.mean(1),
                 "lens_p_io": jnp.take_along_axis(probs, io[None, :, None], 2)[..., 0].mean(1),
                 "lens_p_s": jnp.take_along_axis(probs, s[None, :, None], 2)[..., 0].mean(1),
-                "attention": {role: pattern[..., at[role]].mean(1) for role in ("IO", "S1", "S2")}}
+                "attention": {role: pattern[..., at[role]].mean(1) for role in ("IO", "S1", "S2")},
+                "example_pattern": cache.stack("attn.pattern")[:, 0]}  # [layer, head, query, key], prompt 0
 
     components = run.step("components", clean_components)
 
@@ -170,12 +173,13 @@ def compute(run: Run) -> dict:
     n = min(cfg.path_prompts, cfg.n_prompts)
     receivers = [(f"blocks.{layer}.attn.q", [head]) for layer, head in movers]
     path = run.chunked("path_to_name_movers", patching.path_patch_chunks(
-        model, clean[:n], corrupt[:n], logit_diff_metric(io[:n], s[:n]), receivers, metric_positions=end))
+        model, clean[:n], corrupt[:n], logit_diff_metric(io[:n], s[:n]), receivers, metric_positions=end,
+        mesh=run.mesh))
     path_base = run.step("path_baseline", lambda: {
         "clean": metric_of(model, clean[:n], io[:n], s[:n]), "corrupt": metric_of(model, corrupt[:n], io[:n], s[:n])})
 
     return {"prompts": {"clean": prompts["clean"], "corrupt": prompts["corrupt"], "labels": prompts["labels"],
-                        "positions": prompts["positions"]},
+                        "tokens": prompts["tokens"], "positions": prompts["positions"]},
             "baseline": base, "resid_pre": resid, "z": heads, "attribution": estimates, "components": components,
             "name_movers": np.array(movers, np.int32), "path": path, "path_baseline": path_base,
             "sweep_layers": np.arange(model.cfg.n_layers) if layers is None else np.array(sorted(layers)),
@@ -247,8 +251,7 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
              "s_inhibition": s_inhibition_candidates(results["components"], summary["path"], cfg.top_heads,
                                                      cfg.min_attention)}
     labels = list(results["prompts"]["labels"])
-    plots = directory / "plots"
-    page = Report(f"Indirect object identification: {cfg.model}", plots)
+    page = Report(f"Indirect object identification: {cfg.model}", directory / "plots")
 
     page.heading("Prompts and logit difference")
     page.text(f"{cfg.n_prompts} prompts from the template '{cfg.template}' (seed {cfg.seed}). The corrupted "
@@ -265,14 +268,11 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
                 ["P(S), mean (clean)", float(base["clean_p_s"].mean()), ""]])
 
     page.heading("Activation patching (clean into corrupted)")
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(labels)), 0.22 * len(summary["layers"]) + 2))
-    _heatmap(ax, summary["resid_pre"], "position", "layer", labels, summary["layers"])
-    ax.set_title("resid_pre patching, normalised logit difference (1 = clean)")
+    fig = plots.patching_heatmap(summary["resid_pre"], tokens=labels, layers=summary["layers"],
+                                 title="resid_pre patching, normalised logit difference (1 = clean)").figure
     page.figure(fig, "resid_pre_patching", "Each cell patches the clean residual stream into the corrupted run at one "
                 "layer and position. Information about the subject moves from S2 to END in the middle layers.")
-    fig, ax = plt.subplots(figsize=(7, 0.22 * summary["z"].shape[0] + 2))
-    _heatmap(ax, summary["z"], "head", "layer", None, None)
-    ax.set_title("Head output (z) patching, normalised logit difference")
+    fig = plots.head_heatmap(summary["z"], title="Head output (z) patching, normalised logit difference").figure
     page.figure(fig, "z_patching", "Each cell patches one head's clean output, at every position, into the "
                 "corrupted run.")
 
@@ -293,27 +293,19 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
     comp = results["components"]
     page.heading("Logit lens and direct logit attribution")
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    steps = np.arange(len(comp["lens_logit_diff"]))
-    ax[0].plot(steps, comp["lens_logit_diff"], marker=".")
-    ax[0].set(xlabel="residual stream entering layer (last: final)", ylabel="logit(IO) - logit(S)",
-              title="Logit lens at END")
-    ax[1].plot(steps, comp["lens_p_io"], marker=".", label="P(IO)")
-    ax[1].plot(steps, comp["lens_p_s"], marker=".", label="P(S)")
-    ax[1].set(xlabel="residual stream entering layer", ylabel="probability", title="Logit lens: answer probability")
-    ax[1].legend()
+    plots.layer_curves({"logit(IO) - logit(S)": comp["lens_logit_diff"]}, ax=ax[0], ylabel="logit(IO) - logit(S)",
+                       xlabel="residual stream entering layer (last: final)", title="Logit lens at END")
+    plots.layer_curves({"P(IO)": comp["lens_p_io"], "P(S)": comp["lens_p_s"]}, ax=ax[1], ylabel="probability",
+                       title="Logit lens: answer probability")
     page.figure(fig, "logit_lens", "The residual stream at END after each layer, read out through the final norm "
                 "and unembedding.")
-    fig, ax = plt.subplots(figsize=(7, 0.22 * comp["dla"].shape[0] + 2))
-    _heatmap(ax, comp["dla"], "head", "layer", None, None, centred=True)
-    ax.set_title("Direct logit attribution of each head to logit(IO) - logit(S)")
+    fig = plots.head_heatmap(comp["dla"], title="Direct logit attribution of each head to logit(IO) - logit(S)").figure
     page.figure(fig, "direct_logit_attribution", "Each head's output at END through the final norm (cached scale) "
                 "onto the IO - S unembedding direction, mean over clean prompts.")
 
     page.heading("Path patching into the name movers")
     movers = ", ".join(f"L{layer}H{head}" for layer, head in results["name_movers"])
-    fig, ax = plt.subplots(figsize=(7, 0.22 * summary["path"].shape[0] + 2))
-    _heatmap(ax, summary["path"], "head", "layer", None, None, centred=True)
-    ax.set_title(f"Path patching: sender heads -> queries of {movers}")
+    fig = plots.head_heatmap(summary["path"], title=f"Path patching: sender heads -> queries of {movers}").figure
     page.figure(fig, "path_patching", f"Each sender head's corrupted output reaching only the queries of {movers} "
                 "(other heads frozen), as a change of the logit difference relative to clean - corrupted "
                 f"(first {min(cfg.path_prompts, cfg.n_prompts)} prompts).")
@@ -326,6 +318,14 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
     page.table(columns, head_rows(summary, results, heads["s_inhibition"]),
                "S-inhibition candidates: most negative path patching effect on the name movers' queries among "
                f"heads attending from END to S2 (at least {cfg.min_attention}, more than to the IO)")
+
+    if "example_pattern" in comp:  # runs saved before the viewer was added lack it
+        page.heading("Attention patterns")
+        start = tuple(int(i) for i in (heads["name_movers"] or [tuple(results["name_movers"][0])])[0])
+        page.attention(list(results["prompts"]["tokens"]), comp["example_pattern"], start=start,
+                       caption=f"Every head's attention on the first clean prompt, '{results['prompts']['clean'][0]}'"
+                       f" (opening on L{start[0]}H{start[1]}, from END). Choose a layer and head; hover a token to "
+                       "see where it attends from.")
 
     page.run_section(cfg, info, f"Computed in {info['steps']['results']['seconds']:.0f} s; "
                                 f"this run took {info['seconds']:.1f} s")
@@ -344,19 +344,6 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
 def _head_metrics(summary, results, head) -> dict:
     row = head_rows(summary, results, [head])[0]
     return dict(zip(["head", "dla", "attention_io", "attention_s2", "z_patching", "path_patching"], row))
-
-
-def _heatmap(ax, values, xlabel, ylabel, xticks, yticks, centred=True):
-    values = np.asarray(values, float)
-    bound = np.nanmax(np.abs(values)) or 1.0
-    image = ax.imshow(values, cmap="RdBu", vmin=-bound if centred else None, vmax=bound, aspect="auto")
-    ax.figure.colorbar(image, ax=ax)
-    ax.set(xlabel=xlabel, ylabel=ylabel)
-    if xticks is not None:
-        ax.set_xticks(range(len(xticks)), xticks, rotation=90)
-    if yticks is not None:
-        step = max(1, len(yticks) // 15)
-        ax.set_yticks(range(0, len(yticks), step), [str(y) for y in yticks[::step]])
 
 
 EXPERIMENT = Experiment("ioi", __doc__.split("\n\n")[0].replace("\n", " "), Config, compute, report)

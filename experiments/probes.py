@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import jinterp
-from jinterp import probes
+from jinterp import plots, probes
 from jinterp.patching import Chunks
 from jinterp.report import Report, write_json
 from jinterp.runs import Experiment, Run, option
@@ -172,7 +172,6 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
     labels = site_labels(results["sites"])
     chance = dict(zip(PROBES, np.asarray(results["chance"], float).tolist()))
     page = Report(f"Linear probes for number parity: {cfg.model}", directory / "plots")
-    x = np.arange(len(labels))
 
     page.heading("Task")
     page.text(f"{cfg.n_prompts} prompts, each ending in a number from {cfg.low} to {cfg.high} and a counted "
@@ -192,9 +191,11 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
     colours = {"parity": "C0", "control": "C3", "parity_unseen_numbers": "C2"}
     for ax, position in zip(axes, POSITIONS):
         for task in PROBES:
-            ax.plot(x, summary[position][task]["held_out"], marker=".", color=colours[task],
-                    label=f"{PROBE_TITLES[task]}: held out")
-            ax.plot(x, summary[position][task]["train"], ls="--", lw=0.8, color=colours[task], label="train")
+            held_out, train = f"{PROBE_TITLES[task]}: held out", f"{PROBE_TITLES[task]}: train"
+            plots.layer_curves({held_out: summary[position][task]["held_out"], train: summary[position][task]["train"]},
+                               ax=ax, legend=False, styles={held_out: {"color": colours[task]},
+                                                            train: {"ls": "--", "lw": 0.8, "color": colours[task],
+                                                                    "marker": None}})
             ax.axhline(chance[task], color=colours[task], lw=0.7, ls=":", label="majority label")
         where = "the number's last digit" if position == "number" else "the token after the number"
         ax.set(title=f"At {where}", xlabel=f"{cfg.site} of layer (emb: embeddings)", ylim=(0.3, 1.02))
@@ -207,12 +208,10 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
                 "fits number identity alone.")
 
     fig, ax = plt.subplots(figsize=(8, 3.8))
-    for position in POSITIONS:
-        ax.plot(x, summary[position]["selectivity"], marker=".", label=f"at {position} token")
+    plots.layer_curves({f"at {position} token": summary[position]["selectivity"] for position in POSITIONS}, ax=ax,
+                       xlabel=f"{cfg.site} of layer", ylabel="parity - control (held out)", title="Selectivity")
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set(xlabel=f"{cfg.site} of layer", ylabel="parity - control (held out)", title="Selectivity")
     _site_ticks(ax, labels)
-    ax.legend()
     page.figure(fig, "selectivity", "Held-out accuracy on parity minus that on the control task (Hewitt & Liang "
                 "2019): high where the representation makes parity linear without making every number's identity so.")
 

@@ -23,6 +23,7 @@ import numpy as np
 
 import jinterp
 from experiments.stdlib_text import is_held_out, stdlib_documents, windows
+from jinterp import plots
 from jinterp import sae as saes
 from jinterp.report import Report, write_json
 from jinterp.runs import Experiment, Run, option
@@ -172,15 +173,13 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
 
     page.heading("Training")
     fig, ax = plt.subplots(1, 3, figsize=(14, 4), constrained_layout=True)
-    ax[0].plot(np.arange(1, len(history["loss"]) + 1), history["loss"], lw=0.6)
-    ax[0].set(yscale="log", xlabel="step", ylabel="loss (normalised units)", title="Training loss")
-    ax[1].plot(history["eval_step"], history["explained_variance"], marker="o")
-    ax[1].set(xlabel="step", ylabel="explained variance", title="Explained variance (training sample)")
-    ax[2].plot(history["eval_step"], history["l0"], marker="o", label="L0")
-    ax[2].plot(history["eval_step"], np.asarray(history["dead_fraction"]) * cfg.d_sae, marker="x",
-               label="dead latents")
-    ax[2].set(xlabel="step", title="Sparsity")
-    ax[2].legend()
+    plots.curves(np.arange(1, len(history["loss"]) + 1), {"loss": history["loss"]}, ax=ax[0], lw=0.6, yscale="log",
+                 ylabel="loss (normalised units)", title="Training loss")
+    plots.curves(history["eval_step"], {"explained variance": history["explained_variance"]}, ax=ax[1], marker="o",
+                 ylabel="explained variance", title="Explained variance (training sample)")
+    plots.curves(history["eval_step"], {"L0": history["l0"],
+                                        "dead latents": np.asarray(history["dead_fraction"]) * cfg.d_sae},
+                 ax=ax[2], marker="o", styles={"dead latents": {"marker": "x"}}, title="Sparsity")
     page.figure(fig, "training", "Evaluations use a fixed sample of training activations; 'dead' counts "
                 "latents that have not fired within the last million training activations.")
 

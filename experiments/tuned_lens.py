@@ -18,7 +18,7 @@ import optax
 
 import jinterp
 from experiments.stdlib_text import is_held_out, stdlib_documents, windows
-from jinterp import tuned_lens
+from jinterp import plots, tuned_lens
 from jinterp.report import Report, write_json
 from jinterp.runs import Experiment, Run, option
 
@@ -110,22 +110,20 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
 
     page.heading("KL to the final distribution by layer")
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(layers, summary["kl_logit_lens"], marker=".", label="logit lens")
     for kl in history["held_out_kl"][1:-1]:
         ax.plot(layers, kl, color="tab:orange", alpha=0.3, lw=0.8)
-    ax.plot(layers, summary["kl_tuned_lens"], marker=".", label=f"tuned lens (step {int(history['eval_step'][-1])})")
-    ax.set(yscale="log", xlabel="residual stream entering layer", ylabel="KL(final || lens) [nats]",
-           title="Held-out KL to the model's output")
-    ax.legend()
+    plots.layer_curves({"logit lens": summary["kl_logit_lens"],
+                        f"tuned lens (step {int(history['eval_step'][-1])})": summary["kl_tuned_lens"]}, ax=ax,
+                       yscale="log", ylabel="KL(final || lens) [nats]", title="Held-out KL to the model's output")
     page.figure(fig, "kl_by_layer", "Mean over held-out positions; faint lines: the tuned lens at earlier "
                 "evaluations. Layer 0 reads the embeddings.")
 
     page.heading("Training")
     fig, ax = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    ax[0].plot(np.arange(1, len(history["loss"]) + 1), history["loss"], lw=0.8)
-    ax[0].set(yscale="log", xlabel="step", ylabel="KL summed over layers", title="Training loss (one batch per step)")
-    ax[1].plot(history["eval_step"], np.asarray(history["held_out_kl"]).mean(1), marker="o")
-    ax[1].set(yscale="log", xlabel="step", ylabel="mean KL over layers", title="Held-out KL (step 0: logit lens)")
+    plots.curves(np.arange(1, len(history["loss"]) + 1), {"loss": history["loss"]}, ax=ax[0], lw=0.8, yscale="log",
+                 ylabel="KL summed over layers", title="Training loss (one batch per step)")
+    plots.curves(history["eval_step"], {"held-out KL": np.asarray(history["held_out_kl"]).mean(1)}, ax=ax[1],
+                 marker="o", yscale="log", ylabel="mean KL over layers", title="Held-out KL (step 0: logit lens)")
     page.figure(fig, "training", "Left: the training objective on each step's batch. Right: the held-out score.")
 
     page.table(["layer", "logit lens KL", "tuned lens KL", "ratio"],

@@ -16,6 +16,9 @@ matplotlib.use("Agg")  # files only, never a window
 
 import matplotlib.pyplot as plt  # noqa: E402
 
+from jinterp.attention_view import attention_html  # noqa: E402
+from jinterp.paths import inside  # noqa: E402
+
 STYLE = """
 body { font: 15px/1.5 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
 h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 2em; border-bottom: 1px solid #ddd; }
@@ -58,12 +61,18 @@ class Report:
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
-        path = self.plots / f"{name}.png"
+        path = inside(self.plots, f"{name}.png")
         path.write_bytes(buffer.getvalue())
         data = base64.b64encode(buffer.getvalue()).decode()
         self.parts.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
                           f"<figcaption>{html.escape(caption)}</figcaption></figure>")
         return path
+
+    def attention(self, tokens, pattern, caption: str = "", **options) -> None:
+        """Embeds the interactive attention viewer (``jinterp.attention_view``) for one prompt:
+        ``pattern [n_layers, n_heads, seq, seq]``, ``tokens`` its ``seq`` token strings."""
+        self.parts.append(f"<figure>{attention_html(tokens, pattern, **options)}"
+                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
     def table(self, columns: list[str], rows: list[list], caption: str = "") -> None:
         head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)

@@ -74,6 +74,12 @@ def test_shortened_ioi_run_is_sane(short_run):
     assert plots == ["attribution_vs_patching.png", "direct_logit_attribution.png", "logit_lens.png",
                      "path_patching.png", "resid_pre_patching.png", "z_patching.png"]
     assert page.count("data:image/png;base64,") == len(plots) and "Name-mover candidates" in page
+    # The attention viewer: every layer and head on the first prompt, its tokens as the tokenizer splits it.
+    pattern = np.asarray(results["components"]["example_pattern"])
+    n = len(results["prompts"]["labels"])
+    assert pattern.shape == (30, 9, n, n) and np.allclose(pattern.sum(-1), 1, atol=1e-5)
+    assert "".join(results["prompts"]["tokens"]) == results["prompts"]["clean"][0]
+    assert page.count('class="jattn"') == 1 and json.dumps(results["prompts"]["tokens"][1]) in page
     info = json.loads((directory / "run.json").read_text())
     assert info["status"] == "complete" and info["config"]["n_prompts"] == 6
 
