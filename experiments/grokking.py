@@ -47,7 +47,7 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, Int
 
 import jinterp
-from jinterp import fourier
+from jinterp import fourier, llc, plots
 from jinterp.report import Report, write_json
 from jinterp.runs import Experiment, Run, option
 from jinterp.train import train
@@ -71,6 +71,13 @@ class Config:
     eval_every: int = option(200, "epochs between evaluations and parameter snapshots")
     checkpoint_every: int = option(2000, "epochs between training checkpoints (a multiple of eval_every)")
     key_frequencies: tuple[int, ...] | None = option(None, "fix the key frequencies (default: from the final W_E)")
+    llc_every: int = option(1000, "epochs between the parameter snapshots whose LLC is estimated (a multiple of "
+                                  "eval_every); 0: no LLC")
+    llc_batch_size: int = option(256, "training pairs per SGLD step (nbeta = n / log n over all training pairs)")
+    llc_chains: int = option(4, "SGLD chains per estimate")
+    llc_draws: int = option(300, "SGLD steps per chain")
+    llc_step_size: float = option(3e-5, "SGLD step size (epsilon)")
+    llc_gamma: float = option(300.0, "SGLD localisation strength (gamma)")
     max_key_frequencies: int = option(8, "at most this many key frequencies are chosen")
     threshold: float = option(0.99, "accuracy that counts as learned, for the grokking epochs")
     neuron_threshold: float = option(0.85, "a neuron is explained by one frequency above this variance fraction")
@@ -90,6 +97,8 @@ def check(cfg: Config) -> None:
             raise ValueError(f"key frequency {k} is not in 1..{fourier.n_frequencies(cfg.p)} (p={cfg.p})")
     if cfg.max_key_frequencies < 1:
         raise ValueError(f"max_key_frequencies must be at least 1, got {cfg.max_key_frequencies}")
+    if cfg.llc_every < 0 or cfg.llc_every % cfg.eval_every:
+        raise ValueError(f"llc_every={cfg.llc_every} must be 0 (no LLC) or a multiple of eval_every={cfg.eval_every}")
 
 
 def model_config(cfg: Config) -> jinterp.Config:
@@ -298,7 +307,18 @@ def compute(run: Run) -> dict:
     key_mask = np.isin(np.arange(1, fourier.n_frequencies(cfg.p) + 1), keys)
     progress = run.step("progress_measures", lambda: progress_measures(
         jnp.asarray(trained.history["params"]), model, pairs, sum_directions(cfg.p, keys), jnp.asarray(key_mask)))
-    return {"history": history, "analysis": analysis, "progress": progress, "is_train": np.asarray(pairs.is_train)}
+    results = {"history": history, "analysis": analysis, "progress": progress, "is_train": np.asarray(pairs.is_train)}
+    if cfg.llc_every:
+        # The snapshots the evaluations already keep, at every llc_every epochs.
+        snapshots = {int(step): restore(model, jnp.asarray(flat))
+                     for step, flat in zip(trained.history["eval_step"], trained.history["params"])
+                     if step % cfg.llc_every == 0}
+        results["llc"] = llc.over_training(
+            snapshots, Loss(cfg.precise_loss), (train_pairs.tokens, train_pairs.labels),
+            jax.random.fold_in(jax.random.key(cfg.seed), 1), run=run, description="grokking: LLC",
+            step_size=cfg.llc_step_size, gamma=cfg.llc_gamma, chains=cfg.llc_chains, draws=cfg.llc_draws,
+            batch_size=min(cfg.llc_batch_size, len(train_pairs.labels)))
+    return results
 
 
 # Report -------------------------------------------------------------------------------------------
@@ -351,19 +371,17 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
     page.heading("Grokking: train accuracy saturates early, test accuracy much later")
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     train_loss = np.asarray(history["loss"])
-    axes[0].plot(np.arange(1, len(train_loss) + 1), train_loss, color="lightgrey", lw=0.8,
-                 label="training loss (every step)")
-    axes[0].plot(steps, history["train_loss"], label="train")
-    axes[0].plot(steps, history["test_loss"], label="test")
-    axes[0].set(yscale="log", xlabel="epoch", ylabel="cross-entropy (nats)", title="Loss")
-    axes[1].plot(steps, history["train_accuracy"], label="train")
-    axes[1].plot(steps, history["test_accuracy"], label="test")
-    axes[1].set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    every_step = "training loss (every step)"
+    plots.curves({every_step: np.arange(1, len(train_loss) + 1), "train": steps, "test": steps},
+                 {every_step: train_loss, "train": history["train_loss"], "test": history["test_loss"]}, ax=axes[0],
+                 styles={every_step: {"color": "lightgrey", "lw": 0.8}}, yscale="log", xlabel="epoch",
+                 ylabel="cross-entropy (nats)", title="Loss")
+    plots.curves(steps, {"train": history["train_accuracy"], "test": history["test_accuracy"]}, ax=axes[1],
+                 xlabel="epoch", ylabel="accuracy", title="Accuracy")
     for ax in axes:
         for key, colour in (("train_epoch", "tab:blue"), ("test_epoch", "tab:orange")):
             if summary[key] is not None:
                 ax.axvline(summary[key], color=colour, ls="--", lw=0.8)
-        ax.legend()
     page.figure(fig, "loss_accuracy", f"Dashed: the first evaluation with accuracy >= {cfg.threshold:.0%}: "
                 f"train at epoch {summary['train_epoch']}, test at epoch {summary['test_epoch']}.")
 
@@ -371,13 +389,11 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
     norms = np.asarray(analysis["component_norms"])
     frequency = np.arange(1, fourier.n_frequencies(cfg.p) + 1)
     fig, ax = plt.subplots(figsize=(13, 4))
-    ax.bar(frequency - 0.2, norms[1::2], width=0.4, label="cos")
-    ax.bar(frequency + 0.2, norms[2::2], width=0.4, label="sin")
-    for k in keys:
-        ax.annotate(str(k), (k, max(norms[2 * k - 1], norms[2 * k])), ha="center", va="bottom", color="red")
-    ax.set(xlabel="frequency k", ylabel="norm of W_E[:p] component", title=f"Key frequencies {keys} (red); "
-           f"constant component {norms[0]:.2f}")
-    ax.legend()
+    plots.grouped_bars({"cos": norms[1::2], "sin": norms[2::2]}, [str(k) for k in frequency], ax=ax,
+                       xlabel="frequency k", ylabel="norm of W_E[:p] component",
+                       title=f"Key frequencies {keys} (red); constant component {norms[0]:.2f}")
+    for k in keys:  # bar k sits at x = k - 1
+        ax.annotate(str(k), (k - 1, max(norms[2 * k - 1], norms[2 * k])), ha="center", va="bottom", color="red")
     page.figure(fig, "embedding_fourier", f"The embedding of the residues, W_E[:p], in the Fourier basis: each bar "
                 f"is the norm over d_model of one cos or sin component. The key frequencies carry "
                 f"{summary['key_embedding_fraction']:.1%} of its squared norm.")
@@ -390,12 +406,10 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
     order = [n for n in np.lexsort((-best_fraction, best)) if alive[n]]  # clustered by frequency
     shown = sorted(set(keys) | set(int(b) for b in best[alive & (best_fraction > cfg.neuron_threshold)]))
     fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), gridspec_kw={"width_ratios": [3, 1]})
-    image = axes[0].imshow(fractions[np.array(shown) - 1][:, order], aspect="auto", cmap="viridis", vmin=0, vmax=1,
-                           interpolation="nearest")
-    axes[0].set(yticks=range(len(shown)), yticklabels=[f"{k}{'*' if k in keys else ''}" for k in shown],
-                xlabel=f"neuron (the {len(order)} alive ones, clustered by best frequency)", ylabel="frequency",
-                title="Fraction of each neuron's variance explained by a frequency")
-    fig.colorbar(image, ax=axes[0])
+    plots.heatmap(fractions[np.array(shown) - 1][:, order], ax=axes[0], vmin=0, vmax=1,
+                  yticklabels=[f"{k}{'*' if k in keys else ''}" for k in shown],
+                  xlabel=f"neuron (the {len(order)} alive ones, clustered by best frequency)", ylabel="frequency",
+                  title="Fraction of each neuron's variance explained by a frequency")
     axes[1].hist(best_fraction[alive], bins=np.linspace(0, 1, 21))
     axes[1].axvline(cfg.neuron_threshold, color="red", ls="--", lw=0.8)
     axes[1].set(xlabel="fraction explained by the best frequency", ylabel="neurons")
@@ -414,15 +428,13 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
 
     page.heading("Progress measures")
     fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
-    axes[0].plot(steps, history["train_loss"], label="train loss")
-    axes[0].plot(steps, history["test_loss"], label="test loss")
-    axes[0].plot(steps, progress["restricted_loss"], label="restricted loss (all pairs)")
-    axes[0].plot(steps, progress["excluded_loss"], label="excluded loss (train pairs)")
-    axes[0].set(yscale="log", xlabel="epoch", ylabel="cross-entropy (nats)",
-                title=f"Restricted and excluded loss, key frequencies {keys}")
-    axes[0].legend()
-    axes[1].plot(steps, progress["key_embedding_fraction"], color="tab:red")
-    axes[1].set(xlabel="epoch", ylabel="fraction of ||W_E[:p]||^2", title="Key frequencies' share of the embedding")
+    plots.curves(steps, {"train loss": history["train_loss"], "test loss": history["test_loss"],
+                         "restricted loss (all pairs)": progress["restricted_loss"],
+                         "excluded loss (train pairs)": progress["excluded_loss"]}, ax=axes[0], yscale="log",
+                 xlabel="epoch", ylabel="cross-entropy (nats)",
+                 title=f"Restricted and excluded loss, key frequencies {keys}")
+    plots.curves(steps, {"key frequencies' share": progress["key_embedding_fraction"]}, ax=axes[1], color="tab:red",
+                 xlabel="epoch", ylabel="fraction of ||W_E[:p]||^2", title="Key frequencies' share of the embedding")
     twin = axes[1].twinx()
     twin.plot(steps, progress["weight_norm"], color="tab:grey")
     twin.set_ylabel("total weight norm (grey)")
@@ -431,6 +443,9 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
                 "components. Both use the final model's key frequencies on parameter snapshots taken during "
                 "training. Excluded loss rising while train loss stays low marks the circuit replacing memorisation; "
                 "the weight norm falls in the cleanup phase.")
+
+    if "llc" in results:
+        llc_report(page, cfg, results, summary)
 
     page.run_section(cfg, info, f"This run took {info['seconds']:.1f} s")
     page.write(directory / "report.html")
@@ -451,7 +466,42 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
                     "per_key_frequency": {str(k): n for k, n in summary["neurons_per_key"].items()},
                     "median_best_fraction": summary["median_best_fraction"]},
         "config_hash": info.get("config_hash"), "seconds": info.get("seconds"), "training_seconds": training,
-        "epochs_per_second": cfg.epochs / training if training else None})
+        "epochs_per_second": cfg.epochs / training if training else None,
+        **({"llc": {"epoch": results["llc"]["step"].tolist(), "mean": results["llc"]["mean"].tolist(),
+                    "std": results["llc"]["std"].tolist(), "nbeta": float(results["llc"]["nbeta"][0]),
+                    "diagnostics": llc.problems(results["llc"])}} if "llc" in results else {})})
 
 
 EXPERIMENT = Experiment("grokking", __doc__.split("\n\n")[0].replace("\n", " "), Config, compute, report)
+
+
+def llc_report(page: Report, cfg: Config, results: dict, summary: dict) -> None:
+    """The LLC over training next to train and test loss, and the sampler's diagnostics."""
+    estimates, history = results["llc"], results["history"]
+    steps = np.asarray(estimates["step"])
+    page.heading("Local learning coefficient")
+    page.text(f"The LLC (Lau et al. 2023, jinterp.llc) of the parameter snapshots every {cfg.llc_every} epochs: SGLD "
+              f"with {cfg.llc_chains} chains of {cfg.llc_draws} steps (step size {cfg.llc_step_size}, localisation "
+              f"gamma {cfg.llc_gamma}, nbeta = n / log n = {float(estimates['nbeta'][0]):.1f} over the n training "
+              f"pairs, batches of {cfg.llc_batch_size}), the same random draws at every snapshot.")
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.errorbar(steps, estimates["mean"], yerr=estimates["std"], marker="o", capsize=3, color="tab:purple",
+                label="LLC (mean ± std over chains)")
+    ax.set(xlabel="epoch", ylabel="estimated LLC", title="LLC over training")
+    twin = ax.twinx()
+    twin.plot(history["eval_step"], history["train_loss"], color="tab:blue", alpha=0.5, label="train loss")
+    twin.plot(history["eval_step"], history["test_loss"], color="tab:orange", alpha=0.5, label="test loss")
+    twin.set(yscale="log", ylabel="loss (nats)")
+    for key, colour in (("train_epoch", "tab:blue"), ("test_epoch", "tab:orange")):
+        if summary[key] is not None:
+            ax.axvline(summary[key], color=colour, ls="--", lw=0.8)
+    fig.legend(loc="upper right", fontsize=8)
+    page.figure(fig, "llc", "Dashed: the epochs at which train and test accuracy reach the threshold. The LLC "
+                "counts the effective number of parameters the training loss depends on around the snapshot: it "
+                "rises while the network memorises and falls when the generalising circuit replaces memorisation.")
+    page.table(["epoch", "LLC", "std over chains", "train loss at the snapshot"],
+               [[int(s), float(m), float(d), float(i)] for s, m, d, i in
+                zip(steps, estimates["mean"], estimates["std"], estimates["init_loss"])])
+    found = llc.problems(estimates)
+    page.text("Sampler diagnostics: " + ("; ".join(found) if found else "no chain diverged, and no chain's mean "
+                                         "loss fell below the loss at its snapshot."))

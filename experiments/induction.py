@@ -37,6 +37,7 @@ import optax
 from jaxtyping import Array, Float, Int
 
 import jinterp
+from jinterp import llc, plots
 from jinterp.report import Report, write_json
 from jinterp.runs import Experiment, Run, option
 from jinterp.train import train
@@ -72,6 +73,15 @@ class Config:
     checkpoint_every: int = option(500, "steps between checkpoints (a multiple of eval_every)")
     eval_sequences: int = option(64, "repeated random sequences the scores and losses are measured on")
     threshold: float = option(0.5, "a layer-1 head with a final induction score above this is an induction head")
+    llc_every: int = option(250, "steps between the parameter snapshots whose LLC is estimated (a multiple of "
+                                 "eval_every); 0: no LLC")
+    llc_examples: int = option(1024, "training sequences the LLC's loss is measured on (n; nbeta = n / log n)")
+    llc_batch_size: int = option(32, "sequences per SGLD step")
+    llc_chains: int = option(4, "SGLD chains per estimate")
+    llc_draws: int = option(100, "SGLD steps per chain")
+    llc_step_size: float = option(1e-5, "SGLD step size (epsilon)")
+    llc_gamma: float = option(3e4, "SGLD localisation strength (gamma); the weights are small (init std 0.02)")
+    llc_heads: bool = option(True, "also every head's refined LLC (only that head's Q/K/V/O weights sampled)")
 
 
 def check(cfg: Config) -> None:
@@ -83,6 +93,8 @@ def check(cfg: Config) -> None:
                          f"<= n_ctx // 2 = {cfg.n_ctx // 2}: a segment and its copy must fit in a sequence")
     if cfg.vocab < 2:
         raise ValueError(f"vocab must be at least 2, got {cfg.vocab}")
+    if cfg.llc_every < 0 or cfg.llc_every % cfg.eval_every:
+        raise ValueError(f"llc_every={cfg.llc_every} must be 0 (no LLC) or a multiple of eval_every={cfg.eval_every}")
 
 
 def model_config(cfg: Config) -> jinterp.Config:
@@ -202,12 +214,26 @@ def compute(run: Run) -> dict:
     optimizer = optax.adamw(cfg.learning_rate, weight_decay=cfg.weight_decay)
     trained = train(model, next_token_loss, optimizer, data, steps=cfg.steps, eval_every=cfg.eval_every,
                     evaluate=lambda m: evaluate(m, probe), run=run, name="model",
-                    checkpoint_every=cfg.checkpoint_every, description="induction: training")
+                    checkpoint_every=cfg.checkpoint_every, description="induction: training",
+                    snapshot_every=cfg.llc_every or None)
     model = trained.params
     history = {key: np.asarray(value) for key, value in trained.history.items()}
     analysis = run.step("analysis", lambda: analyse(model, probe, cfg.threshold))
-    return {"history": history, "analysis": analysis, "initial_k_composition": initial_composition,
-            "example": probe[0]}
+    results = {"history": history, "analysis": analysis, "initial_k_composition": initial_composition,
+               "example": probe[0]}
+    if cfg.llc_every:
+        results["llc"] = estimate_llc(run, cfg, trained.snapshots)
+    return results
+
+
+def estimate_llc(run: Run, cfg: Config, snapshots: dict) -> dict:
+    """The LLC of every snapshot on ``llc_examples`` fresh sequences of the training distribution (and every
+    head's refined LLC), each snapshot a checkpointed step."""
+    k_data, k_sgld = jax.random.split(jax.random.fold_in(jax.random.key(cfg.seed), 1), 2)
+    tokens = segment_sequences(k_data, cfg.llc_examples, cfg.n_ctx, cfg.vocab, cfg.min_segment, cfg.max_segment)[0]
+    return llc.over_training(snapshots, next_token_loss, tokens, k_sgld, run=run, heads=cfg.llc_heads,
+                             description="induction: LLC", step_size=cfg.llc_step_size, gamma=cfg.llc_gamma,
+                             chains=cfg.llc_chains, draws=cfg.llc_draws, batch_size=cfg.llc_batch_size)
 
 
 def analyse(model: jinterp.Transformer, probe: Int[Array, "batch 2L"], threshold: float) -> dict:
@@ -291,15 +317,16 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
     train_loss = np.asarray(history["loss"])
     window = min(cfg.eval_every, len(train_loss))
     smooth = np.convolve(train_loss, np.ones(window) / window, mode="valid")
-    ax.plot(np.arange(window, len(train_loss) + 1), smooth, color="lightgrey",
-            label=f"training loss ({window}-step mean)")
-    ax.plot(steps, history["loss_first"], marker=".", label="first half (random tokens)")
-    ax.plot(steps, history["loss_repeated"], marker=".", label="repeated half")
+    training = f"training loss ({window}-step mean)"
     ax.axhline(math.log(cfg.vocab), color="grey", ls=":", lw=0.8, label=f"ln(vocab) = {math.log(cfg.vocab):.2f}")
-    ax.axvline(summary["phase_change_step"], color="red", ls="--", lw=1,
-               label=f"phase change (steepest drop), step {summary['phase_change_step']}")
-    ax.set(xlabel="step", ylabel="next-token loss (nats)", title="Loss on the first and the repeated half")
-    ax.legend()
+    plots.curves({training: np.arange(window, len(train_loss) + 1), "first half (random tokens)": steps,
+                  "repeated half": steps},
+                 {training: smooth, "first half (random tokens)": history["loss_first"],
+                  "repeated half": history["loss_repeated"]},
+                 ax=ax, styles={training: {"color": "lightgrey", "marker": None}}, marker=".",
+                 marks={f"phase change (steepest drop), step {summary['phase_change_step']}":
+                        summary["phase_change_step"]},
+                 ylabel="next-token loss (nats)", title="Loss on the first and the repeated half")
     page.figure(fig, "loss_curves", "The repeated-half loss stays at the random-token level, then falls sharply "
                 "once induction heads form; the first-half loss cannot fall below ln(vocab).")
 
@@ -307,12 +334,10 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
     for ax, key, title in ((axes[0], "induction", "Induction score"),
                            (axes[1], "previous_token", "Previous-token score")):
         values = np.asarray(history[key])
-        for layer, head in heads:
-            ax.plot(steps, values[:, layer, head], ls="-" if layer else "--", label=_name((layer, head)))
-        ax.axvline(summary["phase_change_step"], color="red", ls="--", lw=1)
-        ax.set(xlabel="step", title=f"{title} per head over training")
+        plots.curves(steps, {_name(h): values[:, h[0], h[1]] for h in heads}, ax=ax, legend=key == "previous_token",
+                     styles={_name(h): {"ls": "-" if h[0] else "--"} for h in heads},
+                     marks={"phase change": summary["phase_change_step"]}, title=f"{title} per head over training")
     axes[0].set_ylabel("mean attention")
-    axes[1].legend(ncol=2, fontsize=8)
     page.figure(fig, "score_trajectories", "Dashed: layer-0 heads; solid: layer-1 heads; red: the phase change.")
 
     page.heading("Final scores")
@@ -320,7 +345,8 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
     for ax, values, title in ((axes[0], analysis["induction"], "Induction score"),
                               (axes[1], analysis["previous_token"], "Previous-token score"),
                               (axes[2], summary["ablation_increase"], "Repeated-half loss increase when zeroed")):
-        _heatmap(ax, np.asarray(values), title)
+        plots.head_heatmap(values, ax=ax, title=title, centred=False, annotate=True,
+                           vmin=min(0.0, float(np.min(values))))
     page.figure(fig, "final_scores", f"Per head [layer, head] after {cfg.steps} steps.")
     page.table(["head", "induction score", "previous-token score", "first-half loss, zeroed",
                 "repeated-half loss, zeroed", "repeated-half loss increase"],
@@ -332,11 +358,10 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
                "(jinterp.Zero at blocks.L.attn.z with a head mask).")
 
     page.heading("Ablating heads")
-    fig, ax = plt.subplots(figsize=(8, 3.5))
     found = summary["induction_heads"]
-    colours = ["tab:red" if h in found else "tab:blue" if h == prev_head else "tab:grey" for h in heads]
-    ax.bar([_name(h) for h in heads], [summary["ablation_increase"][h] for h in heads], color=colours)
-    ax.set(ylabel="repeated-half loss increase (nats)", title="Zero-ablating one head at a time")
+    colours = {prev_head: "tab:blue"} | {head: "tab:red" for head in found}
+    fig = plots.head_bars(summary["ablation_increase"], highlight=colours, ylabel="repeated-half loss increase (nats)",
+                          title="Zero-ablating one head at a time").figure
     page.figure(fig, "ablation", f"Red: induction heads (layer 1, score above {cfg.threshold}); blue: the "
                 f"previous-token head {_name(prev_head)}, which every induction head's keys depend on.")
     without = float(analysis["loss_repeated_without_induction_heads"])
@@ -350,11 +375,10 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
     pattern = np.asarray(analysis["example_pattern"])  # [layer, head, query, key]
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
     for ax, head, title in ((axes[0], ind_head, "induction head"), (axes[1], prev_head, "previous-token head")):
-        image = ax.imshow(pattern[head[0], head[1]], cmap="Blues", vmin=0, vmax=1)
+        plots.heatmap(pattern[head[0], head[1]], ax=ax, cmap="Blues", vmin=0, vmax=1, aspect="equal",
+                      xlabel="key position", ylabel="query position", title=f"{_name(head)} ({title})")
         ax.axhline(length - 0.5, color="orange", lw=0.8)
         ax.axvline(length - 0.5, color="orange", lw=0.8)
-        ax.set(xlabel="key position", ylabel="query position", title=f"{_name(head)} ({title})")
-        fig.colorbar(image, ax=ax, fraction=0.046)
     page.figure(fig, "attention_patterns", f"Attention on one probe sequence: {length} random tokens (first "
                 f"ones: {', '.join(map(str, example[:8]))}, ...) then their repeat (orange lines). The induction head "
                 f"attends along the diagonal i -> i - {length - 1}, the previous-token head along i -> i - 1.")
@@ -362,11 +386,15 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
     initial = np.asarray(results["initial_k_composition"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, values, title in ((axes[0], initial, "at initialisation"), (axes[1], composition, "after training")):
-        _heatmap(ax, values, f"K-composition {title}", "layer-1 head", "layer-0 head", vmax=composition.max())
+        plots.heatmap(values, ax=ax, title=f"K-composition {title}", xlabel="layer-1 head", ylabel="layer-0 head",
+                      vmin=min(0.0, float(values.min())), vmax=composition.max(), annotate=True)
     page.figure(fig, "k_composition", "How much each layer-0 head's output (OV) is read by each layer-1 head's "
                 f"keys (QK). The previous-token head {_name(prev_head)} feeds the induction head {_name(ind_head)}: "
                 f"K-composition {composition[prev_head[1], ind_head[1]]:.3f}, against {initial.mean():.3f} "
                 "on average at initialisation.")
+
+    if "llc" in results:
+        llc_report(page, cfg, results, summary, heads)
 
     page.run_section(cfg, info, f"This run took {info['seconds']:.1f} s")
     page.write(directory / "report.html")
@@ -387,15 +415,58 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
         "k_composition_previous_to_induction": float(composition[prev_head[1], ind_head[1]]),
         "k_composition_initial_mean": float(initial.mean()),
         "config_hash": info.get("config_hash"), "seconds": info.get("seconds"),
-        "training_seconds": info.get("steps", {}).get("model", {}).get("seconds")})
+        "training_seconds": info.get("steps", {}).get("model", {}).get("seconds"),
+        **({"llc": llc_metrics(results["llc"], heads)} if "llc" in results else {})})
 
 
-def _heatmap(ax, values, title, xlabel="head", ylabel="layer", vmax=None):
-    image = ax.imshow(values, cmap="viridis", vmin=min(0.0, float(values.min())), vmax=vmax, aspect="auto")
-    ax.figure.colorbar(image, ax=ax)
-    for (row, col), value in np.ndenumerate(values):
-        ax.text(col, row, f"{value:.2f}", ha="center", va="center", color="white", fontsize=8)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title, xticks=range(values.shape[1]), yticks=range(values.shape[0]))
+def llc_metrics(estimates: dict, heads: list) -> dict:
+    values = {"step": estimates["step"].tolist(), "mean": estimates["mean"].tolist(), "std": estimates["std"].tolist(),
+              "nbeta": float(estimates["nbeta"][0]), "diagnostics": llc.problems(estimates)}
+    if "head_mean" in estimates:
+        values["heads_final"] = {_name(h): float(estimates["head_mean"][-1][h]) for h in heads}
+    return values
+
+
+def llc_report(page: Report, cfg: Config, results: dict, summary: dict, heads: list) -> None:
+    """The LLC over training, every head's refined LLC, and the sampler's diagnostics."""
+    estimates, history = results["llc"], results["history"]
+    steps = np.asarray(estimates["step"])
+    page.heading("Local learning coefficient")
+    page.text(f"The LLC (Lau et al. 2023, jinterp.llc) of the parameters every {cfg.llc_every} steps: SGLD with "
+              f"{cfg.llc_chains} chains of {cfg.llc_draws} steps (step size {cfg.llc_step_size}, localisation gamma "
+              f"{cfg.llc_gamma}, nbeta = n / log n = {float(estimates['nbeta'][0]):.1f} for n = {cfg.llc_examples} "
+              f"training sequences, batches of {cfg.llc_batch_size}), the same random draws at every snapshot. "
+              "A head's refined LLC samples only that head's W_Q, W_K, W_V and W_O.")
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.errorbar(steps, estimates["mean"], yerr=estimates["std"], marker="o", capsize=3, color="tab:purple",
+                label="LLC (mean ± std over chains)")
+    ax.set(xlabel="step", ylabel="estimated LLC", title="LLC over training")
+    twin = ax.twinx()
+    twin.plot(history["eval_step"], history["loss_repeated"], color="tab:orange", alpha=0.6, label="repeated-half loss")
+    twin.set_ylabel("repeated-half loss (nats)")
+    ax.axvline(summary["phase_change_step"], color="red", ls="--", lw=1)
+    fig.legend(loc="upper right", fontsize=8)
+    page.figure(fig, "llc", "Red: the phase change. The LLC counts the effective number of parameters the "
+                "network's loss depends on around the snapshot.")
+    if "head_mean" in estimates:
+        per_head = np.asarray(estimates["head_mean"])
+        ax = plots.curves(steps, {_name(h): per_head[:, h[0], h[1]] for h in heads}, ylabel="refined LLC",
+                          title="Each head's refined LLC over training",
+                          marks={"phase change": summary["phase_change_step"]},
+                          styles={_name(h): {"marker": ".", "ls": "-" if h[0] else "--"} for h in heads})
+        page.figure(ax.figure, "llc_heads", "Dashed: layer-0 heads; solid: layer-1 heads; red: the phase change.")
+        analysis = results["analysis"]
+        final_mean, final_std = np.asarray(estimates["head_mean"])[-1], np.asarray(estimates["head_std"])[-1]
+        page.table(["head", "refined LLC", "std over chains", "induction score", "previous-token score"],
+                   [[_name(h), float(final_mean[h]), float(final_std[h]), float(analysis["induction"][h]),
+                     float(analysis["previous_token"][h])] for h in heads],
+                   f"Refined LLC of each head at step {int(steps[-1])}.")
+    page.table(["step", "LLC", "std over chains", "loss at the snapshot (nats)"],
+               [[int(s), float(m), float(d), float(i)] for s, m, d, i in
+                zip(steps, estimates["mean"], estimates["std"], estimates["init_loss"])])
+    found = llc.problems(estimates)
+    page.text("Sampler diagnostics: " + ("; ".join(found) if found else "no chain diverged, and no chain's mean "
+                                         "loss fell below the loss at its snapshot."))
 
 
 EXPERIMENT = Experiment("induction", __doc__.split("\n\n")[0].replace("\n", " "), Config, compute, report)

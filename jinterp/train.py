@@ -17,7 +17,9 @@ instead, so they are passed in as arguments.
 With a ``run`` the loop saves its state (trainable arrays, optimizer state, history) every
 ``checkpoint_every`` steps under ``checkpoints/NAME/``, keeps only the newest, and resumes from it:
 a run killed at any moment and rerun gives the same bits as one never interrupted (on CPU),
-because the blocks of steps are the same and restored arrays are the saved bytes.
+because the blocks of steps are the same and restored arrays are the saved bytes. With
+``snapshot_every`` it also keeps the parameters at every multiple of that many steps (step 0 included),
+under ``checkpoints/NAME.snapshots/`` with a run, for analyses over training (e.g. ``jinterp.llc``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Trained:
 
     params: Any
     history: dict[str, np.ndarray]
+    snapshots: dict[int, Any] = dataclasses.field(default_factory=dict)  # step -> params, with snapshot_every
 
 
 def shuffled_batches(n_examples: int, batch_size: int, seed: int) -> Callable[[jax.Array], jax.Array]:
@@ -110,6 +113,7 @@ def train(
     checkpoint_every: int | None = None,
     description: str | None = None,
     progress: bool = True,
+    snapshot_every: int | None = None,
 ) -> Trained:
     """Trains ``params`` for ``steps`` optimizer steps; returns a ``Trained``.
 
@@ -117,7 +121,9 @@ def train(
     ``eval_every`` steps (and the last). ``trainable``: an equinox filter (a function of a leaf,
     or a pytree prefix of bools) choosing what is trained. ``run`` (a ``jinterp.runs.Run``):
     checkpoint every ``checkpoint_every`` steps (a multiple of ``eval_every``; default: at every
-    evaluation) under ``name`` and resume from the newest checkpoint.
+    evaluation) under ``name`` and resume from the newest checkpoint. ``snapshot_every`` (a multiple of
+    ``eval_every``): keep the params at step 0 and every multiple of it in ``Trained.snapshots`` (saved with
+    the run, so a resumed run has them all).
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
@@ -127,6 +133,10 @@ def train(
     if checkpoint_every % eval_every:
         raise ValueError(f"checkpoint_every={checkpoint_every} must be a multiple of eval_every={eval_every}: "
                          "checkpoints are taken between blocks of steps")
+    if snapshot_every is not None and (not isinstance(snapshot_every, int) or snapshot_every < 1
+                                       or snapshot_every % eval_every):
+        raise ValueError(f"snapshot_every={snapshot_every!r} must be a positive multiple of eval_every={eval_every}: "
+                         "snapshots are taken between blocks of steps")
     trained, frozen = eqx.partition(params, trainable)
     if not jax.tree.leaves(trained):
         raise ValueError("Nothing to train: the `trainable` filter selects no arrays of params")
@@ -152,8 +162,24 @@ def train(
             history = {key: list(values) for key, values in saved["history"].items()}
             if start < steps:
                 run.log(f"{name}: resumed from the checkpoint at step {start} of {steps}")
+    snapshots = {}
+
+    def take_snapshot(step: int):
+        if snapshot_every and step % snapshot_every == 0:
+            if store is not None:  # saved before the training checkpoint of the same step, so a resume finds it
+                store.save(f"{name}.snapshots/{step:09d}", _leaves(trained), 0.0)
+            snapshots[step] = trained
+
+    if snapshot_every and start > 0:
+        for step in range(0, start + 1, snapshot_every):
+            found = store.load(f"{name}.snapshots/{step:09d}")
+            if found is None:
+                run.log(f"{name}: the parameter snapshot at step {step} is missing; it cannot be recomputed")
+            else:
+                snapshots[step] = _unflatten(trained, found[0], "parameter snapshot")
     if start == 0:
         record_evaluation(0)
+        take_snapshot(0)
 
     quiet = not progress or (run is not None and run.quiet)
     bar = tqdm(total=steps, initial=start, desc=description or name, unit="step", disable=quiet)
@@ -167,6 +193,7 @@ def train(
         history["loss"].extend(losses)
         step += n
         record_evaluation(step)
+        take_snapshot(step)
         seconds += time.perf_counter() - began
         bar.update(n)
         bar.set_postfix(loss=f"{float(losses.mean()):.4g}")
@@ -178,7 +205,8 @@ def train(
     if run is not None:
         run.timings[name] = {"seconds": seconds, "restored": start == steps}
     stacked = {key: np.stack(values) for key, values in history.items()}
-    return Trained(eqx.combine(trained, frozen), stacked)
+    return Trained(eqx.combine(trained, frozen), stacked,
+                   {step: eqx.combine(t, frozen) for step, t in sorted(snapshots.items())})
 
 
 def _step_names(store, name: str) -> list[int]:

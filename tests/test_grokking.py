@@ -18,7 +18,8 @@ from jinterp import fourier, runs
 
 # Small p and model with a larger train fraction and learning rate: generalises within ~1500 epochs.
 SHORT = ["p=23", "train_fraction=0.6", "d_model=64", "d_mlp=128", "learning_rate=0.003", "epochs=1600",
-         "eval_every=200", "checkpoint_every=800"]
+         "eval_every=200", "checkpoint_every=800", "llc_every=800", "llc_chains=2", "llc_draws=30",
+         "llc_step_size=0.0001"]
 
 
 def logsumexp64(logits: np.ndarray) -> np.ndarray:
@@ -185,9 +186,15 @@ def test_short_run_memorises_then_generalises(short_run):
     assert analysis["neuron_fractions"].shape == (11, 128)
     assert (analysis["neuron_fractions"][:, analysis["neuron_alive"]].sum(0) <= 1 + 1e-5).all()  # disjoint parts
 
+    # The LLC of the snapshots at epochs 0, 800, 1600, each a checkpointed step.
+    estimates = results["llc"]
+    assert estimates["step"].tolist() == [0, 800, 1600] and estimates["loss_trace"].shape == (3, 2, 30)
+    assert np.isfinite(estimates["mean"]).all() and metrics["llc"]["epoch"] == [0, 800, 1600]
+    np.testing.assert_allclose(estimates["init_loss"][-1], history["train_loss"][-1], rtol=1e-4)  # w0's loss
+    assert (directory / "checkpoints" / "llc" / "000000800.json").exists()
     plots = sorted(p.name for p in (directory / "plots").glob("*.png"))
-    assert plots == ["embedding_fourier.png", "example_neurons.png", "loss_accuracy.png", "neuron_frequencies.png",
-                     "progress_measures.png"]
+    assert plots == ["embedding_fourier.png", "example_neurons.png", "llc.png", "loss_accuracy.png",
+                     "neuron_frequencies.png", "progress_measures.png"]
     page = (directory / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(plots) and "Progress measures" in page
     assert metrics["config_hash"] == runs.config_hash("grokking", cfg) and metrics["epochs_per_second"] > 0

@@ -130,7 +130,8 @@ def test_bad_configs_are_refused():
 # Too short for the phase change (~700 steps at the defaults), long enough for the first thing the model
 # learns: copying tokens seen earlier in the context, which lowers the loss on the repeated half only.
 SHORT = ["vocab=64", "n_ctx=32", "d_model=32", "n_heads=4", "max_segment=16", "steps=100", "learning_rate=0.003",
-         "eval_every=20", "checkpoint_every=40", "eval_sequences=16"]
+         "eval_every=20", "checkpoint_every=40", "eval_sequences=16", "llc_every=100", "llc_examples=64",
+         "llc_chains=1", "llc_draws=10", "llc_batch_size=16"]
 
 
 def test_shortened_run_trains_reports_and_restores(tmp_path):
@@ -156,9 +157,12 @@ def test_shortened_run_trains_reports_and_restores(tmp_path):
     assert set(metrics["ablation_repeated_loss_increase"]) == heads
     assert metrics["induction_head"].startswith("L1H") and metrics["previous_token_head"].startswith("L0H")
     assert metrics["final"]["loss_repeated"] == pytest.approx(float(analysis["loss_repeated"]))
+    estimates = results["llc"]  # snapshots at steps 0 and 100, every head's refined LLC too
+    assert estimates["step"].tolist() == [0, 100] and estimates["head_mean"].shape == (2, 2, 4)
+    assert np.isfinite(estimates["head_mean"]).all() and set(metrics["llc"]["heads_final"]) == heads
     plots = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
-    assert plots == ["ablation.png", "attention_patterns.png", "final_scores.png", "k_composition.png",
-                     "loss_curves.png", "score_trajectories.png"]
+    assert plots == ["ablation.png", "attention_patterns.png", "final_scores.png", "k_composition.png", "llc.png",
+                     "llc_heads.png", "loss_curves.png", "score_trajectories.png"]
     assert (tmp_path / "report.html").read_text().count("data:image/png;base64,") == len(plots)
 
     again = runs.execute(induction.EXPERIMENT, cfg, tmp_path, quiet=True)  # restored, not retrained
@@ -173,3 +177,4 @@ def test_shortened_run_trains_reports_and_restores(tmp_path):
     assert_identical(results, resumed)
     steps = json.loads((tmp_path / "run.json").read_text())["steps"]
     assert steps["model"]["restored"] and not steps["analysis"]["restored"]
+    assert steps["llc/000000100"]["restored"]  # LLC results come back from their checkpoints

@@ -176,3 +176,27 @@ def test_kill_9_mid_training_then_rerun_is_bit_identical(tmp_path):
     uninterrupted = run(None)
     assert_same_bits(resumed.params, uninterrupted.params)
     assert_same_bits(resumed.history, uninterrupted.history)
+
+
+def test_snapshots_are_the_params_at_those_steps_and_survive_a_resume(tmp_path):
+    reference = fit(steps=300, snapshot_every=100)
+    assert sorted(reference.snapshots) == [0, 100, 200, 300]
+    assert_same_bits(reference.snapshots[100], fit(steps=100).params)
+    assert_same_bits(reference.snapshots[300], reference.params)
+    assert_same_bits(reference.snapshots[0], {"w": jnp.zeros(D), "b": jnp.zeros(())})
+
+    def crash_at_250(params):
+        if float(params["b"]) == float(reference.history["b"][5]):
+            raise Interrupted
+        return {"b": params["b"]}
+
+    reference = fit(steps=300, snapshot_every=100, evaluate=lambda p: {"b": p["b"]})
+    with pytest.raises(Interrupted):
+        fit(Run(tmp_path, None, quiet=True), evaluate=crash_at_250, checkpoint_every=100, snapshot_every=100)
+    resumed = fit(Run(tmp_path, None, quiet=True), evaluate=lambda p: {"b": p["b"]}, checkpoint_every=100,
+                  snapshot_every=100)
+    assert sorted(resumed.snapshots) == [0, 100, 200, 300]
+    for step in resumed.snapshots:
+        assert_same_bits(resumed.snapshots[step], reference.snapshots[step])
+    with pytest.raises(ValueError, match="snapshot_every=75 must be a positive multiple of eval_every=50"):
+        fit(steps=100, snapshot_every=75)
