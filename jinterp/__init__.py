@@ -4,8 +4,25 @@ from jinterp._numerics import prefer_accurate_cpu_float32
 
 prefer_accurate_cpu_float32()
 
-from jinterp import ablation, attribution, circuits, das, lens, patching, probes, sae, train, tuned_lens
+from jinterp import (
+    ablation,
+    attention_view,
+    attribution,
+    byo,
+    circuits,
+    das,
+    lens,
+    llc,
+    patching,
+    probes,
+    sae,
+    sharding,
+    train,
+    tuned_lens,
+)
+from jinterp.byo import site, wrap
 from jinterp.cache import Cache, run, sites
+from jinterp.generation import Generation, generate
 from jinterp.interventions import (
     Add,
     At,
@@ -22,9 +39,11 @@ from jinterp.interventions import (
 from jinterp.loading import LoadError, Tokenizer, load, models
 from jinterp.models import Config, Transformer
 from jinterp.models.processing import process_weights
+from jinterp.treescope_views import sweep_view
 
 __all__ = [
-    "Add", "At", "Cache", "Capture", "Config", "Edit", "Interchange", "Intervention", "LoadError", "Project",
-    "Replace", "Scale", "Tokenizer", "Transformer", "Zero", "ablation", "attribution", "chain", "circuits", "das",
-    "lens", "load", "models", "patching", "probes", "process_weights", "run", "sae", "sites", "train", "tuned_lens",
+    "Add", "At", "Cache", "Capture", "Config", "Edit", "Generation", "Interchange", "Intervention", "LoadError",
+    "Project", "Replace", "Scale", "Tokenizer", "Transformer", "Zero", "ablation", "attention_view", "attribution",
+    "byo", "chain", "circuits", "das", "generate", "lens", "llc", "load", "models", "patching", "probes",
+    "process_weights", "run", "sae", "sharding", "site", "sites", "sweep_view", "train", "tuned_lens", "wrap",
 ]
