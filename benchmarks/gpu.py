@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -37,8 +35,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from common import timed  # noqa: E402  (imports jinterp before JAX starts: see jinterp._numerics)
 
-import jinterp  # noqa: E402  (before JAX starts: see jinterp._numerics)
+import jinterp  # noqa: E402
 from jinterp import attribution, patching  # noqa: E402
 from jinterp.loading import registry  # noqa: E402
 
@@ -49,16 +48,6 @@ SMOLLM2 = jinterp.Config(d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_he
 SMALL = jinterp.Config(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_head=16, d_mlp=128, d_vocab=512, n_ctx=256,
                        norm="rms", act="silu", gated_mlp=True, positional="rotary", tied_embeddings=True)
 NAMES = (" Mary", " John", " Tom", " James", " Anna", " Lisa", " David", " Paul", " Sarah", " Emma")
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def load_model(small: bool):
@@ -108,23 +97,23 @@ def jinterp_rows(model, tokenizer, repeats: int, small: bool) -> list[tuple[str,
     rows = []
     for dtype in ("float32", "bfloat16"):
         typed = model.astype(dtype)
-        seconds = median_seconds(lambda typed=typed: jax.block_until_ready(typed(tokens)), repeats)
+        seconds = timed(lambda typed=typed: jax.block_until_ready(typed(tokens)), repeats)
         rows.append(("forward", "jinterp", dtype, batch * seq / seconds, "tokens/s"))
         sweep = lambda typed=typed: jax.block_until_ready(  # noqa: E731
             patching.sweep(typed, clean, corrupt, metric, "resid_pre", metric_positions=[-1], progress=False))
         n_patches = model.cfg.n_layers * clean.shape[1]
-        rows.append(("sweep resid_pre", "jinterp", dtype, n_patches / median_seconds(sweep, repeats), "patches/s"))
+        rows.append(("sweep resid_pre", "jinterp", dtype, n_patches / timed(sweep, repeats), "patches/s"))
         for site in ("resid_pre", "z"):
             attribute = lambda typed=typed, site=site: jax.block_until_ready(  # noqa: E731
                 attribution.attribution_patching(typed, clean, corrupt, metric, site, metric_positions=[-1]))
-            rows.append((f"attribution {site}", "jinterp", dtype, 1e3 * median_seconds(attribute, repeats), "ms"))
+            rows.append((f"attribution {site}", "jinterp", dtype, 1e3 * timed(attribute, repeats), "ms"))
         print(f"  jinterp {dtype} done", flush=True)
     n_tokens, steps, sae_batch = (8192, 5, 1024) if small else (65536, 20, 4096)
     data = jax.device_put(np.random.default_rng(2).standard_normal((n_tokens, model.cfg.d_model), dtype=np.float32))
     train = lambda: jax.block_until_ready(jinterp.sae.train_sae(  # noqa: E731
         data, "topk", 16 * model.cfg.d_model, k=32, steps=steps, batch_size=sae_batch, sample_size=sae_batch,
         eval_every=steps, progress=False).sae)
-    rows.append(("SAE training TopK", "jinterp", "float32", steps * sae_batch / median_seconds(train, repeats),
+    rows.append(("SAE training TopK", "jinterp", "float32", steps * sae_batch / timed(train, repeats),
                  "tokens/s"))
     return rows
 
@@ -147,7 +136,7 @@ def torch_rows(repeats: int, clean, corrupt, answers) -> tuple[list, str]:
         def synced():
             fn()
             torch.cuda.synchronize()
-        return median_seconds(synced, repeats)
+        return timed(synced, repeats)
 
     def forward(hf, tokens):
         with torch.no_grad():
