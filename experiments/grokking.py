@@ -484,19 +484,14 @@ def llc_report(page: Report, cfg: Config, results: dict, summary: dict) -> None:
               f"with {cfg.llc_chains} chains of {cfg.llc_draws} steps (step size {cfg.llc_step_size}, localisation "
               f"gamma {cfg.llc_gamma}, nbeta = n / log n = {float(estimates['nbeta'][0]):.1f} over the n training "
               f"pairs, batches of {cfg.llc_batch_size}), the same random draws at every snapshot.")
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.errorbar(steps, estimates["mean"], yerr=estimates["std"], marker="o", capsize=3, color="tab:purple",
-                label="LLC (mean ± std over chains)")
-    ax.set(xlabel="epoch", ylabel="estimated LLC", title="LLC over training")
-    twin = ax.twinx()
-    twin.plot(history["eval_step"], history["train_loss"], color="tab:blue", alpha=0.5, label="train loss")
-    twin.plot(history["eval_step"], history["test_loss"], color="tab:orange", alpha=0.5, label="test loss")
-    twin.set(yscale="log", ylabel="loss (nats)")
-    for key, colour in (("train_epoch", "tab:blue"), ("test_epoch", "tab:orange")):
-        if summary[key] is not None:
-            ax.axvline(summary[key], color=colour, ls="--", lw=0.8)
-    fig.legend(loc="upper right", fontsize=8)
-    page.figure(fig, "llc", "Dashed: the epochs at which train and test accuracy reach the threshold. The LLC "
+    ax = plots.estimates_over_training(
+        steps, estimates["mean"], estimates["std"], label="LLC (mean ± std over chains)", ylabel="estimated LLC",
+        xlabel="epoch", title="LLC over training", beside_ylabel="loss (nats)", beside_yscale="log",
+        beside={"train loss": (history["eval_step"], history["train_loss"]),
+                "test loss": (history["eval_step"], history["test_loss"])},
+        marks={"train accuracy reached": (summary["train_epoch"], "tab:blue"),
+               "test accuracy reached": (summary["test_epoch"], "tab:orange")})
+    page.figure(ax.figure, "llc", "Dashed: the epochs at which train and test accuracy reach the threshold. The LLC "
                 "counts the effective number of parameters the training loss depends on around the snapshot: it "
                 "rises while the network memorises and falls when the generalising circuit replaces memorisation.")
     page.table(["epoch", "LLC", "std over chains", "train loss at the snapshot"],

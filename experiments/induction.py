@@ -437,16 +437,12 @@ def llc_report(page: Report, cfg: Config, results: dict, summary: dict, heads: l
               f"{cfg.llc_gamma}, nbeta = n / log n = {float(estimates['nbeta'][0]):.1f} for n = {cfg.llc_examples} "
               f"training sequences, batches of {cfg.llc_batch_size}), the same random draws at every snapshot. "
               "A head's refined LLC samples only that head's W_Q, W_K, W_V and W_O.")
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.errorbar(steps, estimates["mean"], yerr=estimates["std"], marker="o", capsize=3, color="tab:purple",
-                label="LLC (mean ± std over chains)")
-    ax.set(xlabel="step", ylabel="estimated LLC", title="LLC over training")
-    twin = ax.twinx()
-    twin.plot(history["eval_step"], history["loss_repeated"], color="tab:orange", alpha=0.6, label="repeated-half loss")
-    twin.set_ylabel("repeated-half loss (nats)")
-    ax.axvline(summary["phase_change_step"], color="red", ls="--", lw=1)
-    fig.legend(loc="upper right", fontsize=8)
-    page.figure(fig, "llc", "Red: the phase change. The LLC counts the effective number of parameters the "
+    ax = plots.estimates_over_training(
+        steps, estimates["mean"], estimates["std"], label="LLC (mean ± std over chains)", ylabel="estimated LLC",
+        title="LLC over training", beside_ylabel="repeated-half loss (nats)",
+        beside={"repeated-half loss": (history["eval_step"], history["loss_repeated"])},
+        marks={"phase change": (summary["phase_change_step"], "red")})
+    page.figure(ax.figure, "llc", "Red: the phase change. The LLC counts the effective number of parameters the "
                 "network's loss depends on around the snapshot.")
     if "head_mean" in estimates:
         per_head = np.asarray(estimates["head_mean"])

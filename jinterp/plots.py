@@ -1,5 +1,5 @@
 """The common interpretability figures in matplotlib: patching heatmaps with token labels,
-layer x head heatmaps and per-head bars, logit-lens grids and curves over training.
+layer x head heatmaps and per-head bars, logit-lens grids, curves and estimates over training.
 
 Each function draws into ``ax`` (a new figure when None) and returns the axes, so figures
 compose: ``fig, axes = plt.subplots(1, 2)``, then one helper per panel. ``Report.figure``
@@ -194,6 +194,30 @@ def curves(x, series: Mapping[str, Sequence[float]], *, ax=None, title: str = ""
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel, yscale=yscale)
     if legend and (len(series) > 1 or marks):
         ax.legend(fontsize=8)
+    return ax
+
+
+def estimates_over_training(x, mean, std, *, label: str, ylabel: str, beside: Mapping[str, tuple] | None = None,
+                            beside_ylabel: str = "", beside_yscale: str = "linear",
+                            marks: Mapping[str, tuple] | None = None, xlabel: str = "step", title: str = "", ax=None):
+    """Estimates with error bars over training (an LLC per snapshot), and the curves they explain
+    (``beside``: ``{label: (x, y)}``, losses say) on a second y axis.
+
+    Args:
+        marks: ``{label: (x, colour)}`` dashed vertical lines (None x values are left out).
+    """
+    ax = ax if ax is not None else plt.subplots(figsize=(9, 4.5))[1]
+    ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, color="tab:purple", label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if beside:
+        twin = ax.twinx()
+        for (name, (bx, by)), colour in zip(beside.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+            twin.plot(bx, by, color=colour, alpha=0.5, label=name)
+        twin.set(ylabel=beside_ylabel, yscale=beside_yscale)
+    for name, (at, colour) in (marks or {}).items():
+        if at is not None:
+            ax.axvline(at, color=colour, ls="--", lw=0.8, label=name)
+    ax.figure.legend(loc="upper right", fontsize=8)
     return ax
 
 

@@ -116,3 +116,22 @@ def test_helpers_draw_into_given_axes():
     assert plots.head_heatmap(np.ones((2, 2)), ax=axes[0]) is axes[0]
     assert plots.curves([0, 1], {"a": [1, 2]}, ax=axes[1]) is axes[1]
     assert plt.get_fignums() == [fig.number]  # no stray figure
+
+
+def test_estimates_over_training_with_error_bars_curves_beside_and_marks():
+    steps, mean, std = [0, 100, 200], [1.0, 5.0, 2.0], [0.1, 0.5, 0.2]
+    ax = plots.estimates_over_training(steps, mean, std, label="LLC", ylabel="estimated LLC",
+                                       beside={"loss": ([0, 50, 100, 150, 200], [4.0, 3.0, 1.0, 0.5, 0.4])},
+                                       beside_yscale="log", marks={"phase change": (120, "red"), "never": (None, "k")})
+    line = ax.lines[0]
+    np.testing.assert_array_equal(line.get_xdata(), steps)
+    np.testing.assert_array_equal(line.get_ydata(), mean)
+    bars = ax.collections[0].get_segments()  # one vertical segment per estimate: mean - std to mean + std
+    np.testing.assert_allclose([segment[:, 1] for segment in bars], [[0.9, 1.1], [4.5, 5.5], [1.8, 2.2]])
+    twin = [other for other in ax.figure.axes if other is not ax][0]
+    assert twin.get_yscale() == "log" and list(twin.lines[0].get_ydata()) == [4.0, 3.0, 1.0, 0.5, 0.4]
+    marks = [line for line in ax.lines if line.get_label() == "phase change"]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [120, 120]
+    assert not [line for line in ax.lines if line.get_label() == "never"]
+    assert ax.get_ylabel() == "estimated LLC"
+    plt.close(ax.figure)
