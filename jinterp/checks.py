@@ -1,8 +1,9 @@
 """Opt-in NaN/inf checking of a forward pass: ``jinterp.run(model, tokens, check=True)``.
 
 The compiled forward runs under ``jax.experimental.checkify`` with its float checks, so the first
-operation that makes a NaN (or divides by zero) is reported with the line of code that did it;
-then the output and every captured value are checked for NaN and inf, by site name. Off by
+operation that makes a NaN (or divides by zero) is reported by its primitive (checkify gives no
+source location inside these jitted programs); then the output and every captured value are
+checked for NaN and inf, by site name. Off by
 default: the checks add work to every operation of the compiled program.
 """
 
