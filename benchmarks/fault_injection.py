@@ -26,6 +26,7 @@ import dataclasses
 import json
 import random
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -258,8 +259,6 @@ def main(argv=None) -> int:
         print("  ", failure)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))
-    import shutil
-
     shutil.rmtree(root, ignore_errors=True)
     return 1 if failures else 0
 

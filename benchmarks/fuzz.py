@@ -20,6 +20,7 @@ import collections
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -147,8 +148,6 @@ def main(argv=None) -> int:
               f"{finding['detail'][:240]}")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))
-    import shutil
-
     shutil.rmtree(root, ignore_errors=True)
     return 1 if findings else 0
 
