@@ -10,12 +10,14 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
 from jinterp import interventions as iv
 from jinterp import names as S
 from jinterp.byo.hook import Wrapped
+from jinterp.models.layers import activation
 from jinterp.models.transformer import Transformer, check_inputs
 
 
@@ -35,7 +37,10 @@ def _derivations(cfg) -> dict[str, Derivation]:
     """Sites whose captured value is a function of other sites': kind -> its derivation, in an
     order where a derivation's derived sources come first."""
     found = {"attn.result": Derivation(("attn.z",)),
-             **{f"attn.{n}_input": Derivation(("resid_pre",)) for n in "qkv"}}
+             **{f"attn.{n}_input": Derivation(("resid_pre",)) for n in "qkv"},
+             "attn.pattern": Derivation(("attn.scores",), forced=False)}
+    if cfg.has_mlp:
+        found["mlp.post"] = Derivation(("mlp.pre", "mlp.pre_linear") if cfg.gated_mlp else ("mlp.pre",), forced=False)
     if cfg.norm_placement == "post":  # the residual stream passes through norms: no sums to redo
         return found
     # A block's output is the next block's input, bit for bit (the last block's is captured).
@@ -64,9 +69,11 @@ class Cache(eqx.Module, Mapping):
     residual stream once per head; ``mlp_in`` is the residual stream the MLP reads. Others are
     functions of sites captured anyway: ``resid_post`` is the next layer's ``resid_pre``,
     ``resid_mid = resid_pre + attn_out``, ``ln1.normalized`` comes from ``resid_pre`` and
-    ``ln1.scale`` (``ln2`` from ``mlp_in``). Captured without an edit on them, they are computed on
-    access with the forward's own formula, so capturing them costs the forward nothing. The
-    recomputed sums and norms equal the forward's to float rounding (the compiled forward may
+    ``ln1.scale`` (``ln2`` from ``mlp_in``), ``attn.pattern`` is the softmax of ``attn.scores``,
+    ``mlp.post`` the activation of ``mlp.pre`` (times ``mlp.pre_linear`` when gated). Captured
+    without an edit on them, they are computed on access with the forward's own formula, so
+    capturing them costs the forward nothing. The recomputed sums, norms, softmaxes and activations
+    equal the forward's to float rounding (the compiled forward may
     fuse an edit's multiply into its sum); everything else is bit for bit the forward's.
     """
 
@@ -77,6 +84,7 @@ class Cache(eqx.Module, Mapping):
     derived: tuple[tuple[str, tuple[str, ...], int, tuple[int, ...]], ...] = eqx.field(static=True, default=())
     heads: tuple[int, int] = eqx.field(static=True, default=(0, 0))  # (n_heads, n_kv_heads)
     layer_norm: bool = eqx.field(static=True, default=False)  # LayerNorm (centres) rather than RMSNorm
+    act: str = eqx.field(static=True, default="")  # the MLP's activation, for mlp.post
 
     def _derived(self, site: S.Site) -> Array | None:
         for kind, sources, offset, layers in self.derived:
@@ -94,6 +102,11 @@ class Cache(eqx.Module, Mapping):
         if kind.endswith(".normalized"):  # as layers.normalize: float32, centred for LayerNorm, over the scale
             x, scale = values[0].astype(jnp.float32), values[1]
             return (x - x.mean(-1, keepdims=True) if self.layer_norm else x) / scale
+        if kind == "attn.pattern":  # as layers.attention: a float32 softmax, back in the scores' dtype
+            return jax.nn.softmax(values[0].astype(jnp.float32), axis=-1).astype(values[0].dtype)
+        if kind == "mlp.post":
+            post = activation(self.act, values[0])
+            return post * values[1] if len(values) == 2 else post
         if kind in ("mlp_in", "resid_post"):
             return values[0]
         heads = self.heads[0] if kind == "attn.q_input" else self.heads[1]
@@ -296,7 +309,7 @@ def run(model: Transformer, tokens, *, capture=(), edits=(), attention_mask=None
     if derived:
         heads = (model.cfg.n_heads, model.cfg.n_kv_heads)
         cache = dataclasses.replace(cache, W_O=model.blocks.attn.W_O, derived=derived, heads=heads,
-                                    layer_norm=model.cfg.norm == "layer")
+                                    layer_norm=model.cfg.norm == "layer", act=model.cfg.act)
     return output, cache
 
 

@@ -1,10 +1,13 @@
 """The intervention mechanism: edits change exactly what they should; jit, vmap and grad work."""
 
+import dataclasses
+
 import chex
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import TOY, random_tokens
 
 import jinterp
@@ -211,6 +214,31 @@ def test_captured_attn_result_equals_the_forwards_own(toy):
     assert not np.asarray(cache["blocks.1.attn.result"])[:, :, 0].any()
     np.testing.assert_allclose(np.asarray(cache["blocks.1.attn.result"].sum(2)), np.asarray(cache["blocks.1.attn_out"]),
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_pattern_and_mlp_post_computed_on_access_equal_the_forwards_own(toy, gated):
+    """Captured with their sources, attn.pattern (softmax of attn.scores) and mlp.post (act(pre),
+    times pre_linear when gated) are computed on access; they equal what the forward computes
+    when a Capture among the edits makes it record them, with and without edits upstream."""
+    model = toy if gated else jinterp.Transformer.init(dataclasses.replace(TOY, gated_mlp=False, act="gelu_tanh"),
+                                                       jax.random.key(3), std=0.3)
+    names = ["blocks.*.attn.scores", "blocks.*.attn.pattern", "blocks.*.mlp.pre", "blocks.*.mlp.pre_linear",
+             "blocks.*.mlp.post"] if gated else ["blocks.*.attn.scores", "blocks.*.attn.pattern",
+                                                  "blocks.*.mlp.pre", "blocks.*.mlp.post"]
+    upstream = [jinterp.Add("blocks.1.attn.scores", 0.7, heads=[1]), jinterp.Scale("blocks.2.mlp.pre", 1.5)]
+    for edits in ([], upstream):
+        _, cache = jinterp.run(model, TOKENS, capture=names, edits=edits)
+        assert {kind for kind, *_ in cache.derived} == {"attn.pattern", "mlp.post"}
+        forced = [jinterp.Capture(f"blocks.*.{kind}") for kind in ("attn.pattern", "mlp.post")]
+        _, reference = jinterp.run(model, TOKENS, edits=edits + forced)
+        for kind in ("attn.pattern", "mlp.post"):
+            np.testing.assert_allclose(cache.stack(kind), reference.stack(kind), rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{kind}, edits {edits}")
+    # Edited itself, the site is recorded by the forward, not recomputed.
+    _, cache = jinterp.run(model, TOKENS, capture=names, edits=jinterp.Zero("blocks.0.mlp.post", positions=[2]))
+    assert "mlp.post" not in {kind for kind, *_ in cache.derived}
+    assert not np.asarray(cache["blocks.0.mlp.post"])[:, 2].any()
 
 
 def test_per_head_inputs_and_mlp_in_are_views_of_the_residual_stream(toy):
