@@ -494,9 +494,8 @@ def llc_report(page: Report, cfg: Config, results: dict, summary: dict) -> None:
     page.figure(ax.figure, "llc", "Dashed: the epochs at which train and test accuracy reach the threshold. The LLC "
                 "counts the effective number of parameters the training loss depends on around the snapshot: it "
                 "rises while the network memorises and falls when the generalising circuit replaces memorisation.")
-    page.table(["epoch", "LLC", "std over chains", "train loss at the snapshot"],
-               [[int(s), float(m), float(d), float(i)] for s, m, d, i in
-                zip(steps, estimates["mean"], estimates["std"], estimates["init_loss"])])
+    page.table(["epoch", "LLC", "std over chains", "split R-hat", "train loss at the snapshot"],
+               [[int(s), float(m), float(d), float(r), float(i)] for s, m, d, r, i in
+                zip(steps, estimates["mean"], estimates["std"], llc.rhats(estimates), estimates["init_loss"])])
     found = llc.problems(estimates)
-    page.text("Sampler diagnostics: " + ("; ".join(found) if found else "no chain diverged, and no chain's mean "
-                                         "loss fell below the loss at its snapshot."))
+    page.text("Sampler diagnostics: " + ("; ".join(found) if found else llc.NO_PROBLEMS))

@@ -457,12 +457,11 @@ def llc_report(page: Report, cfg: Config, results: dict, summary: dict, heads: l
                    [[_name(h), float(final_mean[h]), float(final_std[h]), float(analysis["induction"][h]),
                      float(analysis["previous_token"][h])] for h in heads],
                    f"Refined LLC of each head at step {int(steps[-1])}.")
-    page.table(["step", "LLC", "std over chains", "loss at the snapshot (nats)"],
-               [[int(s), float(m), float(d), float(i)] for s, m, d, i in
-                zip(steps, estimates["mean"], estimates["std"], estimates["init_loss"])])
+    page.table(["step", "LLC", "std over chains", "split R-hat", "loss at the snapshot (nats)"],
+               [[int(s), float(m), float(d), float(r), float(i)] for s, m, d, r, i in
+                zip(steps, estimates["mean"], estimates["std"], llc.rhats(estimates), estimates["init_loss"])])
     found = llc.problems(estimates)
-    page.text("Sampler diagnostics: " + ("; ".join(found) if found else "no chain diverged, and no chain's mean "
-                                         "loss fell below the loss at its snapshot."))
+    page.text("Sampler diagnostics: " + ("; ".join(found) if found else llc.NO_PROBLEMS))
 
 
 EXPERIMENT = Experiment("induction", __doc__.split("\n\n")[0].replace("\n", " "), Config, compute, report)

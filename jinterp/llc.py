@@ -37,14 +37,18 @@ from tqdm.auto import tqdm
 
 
 class LLCWarning(UserWarning):
-    """A chain diverged (NaN or inf) or the step size looks unstable (a chain's mean loss below the loss at w0)."""
+    """A chain diverged (NaN or inf), the step size looks unstable (a chain's mean loss below the loss at
+    w0), or the chains have not mixed (split R-hat above ``RHAT_LIMIT``)."""
+
+
+RHAT_LIMIT = 1.1  # the classic threshold (Gelman et al.) for the split R-hat of the loss traces
 
 
 @dataclasses.dataclass(frozen=True)
 class LLC:
     """An LLC estimate: ``mean`` and ``std`` over chains, ``per_chain`` ``[chains]``, each chain's
     ``loss_trace`` ``[chains, draws]`` (after burn-in), ``init_loss`` = L_n(w0), the ``nbeta`` used, and
-    ``warnings`` (also issued as ``LLCWarning``)."""
+    ``warnings`` (also issued as ``LLCWarning``). ``rhat``: the split R-hat of the traces (``split_rhat``)."""
 
     mean: float
     std: float
@@ -53,6 +57,10 @@ class LLC:
     init_loss: float
     nbeta: float
     warnings: tuple[str, ...] = ()
+
+    @property
+    def rhat(self) -> float:
+        return split_rhat(self.loss_trace[np.isfinite(self.loss_trace).all(1)])
 
     @property
     def standard_error(self) -> float:
@@ -171,7 +179,8 @@ def summarise(traces: Float[np.ndarray, "chains draws"], init_loss: float, nbeta
               warn: bool = True) -> LLC:
     """The estimate from loss traces and L_n(w0), with diagnostics: a chain whose trace holds NaN or inf
     diverged (it is left out of mean and std, which are NaN if every chain diverged); a chain whose mean
-    loss is below L_n(w0) (a negative LLC) means the step size is too large or w0 is not a local minimum."""
+    loss is below L_n(w0) (a negative LLC) means the step size is too large or w0 is not a local minimum;
+    chains that have not mixed (``split_rhat`` above ``RHAT_LIMIT``) drift or disagree."""
     traces = np.asarray(traces, np.float64)
     per_chain = nbeta * (traces.mean(1) - init_loss)
     problems = []
@@ -183,6 +192,14 @@ def summarise(traces: Float[np.ndarray, "chains draws"], init_loss: float, nbeta
     for c in np.nonzero(finite & (per_chain < 0))[0]:
         problems.append(f"chain {c}'s mean loss {traces[c].mean():.6g} is below the loss at w0 {init_loss:.6g} "
                         f"(LLC {per_chain[c]:.4g} < 0): the step size is unstable or w0 is not a local minimum")
+    rhat = split_rhat(traces[finite])
+    if rhat > RHAT_LIMIT:
+        halves = traces[finite][:, :traces.shape[1] // 2].mean(), traces[finite][:, traces.shape[1] // 2:].mean()
+        problems.append(f"the chains have not mixed: split R-hat of the loss traces is {rhat:.3g} > {RHAT_LIMIT} (mean "
+                        f"loss {halves[0]:.6g} in the first half of the draws, {halves[1]:.6g} in the second, "
+                        f"{init_loss:.6g} at w0), so the spread over chains understates the error; a loss that keeps "
+                        "rising means the chains are leaving w0's basin (lower step_size or raise gamma), otherwise "
+                        "raise draws or burnin")
     if warn:
         for problem in problems:
             warnings.warn(problem, LLCWarning, stacklevel=3)
@@ -190,6 +207,19 @@ def summarise(traces: Float[np.ndarray, "chains draws"], init_loss: float, nbeta
     mean = float(kept.mean()) if kept.size else float("nan")
     std = float(kept.std()) if kept.size else float("nan")
     return LLC(mean, std, per_chain, traces, float(init_loss), float(nbeta), tuple(problems))
+
+
+def split_rhat(traces: Float[np.ndarray, "chains draws"]) -> float:
+    """Gelman-Rubin's potential scale reduction of the loss traces with each chain split in halves
+    (BlackJAX's ``potential_scale_reduction``; Gelman et al., Bayesian Data Analysis, 3rd ed., 11.4):
+    near 1 when every half-chain samples the same distribution; above 1 when chains disagree or
+    drift (a chain still climbing out of w0's basin, or too few draws for how slowly it mixes)."""
+    from blackjax.diagnostics import potential_scale_reduction  # lazily: importing BlackJAX starts JAX's backend
+
+    half = traces.shape[1] // 2
+    if half < 2 or len(traces) == 0:
+        return float("nan")
+    return float(potential_scale_reduction(np.concatenate([traces[:, :half], traces[:, half:2 * half]])))
 
 
 # Refined LLCs for attention heads -----------------------------------------------------------------
@@ -294,6 +324,16 @@ def over_training(snapshots: dict[int, Any], loss: Callable, data, key: jax.Arra
     return {"step": np.asarray(steps, np.int64), **stacked}
 
 
+NO_PROBLEMS = ("no chain diverged, no chain's mean loss fell below the loss at its snapshot, and the chains mixed "
+               f"(split R-hat at most {RHAT_LIMIT} at every snapshot).")
+
+
+def rhats(results: dict[str, np.ndarray]) -> np.ndarray:
+    """The split R-hat (``split_rhat``) of every snapshot of ``over_training``'s results, finite chains only."""
+    traces = np.asarray(results["loss_trace"], np.float64)
+    return np.asarray([split_rhat(t[np.isfinite(t).all(1)]) for t in traces])
+
+
 def problems(results: dict[str, np.ndarray]) -> list[str]:
     """The diagnostics (``summarise``'s warnings) of every snapshot of ``over_training``'s results."""
     found = []
@@ -304,5 +344,5 @@ def problems(results: dict[str, np.ndarray]) -> list[str]:
     return found
 
 
-__all__ = ["LLC", "HeadLLCs", "LLCWarning", "as_arrays", "default_nbeta", "estimate", "head_mask", "masks",
-           "over_training", "per_head", "problems", "summarise"]
+__all__ = ["LLC", "NO_PROBLEMS", "RHAT_LIMIT", "HeadLLCs", "LLCWarning", "as_arrays", "default_nbeta", "estimate",
+           "head_mask", "masks", "over_training", "per_head", "problems", "rhats", "split_rhat", "summarise"]

@@ -164,6 +164,19 @@ def test_warnings_for_divergence_and_instability():
     with pytest.warns(llc.LLCWarning, match="below the loss at w0"):
         llc.estimate(loss, jnp.array([3.0, -1.0]), data, jax.random.key(1), step_size=1e-4, gamma=0.0, nbeta=1e4,
                      chains=2, draws=200)
+    # A chain started at w0 with too small a step needs about 1 / (eps nbeta) = 500 steps to reach its
+    # equilibrium spread: without a burn-in its loss is still rising through the draws, and the halves of
+    # the chains disagree (split R-hat far above 1). Run long enough to mix, the same chains pass.
+    d = 16
+    wide = jax.random.normal(jax.random.key(2), (N_EXAMPLES, d))
+    regression = (wide, wide @ jnp.ones(d))
+    with pytest.warns(llc.LLCWarning, match="have not mixed: split R-hat"):
+        rising = llc.estimate(loss, jnp.ones(d), regression, jax.random.key(1), step_size=2e-7, gamma=0.0, nbeta=1e4,
+                              chains=4, draws=400, burnin=0)
+    assert rising.rhat > 1.5
+    mixed = llc.estimate(loss, jnp.ones(d), regression, jax.random.key(1), step_size=1e-5, gamma=0.0, nbeta=1e4,
+                         chains=4, draws=400, burnin=200, warn=False)
+    assert mixed.warnings == () and mixed.rhat < 1.1
     for bad, match in ((dict(step_size=0.0), "step_size must be"), (dict(chains=0), "chains must be"),
                        (dict(batch_size=101), "batch_size must be an int in 1..n=100")):
         with pytest.raises(ValueError, match=match):
@@ -219,5 +232,6 @@ def test_default_nbeta_and_equinox_modules():
     x = jax.random.normal(jax.random.key(1), (50, 3))
     data = (x, jax.vmap(linear)(x))
     loss = lambda m, b: jnp.mean((jax.vmap(m)(b[0]) - b[1]) ** 2)
-    result = llc.estimate(loss, linear, data, jax.random.key(2), step_size=1e-5, gamma=10.0, chains=2, draws=50)
+    result = llc.estimate(loss, linear, data, jax.random.key(2), step_size=1e-5, gamma=10.0, chains=2, draws=50,
+                         warn=False)  # far too short to mix; this test is about the API
     assert result.nbeta == pytest.approx(50 / math.log(50)) and np.isfinite(result.mean)
