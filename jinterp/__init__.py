@@ -13,6 +13,7 @@ from jinterp import (
     das,
     lens,
     llc,
+    memory,
     patching,
     probes,
     sae,
@@ -22,6 +23,7 @@ from jinterp import (
 )
 from jinterp.byo import site, wrap
 from jinterp.cache import Cache, run, sites
+from jinterp.collection import collect
 from jinterp.generation import Generation, generate
 from jinterp.interventions import (
     Add,
@@ -44,6 +46,6 @@ from jinterp.treescope_views import sweep_view
 __all__ = [
     "Add", "At", "Cache", "Capture", "Config", "Edit", "Generation", "Interchange", "Intervention", "LoadError",
     "Project", "Replace", "Scale", "Tokenizer", "Transformer", "Zero", "ablation", "attention_view", "attribution",
-    "byo", "chain", "circuits", "das", "generate", "lens", "llc", "load", "models", "patching", "probes",
-    "process_weights", "run", "sae", "sharding", "site", "sites", "sweep_view", "train", "tuned_lens", "wrap",
+    "byo", "chain", "circuits", "collect", "das", "generate", "lens", "llc", "load", "memory", "models", "patching",
+    "probes", "process_weights", "run", "sae", "sharding", "site", "sites", "sweep_view", "train", "tuned_lens", "wrap",
 ]

@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jinterp import memory, sharding
 from jinterp import names as S
-from jinterp import sharding
 from jinterp.byo.hook import Wrapped
 from jinterp.cache import _run, run
 from jinterp.interventions import Capture, Replace
@@ -106,11 +106,10 @@ def reduce_site(per_layer, kind: str, per: str, reduction=jnp.sum):
 def _chunk_size(model: Transformer, tokens_shape, n_logit_positions: int, budget: float, per_layer: int) -> int:
     """Patches per chunk: at most one layer's worth (so each chunk resumes from its own layer and
     no prefix is recomputed), fewer if the activations would not fit ``budget`` bytes."""
-    cfg = model.cfg
     batch, seq = tokens_shape
-    floats = batch * seq * (10 * cfg.d_model + 4 * cfg.d_mlp + 3 * cfg.n_heads * (cfg.d_head + seq))
-    floats += batch * n_logit_positions * cfg.d_vocab
-    fits = max(1, int(budget // (4 * floats)))
+    patch = batch * memory.sequence_bytes(model.cfg, seq, (), n_logit_positions)  # a patch runs every prompt
+    fits = memory.how_many_fit(budget, patch, unit=f"patch ({batch} prompts x {seq} tokens)",
+                               hint="use fewer or shorter prompts, or metric_positions to unembed fewer positions")
     return per_layer if fits >= per_layer else math.ceil(per_layer / math.ceil(per_layer / fits))
 
 

@@ -4,9 +4,10 @@
     fitted = probes.train_probe(features["blocks.6.resid_post"], labels, steps=300)
     fitted.held_out_accuracy, fitted.probe.direction()
 
-``collect`` captures sites for many prompts in batches and keeps one (or a few) positions per
-prompt. ``train_probe`` fits a ``Probe`` (softmax regression, L2-regularised) with optax through
-the one training loop (``jinterp.train.train``) on a training split, and scores it on the rest.
+``collect`` (``jinterp.collect``, imported here) captures sites for many prompts in batches that
+fit a memory budget and keeps one (or a few) positions per prompt. ``train_probe`` fits a ``Probe``
+(softmax regression, L2-regularised) with optax through the one training loop
+(``jinterp.train.train``) on a training split, and scores it on the rest.
 
 Features are standardised with the training split's mean and standard deviation (held inside the
 probe, so it takes raw activations): residual streams have a few dimensions hundreds of times
@@ -16,7 +17,6 @@ larger than the rest, which would otherwise dominate the optimisation and the we
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import functools
 
 import equinox as eqx
@@ -25,11 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
-from tqdm.auto import tqdm
 
-from jinterp import names as S
-from jinterp.cache import run as run_model
-from jinterp.models.transformer import Transformer
+from jinterp.collection import collect, site_names  # noqa: F401  (probes.collect is jinterp.collect)
 from jinterp.train import shuffled_batches, train
 
 
@@ -226,99 +223,3 @@ def train_probe(
     history = trained.history
     return TrainedProbe(trained.params, float(history["train_accuracy"][-1]), float(history["held_out_accuracy"][-1]),
                         train_index, held_out_index, history)
-
-
-def site_names(model: Transformer, sites) -> list[str]:
-    """Concrete site names (``blocks.3.resid_post``) of a name, a glob (``blocks.*.resid_post``) or a
-    list of them, in the order given; unknown sites raise jinterp's error naming the valid ones."""
-    names = []
-    for name in [sites] if isinstance(sites, str) else list(sites):
-        site = S.parse(name)
-        if any(ch in site.name for ch in "*?["):
-            matched = fnmatch.filter(S.site_names(model.cfg), site.name)
-            if not matched:
-                raise ValueError(f"Site pattern {name!r} matches no site; jinterp.sites(model) lists them")
-            names += matched
-        else:
-            names.append(S.resolve(model.cfg, name).name)
-    return list(dict.fromkeys(names))
-
-
-def _token_index(mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """Positions among each row's real tokens (negative: from the last one) -> indices into the row."""
-    lengths, first = mask.sum(1), mask.argmax(1)
-    columns = np.arange(mask.shape[1])
-    contiguous = (((columns >= first[:, None]) & (columns < (first + lengths)[:, None])) == mask).all(1)
-    if (lengths == 0).any() or not contiguous.all():
-        row = int(np.flatnonzero((lengths == 0) | ~contiguous)[0])
-        raise ValueError(f"attention_mask row {row} has no real tokens or gaps between them; pad on the left or "
-                         "the right only")
-    too_far = (positions >= lengths[:, None]) | (positions < -lengths[:, None])
-    if too_far.any():
-        row, column = (int(i) for i in np.argwhere(too_far)[0])
-        raise ValueError(f"position {int(positions[row, column])} of prompt {row} is out of range: it has "
-                         f"{int(lengths[row])} real tokens (valid {-int(lengths[row])}..{int(lengths[row]) - 1})")
-    return first[:, None] + np.where(positions < 0, lengths[:, None] + positions, positions)
-
-
-def collect(
-    model: Transformer,
-    tokens: Int[np.ndarray, "n seq"],
-    sites,
-    positions,
-    *,
-    attention_mask=None,
-    batch_size: int = 32,
-    progress: bool = True,
-) -> dict[str, np.ndarray]:
-    """Activations at some positions of many prompts: ``{site name: [n, *site_shape]}`` (or
-    ``[n, k, *site_shape]`` for ``k`` positions per prompt), e.g. ``[n, d_model]`` for a residual site.
-
-    Args:
-        model: a ``jinterp.Transformer``.
-        tokens: int ids ``[n, seq]``, padded (``tokenizer(texts)`` gives them with the mask).
-        sites: a site name, a glob such as ``blocks.*.resid_post`` (every layer), or a list of them.
-            The ``pos`` (or ``query_pos``) axis is the one indexed.
-        positions: ``[n]`` or ``[n, k]`` positions among each prompt's real tokens; negative ones
-            count from its last real token (``-1``: the last token whatever the padding).
-        attention_mask: ``[n, seq]``, 1 for real tokens (padding on the left or the right).
-        batch_size: prompts per forward pass (the last batch is padded with copies, so it
-            reuses the compiled forward).
-    """
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f"tokens must be integer ids [n, seq], got shape {tokens.shape} and dtype {tokens.dtype}")
-    n = len(tokens)
-    mask = np.ones(tokens.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    if mask.shape != tokens.shape:
-        raise ValueError(f"attention_mask has shape {mask.shape}; tokens have shape {tokens.shape}")
-    positions = np.asarray(positions)
-    single = positions.ndim == 1
-    if positions.ndim not in (1, 2) or len(positions) != n or not np.issubdtype(positions.dtype, np.integer):
-        raise ValueError(f"positions must be integers [n={n}] or [n={n}, k], got shape {positions.shape} "
-                         f"and dtype {positions.dtype}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    index = _token_index(mask, positions[:, None] if single else positions)
-    names = site_names(model, sites)
-    kinds = {name: S.parse(name).kind for name in names}
-    pos_axis = {name: next(i for i, axis in enumerate(S.SITE_AXES[kind]) if axis in ("pos", "query_pos"))
-                for name, kind in kinds.items()}
-    unembed_only = None if "logits" in kinds.values() else index  # skip the unembedding elsewhere
-
-    gathered = {name: [] for name in names}
-    bar = tqdm(total=n, desc="collect", unit="prompt", disable=not progress)
-    for start in range(0, n, batch_size):
-        rows = np.arange(start, start + batch_size).clip(max=n - 1)  # the last batch repeats its last prompt
-        _, cache = run_model(model, tokens[rows], capture=names,
-                             attention_mask=None if attention_mask is None else mask[rows],
-                             logit_positions=None if unembed_only is None else unembed_only[rows])
-        real = min(batch_size, n - start)
-        for name in names:
-            value = jnp.moveaxis(cache[name], pos_axis[name], 1)  # [batch, seq, ...]
-            picked = value[np.arange(len(rows))[:, None], index[rows]]  # [batch, k, ...]
-            gathered[name].append(np.asarray(picked[:real]))
-        bar.update(real)
-    bar.close()
-    out = {name: np.concatenate(parts) for name, parts in gathered.items()}
-    return {name: value[:, 0] for name, value in out.items()} if single else out

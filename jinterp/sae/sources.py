@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from jinterp import memory
 from jinterp import names as S
 from jinterp.cache import run
 
@@ -74,7 +75,13 @@ class ModelActivations(eqx.Module):
     positions (``batch_size = sequences_per_batch * seq``), positions before ``skip`` (e.g. the BOS
     token, whose activations are outliers) left out. With ``target_site`` it serves pairs (a
     transcoder's input and target, from the same forward). The model is a field, so the training
-    step receives its weights as arguments rather than compiling them in."""
+    step receives its weights as arguments rather than compiling them in.
+
+    ``memory_budget`` (bytes, default None: no limit) bounds the activations of one forward
+    (``jinterp.memory``): a training step's ``sequences_per_batch`` then run as sub-batches that fit it,
+    one after another inside the compiled step, and ``all()`` / ``sample()`` run as many sequences
+    per forward as fit it (without a budget: ``max(sequences_per_batch, 8)``). The rows served are
+    the same either way."""
 
     model: eqx.Module
     tokens: Int[Array, "n_seq seq"]
@@ -83,6 +90,7 @@ class ModelActivations(eqx.Module):
     skip: int = eqx.field(static=True, default=0)
     seed: int = eqx.field(static=True, default=0)
     target_site: str | None = eqx.field(static=True, default=None)
+    memory_budget: float | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         for name in (self.site, self.target_site):
@@ -94,6 +102,8 @@ class ModelActivations(eqx.Module):
         if not 0 < self.sequences_per_batch <= self.tokens.shape[0]:
             raise ValueError(f"sequences_per_batch must be in [1, n_seq={self.tokens.shape[0]}], "
                              f"got {self.sequences_per_batch}")
+        if self.memory_budget is not None:
+            self.sequences_per_forward(1)  # a budget too small for one sequence says so now
 
     @property
     def d_in(self) -> int:
@@ -108,18 +118,60 @@ class ModelActivations(eqx.Module):
     def batch_size(self) -> int:
         return self.sequences_per_batch * (self.tokens.shape[1] - self.skip)
 
+    def _sites(self) -> list[str]:
+        return [self.site] + ([self.target_site] if self.target_site is not None else [])
+
+    def _layers_run(self) -> int:
+        """Only the blocks up to the deepest site read run (every block if a site is outside them)."""
+        layers = [S.parse(site).layer for site in self._sites()]
+        return max(layers) + 1 if all(isinstance(layer, int) for layer in layers) else self.model.cfg.n_layers
+
+    def _cut(self) -> ModelActivations:
+        """This source with its model cut after the deepest site read (``first_layers``): a copy of
+        those layers' weights, made once for many forwards rather than once in each."""
+        n = self._layers_run()
+        return self if n == self.model.cfg.n_layers else eqx.tree_at(lambda s: s.model, self,
+                                                                     self.model.first_layers(n))
+
+    def sequences_per_forward(self, wanted: int) -> int:
+        """How many of ``wanted`` sequences one forward runs: all of them without a ``memory_budget``,
+        otherwise at most as many as fit it (``jinterp.memory``). The budget also holds the copy of
+        the weights of the layers run, when the model is cut (``first_layers``)."""
+        if self.memory_budget is None:
+            return wanted
+        n, full, seq = self._layers_run(), self.model.cfg.n_layers, self.tokens.shape[1]
+        cfg = self.model.cfg.replace(n_layers=n, layer_types=self.model.cfg.layer_types[:n])
+        sites = self._sites()
+        names = [S.resolve(cfg, site).name for site in sites]
+        each = memory.sequence_bytes(cfg, seq, names, seq if "logits" in names else 0)
+        weights = 0 if n == full else sum(a.nbytes for a in jax.tree.leaves(self.model.blocks)) * n // full
+        fits = memory.how_many_fit(self.memory_budget, each, unit=f"sequence of {seq} tokens",
+                                   hint="use shorter sequences", reserved=weights,
+                                   reserved_for=f"the copy of the {n} layers' weights run")
+        return min(wanted, fits)
+
     def _activations(self, tokens) -> Float[Array, "n d_in"]:
-        sites = [self.site] + ([self.target_site] if self.target_site is not None else [])
-        # Only the blocks up to the deepest site read run, and nothing is unembedded unless logits are read.
-        layers = [S.parse(site).layer for site in sites]
-        model = self.model
-        if all(isinstance(layer, int) for layer in layers):
-            model = model.first_layers(max(layers) + 1)
-        unembed = any(S.parse(site).kind == "logits" for site in sites)
+        sites, n = self._sites(), self._layers_run()
+        model = self.model if n == self.model.cfg.n_layers else self.model.first_layers(n)
+        unembed = any(S.parse(site).kind == "logits" for site in sites)  # nothing unembedded unless logits are read
         _, cache = run(model, tokens, capture=sites,  # traceable: its checks skip traced values
                        logit_positions=None if unembed else np.zeros(0, np.int32))
         values = [cache[site][:, self.skip:].reshape(-1, width) for site, width in zip(sites, (self.d_in, self.d_out))]
         return values[0] if self.target_site is None else tuple(values)
+
+    def _activations_in_parts(self, tokens) -> Float[Array, "n d_in"]:
+        """``_activations`` of ``[n, seq]`` tokens inside a compiled step, as sub-batches that fit the
+        memory budget run one after another (``lax.map``): the same rows, never more than one
+        sub-batch's activations at once."""
+        n = tokens.shape[0]
+        parts = math.ceil(n / self.sequences_per_forward(n))
+        if parts == 1:
+            return self._activations(tokens)
+        size = math.ceil(n / parts)  # balanced: the last part is padded with copies of the last sequence
+        padded = tokens[np.minimum(np.arange(parts * size), n - 1)].reshape(parts, size, -1)
+        rows = n * (self.tokens.shape[1] - self.skip)
+        values = jax.lax.map(self._cut()._activations, padded)  # the model cut once, outside the loop
+        return jax.tree.map(lambda a: a.reshape(-1, a.shape[-1])[:rows], values)
 
     @property
     def n_tokens(self) -> int:
@@ -127,8 +179,11 @@ class ModelActivations(eqx.Module):
         return self.tokens.shape[0] * (self.tokens.shape[1] - self.skip)
 
     def _in_chunks(self, order) -> Float[Array, "n d_in"]:
-        chunk = max(self.sequences_per_batch, 8)  # sequences per forward: fewer, larger calls
-        parts = [self._activations(self.tokens[order[i:i + chunk]]) for i in range(0, len(order), chunk)]
+        # Sequences per forward: fewer, larger calls, as many as fit the memory budget.
+        chunk = self.sequences_per_forward(max(self.sequences_per_batch, 8) if self.memory_budget is None
+                                           else max(len(order), 1))
+        cut = self._cut()
+        parts = [_compiled_activations(cut, self.tokens[order[i:i + chunk]]) for i in range(0, len(order), chunk)]
         return jax.tree.map(lambda *pieces: jnp.concatenate(pieces), *parts)
 
     def all(self) -> Float[Array, "n_tokens d_in"]:
@@ -139,13 +194,18 @@ class ModelActivations(eqx.Module):
     def __call__(self, step) -> Float[Array, "batch d_in"]:
         key = jax.random.fold_in(jax.random.key(self.seed), step)
         rows = jax.random.randint(key, (self.sequences_per_batch,), 0, self.tokens.shape[0])
-        return self._activations(self.tokens[rows])
+        return self._activations_in_parts(self.tokens[rows])
 
     def sample(self, n: int) -> Float[Array, "n d_in"]:
         """Activations of the first ``n`` tokens of a seeded order of sequences, computed in chunks."""
         per_sequence = self.tokens.shape[1] - self.skip
         order = np.asarray(jax.random.permutation(jax.random.key(self.seed + 1), self.tokens.shape[0]))
         return jax.tree.map(lambda a: a[:n], self._in_chunks(order[:math.ceil(n / per_sequence)]))
+
+
+@eqx.filter_jit
+def _compiled_activations(source: ModelActivations, tokens):
+    return source._activations(tokens)  # one compiled program per chunk shape
 
 
 class Refill(NamedTuple):
