@@ -77,7 +77,8 @@ class Config:
     llc_chains: int = option(4, "SGLD chains per estimate")
     llc_draws: int = option(300, "SGLD steps per chain")
     llc_step_size: float = option(3e-5, "SGLD step size (epsilon)")
-    llc_gamma: float = option(300.0, "SGLD localisation strength (gamma)")
+    llc_gamma: float = option(3000.0, "SGLD localisation strength (gamma); at 300 the chains climb out of the "
+                                      "basin (split R-hat 1.4-1.6)")
     max_key_frequencies: int = option(8, "at most this many key frequencies are chosen")
     threshold: float = option(0.99, "accuracy that counts as learned, for the grokking epochs")
     neuron_threshold: float = option(0.85, "a neuron is explained by one frequency above this variance fraction")
