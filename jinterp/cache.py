@@ -294,6 +294,9 @@ def run(model: Transformer, tokens, *, capture=(), edits=(), attention_mask=None
     _validate(model, edits, tokens.shape[1])
     edited = {kind for edit in edits for kind in edit.kinds()}
     wanted, derived = _plan(model.cfg, _names(capture), frozenset(edited))
+    # The captured logits are the output itself (logits is the last site): not recorded a second time.
+    logits_are_output = model.cfg.unembed and any(c.site == "logits" for c in wanted)
+    wanted = tuple(c for c in wanted if not (logits_are_output and c.site == "logits"))
     if mesh is not None:
         from jinterp import sharding
 
@@ -306,6 +309,8 @@ def run(model: Transformer, tokens, *, capture=(), edits=(), attention_mask=None
         output, cache = checked(_run, *args)
     else:
         output, cache = _run(*args)
+    if logits_are_output:
+        cache = dataclasses.replace(cache, stacked={**cache.stacked, "logits": output})
     if derived:
         heads = (model.cfg.n_heads, model.cfg.n_kv_heads)
         cache = dataclasses.replace(cache, W_O=model.blocks.attn.W_O, derived=derived, heads=heads,

@@ -201,6 +201,22 @@ def test_edits_outside_the_blocks(toy):
     assert (np.asarray(boosted).argmax(-1) == 7).all()
 
 
+def test_captured_logits_are_the_output_after_edits(toy):
+    """A logits capture is the output itself (not recorded twice), edits at logits included; a
+    Capture among the edits, before the edit, records the logits the edit received."""
+    boost = jinterp.Add("logits", jnp.eye(TOY.d_vocab)[7], scale=3.0)
+    plain, _ = jinterp.run(toy, TOKENS)
+    for positions in (None, [-1, 2]):
+        logits, cache = jinterp.run(toy, TOKENS, capture=["logits", "embed"], edits=[jinterp.Capture("logits"), boost],
+                                    logit_positions=positions)
+        assert cache["logits"] is logits
+        chosen = np.asarray(plain) if positions is None else np.asarray(plain)[:, positions]
+        np.testing.assert_allclose(np.asarray(logits) - chosen, np.broadcast_to(3.0 * np.eye(TOY.d_vocab)[7],
+                                                                                chosen.shape), atol=1e-5)
+    _, before = jinterp.run(toy, TOKENS, edits=[jinterp.Capture("logits"), boost])
+    np.testing.assert_array_equal(before["logits"], plain)
+
+
 def test_captured_attn_result_equals_the_forwards_own(toy):
     """capture= keeps z and computes each head's result on access; a Capture among the edits makes
     the forward compute it. Same values, and the edit path (Zero at attn.result) still works."""
