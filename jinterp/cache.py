@@ -17,8 +17,9 @@ from jaxtyping import Array
 from jinterp import interventions as iv
 from jinterp import names as S
 from jinterp.byo.hook import Wrapped
+from jinterp.models.config import Config
 from jinterp.models.layers import activation
-from jinterp.models.transformer import Transformer, check_inputs
+from jinterp.models.transformer import Transformer, attention_masks, check_inputs
 
 
 class Derivation(NamedTuple):
@@ -37,8 +38,13 @@ def _derivations(cfg) -> dict[str, Derivation]:
     """Sites whose captured value is a function of other sites': kind -> its derivation, in an
     order where a derivation's derived sources come first."""
     found = {"attn.result": Derivation(("attn.z",)),
-             **{f"attn.{n}_input": Derivation(("resid_pre",)) for n in "qkv"},
-             "attn.pattern": Derivation(("attn.scores",), forced=False)}
+             **{f"attn.{n}_input": Derivation(("resid_pre",)) for n in "qkv"}}
+    # Scores from the queries and keys they are the products of (rotated ones, or unnormed ones
+    # without rotary); [batch, heads, pos, pos] is the largest site of a long sequence.
+    if cfg.positional == "rotary" or not cfg.qk_norm:
+        keys = ("attn.rot_q", "attn.rot_k") if cfg.positional == "rotary" else ("attn.q", "attn.k")
+        found["attn.scores"] = Derivation(keys, forced=False)
+    found["attn.pattern"] = Derivation(("attn.scores",), forced=False)
     if cfg.has_mlp:
         found["mlp.post"] = Derivation(("mlp.pre", "mlp.pre_linear") if cfg.gated_mlp else ("mlp.pre",), forced=False)
     if cfg.norm_placement == "post":  # the residual stream passes through norms: no sums to redo
@@ -69,7 +75,8 @@ class Cache(eqx.Module, Mapping):
     residual stream once per head; ``mlp_in`` is the residual stream the MLP reads. Others are
     functions of sites captured anyway: ``resid_post`` is the next layer's ``resid_pre``,
     ``resid_mid = resid_pre + attn_out``, ``ln1.normalized`` comes from ``resid_pre`` and
-    ``ln1.scale`` (``ln2`` from ``mlp_in``), ``attn.pattern`` is the softmax of ``attn.scores``,
+    ``ln1.scale`` (``ln2`` from ``mlp_in``), ``attn.scores`` the products of ``attn.rot_q`` and
+    ``attn.rot_k`` (``q``, ``k`` without rotary), masked; ``attn.pattern`` the softmax of ``attn.scores``,
     ``mlp.post`` the activation of ``mlp.pre`` (times ``mlp.pre_linear`` when gated). Captured
     without an edit on them, they are computed on access with the forward's own formula, so
     capturing them costs the forward nothing. The recomputed sums, norms, softmaxes and activations
@@ -82,9 +89,8 @@ class Cache(eqx.Module, Mapping):
     W_O: Array | None = None  # [n_layers, n_heads, d_head, d_model], for attn.result
     # (kind, its sources, their layer offset, the layers derived), as _derive plans them
     derived: tuple[tuple[str, tuple[str, ...], int, tuple[int, ...]], ...] = eqx.field(static=True, default=())
-    heads: tuple[int, int] = eqx.field(static=True, default=(0, 0))  # (n_heads, n_kv_heads)
-    layer_norm: bool = eqx.field(static=True, default=False)  # LayerNorm (centres) rather than RMSNorm
-    act: str = eqx.field(static=True, default="")  # the MLP's activation, for mlp.post
+    cfg: Config | None = eqx.field(static=True, default=None)  # the model's, for the derivations
+    masks: tuple[Array, Array] | None = None  # (global, local) attention masks [batch, query, key], for attn.scores
 
     def _derived(self, site: S.Site) -> Array | None:
         for kind, sources, offset, layers in self.derived:
@@ -101,15 +107,26 @@ class Cache(eqx.Module, Mapping):
             return values[0] + values[1]
         if kind.endswith(".normalized"):  # as layers.normalize: float32, centred for LayerNorm, over the scale
             x, scale = values[0].astype(jnp.float32), values[1]
-            return (x - x.mean(-1, keepdims=True) if self.layer_norm else x) / scale
+            return (x - x.mean(-1, keepdims=True) if self.cfg.norm == "layer" else x) / scale
+        if kind == "attn.scores":  # as layers.attention: grouped-query products, scaled, soft-capped, masked
+            q, k = values
+            cfg = self.cfg
+            batch, seq, _, d_head = q.shape
+            grouped = q.reshape(batch, seq, cfg.n_kv_heads, cfg.group_size, d_head)
+            scores = jnp.einsum("bqkge,bske->bkgqs", grouped, k) * jnp.asarray(cfg.attn_scale, q.dtype)
+            scores = scores.reshape(batch, cfg.n_heads, seq, k.shape[1])
+            if cfg.attn_softcap is not None:
+                scores = cfg.attn_softcap * jnp.tanh(scores / cfg.attn_softcap)
+            mask = self.masks[cfg.layer_types[layer] == "local"]
+            return jnp.where(mask[:, None], scores, jnp.finfo(scores.dtype).min)
         if kind == "attn.pattern":  # as layers.attention: a float32 softmax, back in the scores' dtype
             return jax.nn.softmax(values[0].astype(jnp.float32), axis=-1).astype(values[0].dtype)
         if kind == "mlp.post":
-            post = activation(self.act, values[0])
+            post = activation(self.cfg.act, values[0])
             return post * values[1] if len(values) == 2 else post
         if kind in ("mlp_in", "resid_post"):
             return values[0]
-        heads = self.heads[0] if kind == "attn.q_input" else self.heads[1]
+        heads = self.cfg.n_heads if kind == "attn.q_input" else self.cfg.n_kv_heads
         return jnp.broadcast_to(values[0][:, :, None], (*values[0].shape[:2], heads, values[0].shape[-1]))
 
     def _locate(self, site: S.Site) -> tuple[str, int | None] | None:
@@ -312,9 +329,11 @@ def run(model: Transformer, tokens, *, capture=(), edits=(), attention_mask=None
     if logits_are_output:
         cache = dataclasses.replace(cache, stacked={**cache.stacked, "logits": output})
     if derived:
-        heads = (model.cfg.n_heads, model.cfg.n_kv_heads)
-        cache = dataclasses.replace(cache, W_O=model.blocks.attn.W_O, derived=derived, heads=heads,
-                                    layer_norm=model.cfg.norm == "layer", act=model.cfg.act)
+        masks = None
+        if any(kind == "attn.scores" for kind, *_ in derived):
+            valid = jnp.ones(tokens.shape, bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
+            masks = attention_masks(model.cfg, valid, jnp.maximum(jnp.cumsum(valid, -1) - 1, 0))
+        cache = dataclasses.replace(cache, W_O=model.blocks.attn.W_O, derived=derived, cfg=model.cfg, masks=masks)
     return output, cache
 
 

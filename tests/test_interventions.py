@@ -233,25 +233,31 @@ def test_captured_attn_result_equals_the_forwards_own(toy):
 
 
 @pytest.mark.parametrize("gated", [True, False])
-def test_pattern_and_mlp_post_computed_on_access_equal_the_forwards_own(toy, gated):
-    """Captured with their sources, attn.pattern (softmax of attn.scores) and mlp.post (act(pre),
-    times pre_linear when gated) are computed on access; they equal what the forward computes
-    when a Capture among the edits makes it record them, with and without edits upstream."""
-    model = toy if gated else jinterp.Transformer.init(dataclasses.replace(TOY, gated_mlp=False, act="gelu_tanh"),
-                                                       jax.random.key(3), std=0.3)
-    names = ["blocks.*.attn.scores", "blocks.*.attn.pattern", "blocks.*.mlp.pre", "blocks.*.mlp.pre_linear",
-             "blocks.*.mlp.post"] if gated else ["blocks.*.attn.scores", "blocks.*.attn.pattern",
-                                                  "blocks.*.mlp.pre", "blocks.*.mlp.post"]
-    upstream = [jinterp.Add("blocks.1.attn.scores", 0.7, heads=[1]), jinterp.Scale("blocks.2.mlp.pre", 1.5)]
+def test_scores_pattern_and_mlp_post_computed_on_access_equal_the_forwards_own(toy, gated):
+    """Captured with their sources, attn.scores (products of the rotated queries and keys, or the plain
+    ones without rotary; scaled, soft-capped and masked), attn.pattern (their softmax) and mlp.post
+    (act(pre), times pre_linear when gated) are computed on access; they equal what the forward computes
+    when a Capture among the edits makes it record them, with and without edits upstream, with padding,
+    and (second model) learned positions, local sliding-window layers and a soft cap."""
+    config = dataclasses.replace(TOY, gated_mlp=False, act="gelu_tanh", positional="learned", rotary_dim=None,
+                                 layer_types=("local", "global", "local"), sliding_window=3, attn_softcap=5.0)
+    model = toy if gated else jinterp.Transformer.init(config, jax.random.key(3), std=0.3)
+    keys = ["blocks.*.attn.rot_q", "blocks.*.attn.rot_k"] if gated else ["blocks.*.attn.q", "blocks.*.attn.k"]
+    names = keys + ["blocks.*.attn.scores", "blocks.*.attn.pattern", "blocks.*.mlp.pre", "blocks.*.mlp.post"]
+    names += ["blocks.*.mlp.pre_linear"] if gated else []
+    mask = np.ones(TOKENS.shape, bool)
+    mask[0, :3] = False  # left padding
+    upstream = [jinterp.Add(keys[0].replace("*", "1"), 0.7, heads=[1]), jinterp.Scale("blocks.2.mlp.pre", 1.5)]
+    derived_kinds = ("attn.scores", "attn.pattern", "mlp.post")
     for edits in ([], upstream):
-        _, cache = jinterp.run(model, TOKENS, capture=names, edits=edits)
-        assert {kind for kind, *_ in cache.derived} == {"attn.pattern", "mlp.post"}
-        forced = [jinterp.Capture(f"blocks.*.{kind}") for kind in ("attn.pattern", "mlp.post")]
-        _, reference = jinterp.run(model, TOKENS, edits=edits + forced)
-        for kind in ("attn.pattern", "mlp.post"):
+        _, cache = jinterp.run(model, TOKENS, capture=names, edits=edits, attention_mask=mask)
+        assert {kind for kind, *_ in cache.derived} == set(derived_kinds)
+        forced = [jinterp.Capture(f"blocks.*.{kind}") for kind in derived_kinds]
+        _, reference = jinterp.run(model, TOKENS, edits=edits + forced, attention_mask=mask)
+        for kind in derived_kinds:
             np.testing.assert_allclose(cache.stack(kind), reference.stack(kind), rtol=1e-5, atol=1e-6,
                                        err_msg=f"{kind}, edits {edits}")
-    # Edited itself, the site is recorded by the forward, not recomputed.
+    # Edited itself, a site is recorded by the forward, not recomputed.
     _, cache = jinterp.run(model, TOKENS, capture=names, edits=jinterp.Zero("blocks.0.mlp.post", positions=[2]))
     assert "mlp.post" not in {kind for kind, *_ in cache.derived}
     assert not np.asarray(cache["blocks.0.mlp.post"])[:, 2].any()
