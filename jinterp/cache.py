@@ -18,7 +18,7 @@ from jinterp import interventions as iv
 from jinterp import names as S
 from jinterp.byo.hook import Wrapped
 from jinterp.models.config import Config
-from jinterp.models.layers import activation
+from jinterp.models.layers import activation, attention_scores
 from jinterp.models.transformer import Transformer, attention_masks, check_inputs
 
 
@@ -108,17 +108,8 @@ class Cache(eqx.Module, Mapping):
         if kind.endswith(".normalized"):  # as layers.normalize: float32, centred for LayerNorm, over the scale
             x, scale = values[0].astype(jnp.float32), values[1]
             return (x - x.mean(-1, keepdims=True) if self.cfg.norm == "layer" else x) / scale
-        if kind == "attn.scores":  # as layers.attention: grouped-query products, scaled, soft-capped, masked
-            q, k = values
-            cfg = self.cfg
-            batch, seq, _, d_head = q.shape
-            grouped = q.reshape(batch, seq, cfg.n_kv_heads, cfg.group_size, d_head)
-            scores = jnp.einsum("bqkge,bske->bkgqs", grouped, k) * jnp.asarray(cfg.attn_scale, q.dtype)
-            scores = scores.reshape(batch, cfg.n_heads, seq, k.shape[1])
-            if cfg.attn_softcap is not None:
-                scores = cfg.attn_softcap * jnp.tanh(scores / cfg.attn_softcap)
-            mask = self.masks[cfg.layer_types[layer] == "local"]
-            return jnp.where(mask[:, None], scores, jnp.finfo(scores.dtype).min)
+        if kind == "attn.scores":
+            return attention_scores(*values, self.masks[self.cfg.layer_types[layer] == "local"], self.cfg)
         if kind == "attn.pattern":  # as layers.attention: a float32 softmax, back in the scores' dtype
             return jax.nn.softmax(values[0].astype(jnp.float32), axis=-1).astype(values[0].dtype)
         if kind == "mlp.post":

@@ -195,13 +195,7 @@ def attention(
         v = jax.lax.dynamic_update_slice_in_dim(values.astype(v.dtype), v, index, 1)
 
     batch, seq, _, d_head = q.shape
-    q_grouped = q.reshape(batch, seq, cfg.n_kv_heads, cfg.group_size, d_head)
-    scores = jnp.einsum("bqkge,bske->bkgqs", q_grouped, k) * jnp.asarray(cfg.attn_scale, q.dtype)
-    scores = scores.reshape(batch, cfg.n_heads, seq, k.shape[1])
-    if cfg.attn_softcap is not None:
-        scores = cfg.attn_softcap * jnp.tanh(scores / cfg.attn_softcap)
-    scores = jnp.where(mask[:, None], scores, jnp.finfo(scores.dtype).min)
-    scores = hook("attn.scores", scores)
+    scores = hook("attn.scores", attention_scores(q, k, mask, cfg))
     pattern = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
     pattern = hook("attn.pattern", pattern)
 
@@ -213,6 +207,18 @@ def attention(
     else:
         out = jnp.einsum("bqhe,hed->bqd", z, p.W_O)
     return (out if p.b_O is None else out + p.b_O), new
+
+
+def attention_scores(q: Float[Array, "batch pos n_heads d_head"], k: Float[Array, "batch key_pos n_kv_heads d_head"],
+                     mask: Bool[Array, "batch pos key_pos"], cfg: Config) -> Float[Array, "batch n_heads pos key_pos"]:
+    """q . k * scale, soft-capped, masked keys at the dtype's minimum; query head h reads kv head h // group."""
+    batch, seq, _, d_head = q.shape
+    grouped = q.reshape(batch, seq, cfg.n_kv_heads, cfg.group_size, d_head)
+    scores = jnp.einsum("bqkge,bske->bkgqs", grouped, k) * jnp.asarray(cfg.attn_scale, q.dtype)
+    scores = scores.reshape(batch, cfg.n_heads, seq, k.shape[1])
+    if cfg.attn_softcap is not None:
+        scores = cfg.attn_softcap * jnp.tanh(scores / cfg.attn_softcap)
+    return jnp.where(mask[:, None], scores, jnp.finfo(scores.dtype).min)
 
 
 def mlp(p: MLP, x: Float[Array, "batch pos d_model"], cfg: Config, hook: Hook) -> Array:
