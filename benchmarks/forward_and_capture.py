@@ -24,7 +24,8 @@ def main():
     model, tokenizer, hf, tl = smollm2()
     print(f"devices: jax {jax.devices()}, torch threads {torch.get_num_threads()}")
     ioi = "When Mary and John went to the store, John gave a drink to"
-    workloads = {"IOI batch 8 x 14": (8, len(tokenizer.encode(ioi))), "batch 4 x 64": (4, 64), "batch 2 x 256": (2, 256)}
+    workloads = {"IOI batch 8 x 14": (8, len(tokenizer.encode(ioi))), "batch 4 x 64": (4, 64),
+                 "batch 2 x 256": (2, 256)}
     everything = list(jinterp.sites(model))
     without_result = [n for n in everything if not n.endswith("attn.result")]
 
