@@ -19,7 +19,7 @@ from jinterp import names as S
 from jinterp.byo.hook import Wrapped
 from jinterp.models.config import Config
 from jinterp.models.layers import activation, attention_scores
-from jinterp.models.transformer import Transformer, attention_masks, check_inputs
+from jinterp.models.transformer import Transformer, attention_masks, check_inputs, real_positions
 
 
 class Derivation(NamedTuple):
@@ -323,7 +323,7 @@ def run(model: Transformer, tokens, *, capture=(), edits=(), attention_mask=None
         masks = None
         if any(kind == "attn.scores" for kind, *_ in derived):
             valid = jnp.ones(tokens.shape, bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
-            masks = attention_masks(model.cfg, valid, jnp.maximum(jnp.cumsum(valid, -1) - 1, 0))
+            masks = attention_masks(model.cfg, valid, real_positions(valid))
         cache = dataclasses.replace(cache, W_O=model.blocks.attn.W_O, derived=derived, cfg=model.cfg, masks=masks)
     return output, cache
 

@@ -89,12 +89,11 @@ class Transformer(eqx.Module):
             token_type_ids = None if token_type_ids is None else token_type_ids[:, first:]
         batch, seq = tokens.shape
         if cache is None:
-            # Positions count real tokens only, so a padded row equals the unpadded run.
-            positions = jnp.maximum(jnp.cumsum(valid, -1) - 1, 0)
+            positions = real_positions(valid)
             masks = attention_masks(cfg, valid, positions)
         else:
             filled = jax.lax.dynamic_update_slice_in_dim(cache.filled, valid, cache.index, 1)
-            slot_positions = jnp.maximum(jnp.cumsum(filled, -1) - 1, 0)
+            slot_positions = real_positions(filled)
             positions = jax.lax.dynamic_slice_in_dim(slot_positions, cache.index, seq, 1)
             masks = attention_masks(cfg, filled, slot_positions, cache.index, seq)
         # Global and local (sliding-window) layers differ only in mask and rotary base.
@@ -275,6 +274,11 @@ class KVCache(eqx.Module):
 @eqx.filter_jit
 def _output(model: Transformer, tokens, attention_mask, token_type_ids):
     return model.forward(tokens, (), attention_mask, token_type_ids)[0]
+
+
+def real_positions(valid: Bool[Array, "batch slots"]) -> Int[Array, "batch slots"]:
+    """Each slot's position, counting real tokens only, so that a padded row equals the unpadded run."""
+    return jnp.maximum(jnp.cumsum(valid, -1) - 1, 0)
 
 
 def attention_masks(cfg: Config, valid: Bool[Array, "batch slots"], positions: Int[Array, "batch slots"],

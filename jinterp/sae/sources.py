@@ -151,8 +151,7 @@ class ModelActivations(eqx.Module):
         return min(wanted, fits)
 
     def _activations(self, tokens) -> Float[Array, "n d_in"]:
-        sites, n = self._sites(), self._layers_run()
-        model = self.model if n == self.model.cfg.n_layers else self.model.first_layers(n)
+        sites, model = self._sites(), self._cut().model
         unembed = any(S.parse(site).kind == "logits" for site in sites)  # nothing unembedded unless logits are read
         _, cache = run(model, tokens, capture=sites,  # traceable: its checks skip traced values
                        logit_positions=None if unembed else np.zeros(0, np.int32))
