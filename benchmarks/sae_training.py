@@ -23,12 +23,13 @@ setup included.
 Workloads:
 
 - ``topk``: k=32, aux-k coefficient 1/32, default dead windows (no latent can die within the
-  run). SAELens skips the aux-k loss when no latent is dead; jinterp computes it masked.
+  run). Both skip the aux-k loss while no latent is dead.
 - ``topk + dead``: as above with a dead window of one step in both (jinterp ``dead_window`` =
   one token, SAELens ``dead_feature_window=0``): a latent is dead when it did not fire in the
   previous batch, so both compute the aux-k loss every step. How many latents die differs
   (initialisations differ: after 4 steps SAELens had ~70% dead, jinterp ~7%), but both have at
-  least ``k_aux`` = 288 dead, so the aux-k work per step has the same shape.
+  least ``k_aux`` = 288 dead. SAELens' aux-k work per step does not depend on how many are dead;
+  jinterp's runs over the dead latents alone.
 - ``relu``: ReLU with the decoder-norm-weighted L1 penalty (coefficient 5) in both, no decoder
   constraint; SAELens' standard SAE has no aux-k, so jinterp's is off (``aux_coefficient=0``).
 

@@ -5,6 +5,7 @@ should."""
 
 import json
 
+import chex
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ from jinterp.sae import (
     train_sae,
     training,
 )
-from jinterp.sae.autoencoder import topk_decode
+from jinterp.sae.autoencoder import top_k, topk_decode, topk_encode
 from jinterp.sae.sources import Refill
 
 D_IN, N_FEATURES, D_SAE = 32, 64, 128
@@ -492,17 +493,56 @@ def test_shortened_sae_experiment_on_real_text(tiny_model, tmp_path):
     assert_identical(results, runs.execute(sae_experiment.EXPERIMENT, cfg, tmp_path, quiet=True))  # restored
 
 
-def test_topk_decode_equals_the_dense_decoder_with_its_gradients():
-    sae = random_sae("topk", d_sae=48)
-    x = jnp.asarray(planted(16, seed=7)[0])
+def test_sparse_topk_encoder_and_decoder_equal_the_dense_sae_with_their_gradients():
+    sae = random_sae("topk", d_sae=128)  # 16 blocks of 8 for k=5: top_k takes its two-stage path
+    x = jnp.asarray(planted(24, seed=7)[0]).reshape(2, 12, D_IN)  # leading axes are kept
+    bias = sae.b_enc - sae.b_dec @ sae.W_enc
 
-    def sparse(W_dec, x):
-        values, indices = jax.lax.top_k(sae.pre_activations(x), sae.k)
+    def sparse(W_enc, b_enc, W_dec, x):
+        values, indices = topk_encode(x, W_enc, b_enc, sae.k)
         return jnp.sum(jnp.sin(topk_decode(jax.nn.relu(values), indices, W_dec)))
 
-    def dense(W_dec, x):  # the plain decoder of the plain TopK latents
-        return jnp.sum(jnp.sin(sae.encode(x) @ W_dec))
+    def dense(W_enc, b_enc, W_dec, x):  # the plain TopK latents through the plain decoder
+        pre = x @ W_enc + b_enc
+        kth = jnp.sort(pre, axis=-1)[..., -sae.k, None]
+        return jnp.sum(jnp.sin(jnp.where(pre >= kth, jax.nn.relu(pre), 0.0) @ W_dec))
 
-    np.testing.assert_allclose(sparse(sae.W_dec, x), dense(sae.W_dec, x), rtol=1e-5)
-    for got, expected in zip(jax.grad(sparse, (0, 1))(sae.W_dec, x), jax.grad(dense, (0, 1))(sae.W_dec, x)):
+    arguments = (sae.W_enc, bias, sae.W_dec, x)
+    np.testing.assert_allclose(sparse(*arguments), dense(*arguments), rtol=1e-5)
+    for got, expected in zip(jax.grad(sparse, range(4))(*arguments), jax.grad(dense, range(4))(*arguments)):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, k", [((64, 4608), 32), ((3, 5, 256), 4), ((7, 100), 3), ((4, 64), 8)])
+def test_top_k_equals_lax_top_k(shape, k):  # two-stage where it pays (the first two), lax.top_k otherwise
+    x = jax.random.normal(jax.random.key(0), shape)
+    values, indices = top_k(x, k)
+    expected_values, expected_indices = jax.lax.top_k(x, k)
+    chex.assert_trees_all_equal((values, indices), (expected_values, expected_indices))
+    weights = jax.random.normal(jax.random.key(1), (*shape[:-1], k))
+    grad = jax.grad(lambda x: jnp.sum(weights * top_k(x, k)[0]))(x)
+    chex.assert_trees_all_equal(grad, jax.grad(lambda x: jnp.sum(weights * jax.lax.top_k(x, k)[0]))(x))
+
+
+@pytest.mark.parametrize("n_dead", [0, 3, 8, 9, 20, 40, 64])
+def test_aux_k_loss_equals_the_dense_formula_at_every_gathered_width(n_dead):
+    k_aux, d_sae = 8, 64  # widths 8, 16, 32, 64
+    keys = jax.random.split(jax.random.key(n_dead), 6)
+    residual, x = jax.random.normal(keys[0], (32, D_IN)), jax.random.normal(keys[1], (32, D_IN))
+    W_enc, b_enc = jax.random.normal(keys[2], (D_IN, d_sae)), jax.random.normal(keys[3], (d_sae,))
+    W_dec = jax.random.normal(keys[4], (d_sae, D_IN))
+    dead = jax.random.permutation(keys[5], d_sae) < n_dead
+
+    def dense(residual, x, W_enc, b_enc, W_dec):  # every latent's pre-activation, the dead ones' top k_aux kept
+        pre = jnp.where(dead, x @ W_enc + b_enc, -jnp.inf)
+        kth = jnp.sort(pre, axis=-1)[:, -k_aux, None]
+        latents = jnp.where(dead & (pre >= kth), pre, 0.0)
+        return min(n_dead / k_aux, 1.0) * jnp.mean(jnp.sum((latents @ W_dec - residual) ** 2, axis=-1))
+
+    arguments = (residual, x, W_enc, b_enc, W_dec)
+    loss = jax.jit(lambda *a: training.aux_k_loss(*a, dead, k_aux))
+    np.testing.assert_allclose(loss(*arguments), dense(*arguments), rtol=1e-5)
+    gradients = jax.grad(loss, range(5))(*arguments)
+    for got, expected in zip(gradients, jax.grad(dense, range(5))(*arguments)):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert n_dead or not any(np.any(g) for g in gradients)

@@ -190,19 +190,94 @@ def _unit_rows(W: Array) -> Array:
     return W / jnp.linalg.norm(W, axis=-1, keepdims=True)
 
 
+def top_k(x: Float[Array, "... d"], k: int, block: int = 8) -> tuple[Array, Array]:
+    """``jax.lax.top_k`` over the last axis, in two smaller top-k's when that is cheaper: the k
+    largest entries lie in the k blocks (of ``block`` neighbours) with the largest maxima, so a
+    top-k over the block maxima and one over those blocks' entries find them. On CPU it is ~1.4x
+    faster at SAE sizes (XLA's top-k sorts each row's indices). Exact: the same values; under ties
+    the indices may be others of equal value."""
+    *lead, d = x.shape
+    if d % block or d // block < 2 * k:
+        return jax.lax.top_k(x, k)
+    blocks = jax.lax.stop_gradient(x).reshape(-1, d // block, block)
+    _, best = jax.lax.top_k(blocks.max(axis=-1), k)  # [rows, k] block numbers
+    candidates = jnp.take_along_axis(blocks, best[..., None], axis=1).reshape(-1, k * block)
+    _, slots = jax.lax.top_k(candidates, k)
+    indices = (jnp.take_along_axis(best, slots // block, axis=-1) * block + slots % block).reshape(*lead, k)
+    return jnp.take_along_axis(x, indices, axis=-1), indices
+
+
 def topk(pre: Float[Array, "... d_sae"], k: int) -> Float[Array, "... d_sae"]:
     """Keep the ``k`` largest entries of each row, ReLU'd; zeros elsewhere."""
-    values, indices = jax.lax.top_k(pre, k)
+    values, indices = top_k(pre, k)
     return jnp.put_along_axis(jnp.zeros_like(pre), indices, jax.nn.relu(values), axis=-1, inplace=False)
 
 
+# A TopK SAE's training step touches k latents per token, so its decoder, and the backward of
+# both encoder and decoder, gather or scatter k weight rows per token instead of running dense
+# [n, d_sae] matmuls. The loops go over the k slots, one row per token at a time, so what they
+# touch stays in cache: gathering all k rows at once materialises [n, k, d] (~6x slower on CPU),
+# and XLA's CPU scatter of them all at once is as slow as the dense matmul.
+
+def _gather_rows(weights: Float[Array, "n k"], indices, rows: Float[Array, "m d"]) -> Float[Array, "n d"]:
+    """``sum_j weights[:, j] * rows[indices[:, j]]``."""
+    out = jnp.zeros((weights.shape[0], rows.shape[1]), jnp.result_type(weights, rows))
+    return jax.lax.fori_loop(0, weights.shape[1], lambda j, out: out + weights[:, j, None] * rows[indices[:, j]], out)
+
+
+def _scatter_rows(weights: Float[Array, "n k"], indices, vectors: Float[Array, "n d"], m: int) -> Float[Array, "m d"]:
+    """``out[indices[t, j]] += weights[t, j] * vectors[t]`` into ``m`` zero rows."""
+    out = jnp.zeros((m, vectors.shape[1]), jnp.result_type(weights, vectors))
+    def add_slot(j, out):
+        return out.at[indices[:, j]].add(weights[:, j, None] * vectors)
+
+    return jax.lax.fori_loop(0, weights.shape[1], add_slot, out)
+
+
+def _row_dots(vectors: Float[Array, "n d"], indices, rows: Float[Array, "m d"]) -> Float[Array, "n k"]:
+    """``vectors[t] . rows[indices[t, j]]``."""
+    out = jnp.zeros(indices.shape, jnp.result_type(vectors, rows))
+    return jax.lax.fori_loop(0, indices.shape[1],
+                             lambda j, out: out.at[:, j].set(jnp.sum(vectors * rows[indices[:, j]], axis=-1)), out)
+
+
+def _flat(a: Array) -> Array:
+    return a.reshape(-1, a.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def topk_encode(x: Float[Array, "... d_in"], W_enc: Float[Array, "d_in d_sae"], b_enc: Float[Array, " d_sae"],
+                k: int) -> tuple[Float[Array, "... k"], Array]:
+    """The ``k`` largest pre-activations ``x @ W_enc + b_enc`` of each token (not ReLU'd) and their
+    latents' indices. Backward: only those k latents have a gradient, so ``W_enc``'s is k column
+    updates per token (a scatter-add), not a dense ``[d_in, n] @ [n, d_sae]`` matmul."""
+    return top_k(x @ W_enc + b_enc, k)
+
+
+def _topk_encode_forward(x, W_enc, b_enc, k):
+    values, indices = topk_encode(x, W_enc, b_enc, k)
+    return (values, indices), (x, W_enc, indices)
+
+
+def _topk_encode_backward(k, saved, cotangents):
+    x, W_enc, indices = saved
+    d_values, flat_indices = _flat(cotangents[0]), _flat(indices)
+    d_x = _gather_rows(d_values, flat_indices, W_enc.T).reshape(x.shape)  # dropped by XLA when x is data
+    d_W_enc = _scatter_rows(d_values, flat_indices, _flat(x), W_enc.shape[1]).T
+    d_b_enc = jnp.zeros(W_enc.shape[1], d_values.dtype).at[flat_indices.reshape(-1)].add(d_values.reshape(-1))
+    return d_x, d_W_enc, d_b_enc
+
+
+topk_encode.defvjp(_topk_encode_forward, _topk_encode_backward)
+
+
 @jax.custom_vjp
-def topk_decode(values: Float[Array, "n k"], indices, W_dec: Float[Array, "d_sae d_out"]) -> Float[Array, "n d_out"]:
-    """``sum_j values[:, j] * W_dec[indices[:, j]]``: a TopK decoder that reads only the k active
-    rows of each token (the bias not added), instead of a dense ``[n, d_sae] @ W_dec``. Backward:
-    the values' gradient by the same gather; ``W_dec``'s by one dense matmul of the scattered
-    latents (on CPU a scatter-add is no faster)."""
-    return jnp.sum(values[..., None] * W_dec[indices], axis=-2)
+def topk_decode(values: Float[Array, "... k"], indices,
+                W_dec: Float[Array, "d_sae d_out"]) -> Float[Array, "... d_out"]:
+    """``sum_j values[..., j] * W_dec[indices[..., j]]``: a TopK decoder that reads only the k active
+    rows of each token (the bias not added), instead of a dense ``[n, d_sae] @ W_dec``; its
+    backward likewise touches only those rows."""
+    return _gather_rows(_flat(values), _flat(indices), W_dec).reshape(*values.shape[:-1], W_dec.shape[1])
 
 
 def _topk_decode_forward(values, indices, W_dec):
@@ -211,11 +286,9 @@ def _topk_decode_forward(values, indices, W_dec):
 
 def _topk_decode_backward(saved, cotangent):
     values, indices, W_dec = saved
-    d_values = jnp.sum(cotangent[..., None, :] * W_dec[indices], axis=-1)
-    latents = jnp.put_along_axis(jnp.zeros((*values.shape[:-1], W_dec.shape[0]), values.dtype), indices, values,
-                                 axis=-1, inplace=False)
-    d_W_dec = latents.reshape(-1, W_dec.shape[0]).T @ cotangent.reshape(-1, W_dec.shape[1])
-    return d_values, None, d_W_dec
+    flat_values, flat_indices, flat_cotangent = _flat(values), _flat(indices), _flat(cotangent)
+    d_values = _row_dots(flat_cotangent, flat_indices, W_dec).reshape(values.shape)
+    return d_values, None, _scatter_rows(flat_values, flat_indices, flat_cotangent, W_dec.shape[0])
 
 
 topk_decode.defvjp(_topk_decode_forward, _topk_decode_backward)

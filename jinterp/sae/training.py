@@ -58,7 +58,16 @@ import optax
 from jaxtyping import Array, Float
 
 from jinterp.models.config import choose
-from jinterp.sae.autoencoder import ARCHITECTURES, SAE, batch_topk, geometric_median, jumprelu, step, topk_decode
+from jinterp.sae.autoencoder import (
+    ARCHITECTURES,
+    SAE,
+    batch_topk,
+    geometric_median,
+    jumprelu,
+    step,
+    topk_decode,
+    topk_encode,
+)
 from jinterp.sae.sources import ArrayActivations, Refill, ShuffleBuffer
 from jinterp.train import train
 
@@ -92,17 +101,63 @@ def _assign(current: Array, target: Array) -> Array:
     return jnp.sum((current - jax.lax.stop_gradient(current)) * jax.lax.stop_gradient(current - target))
 
 
-def aux_k_loss(residual: Float[Array, "n d_in"], pre: Float[Array, "n d_sae"], dead: Array, k_aux: int,
-               W_dec: Float[Array, "d_sae d_in"]) -> Array:
-    """Gao et al. 2024's auxiliary loss: the ``k_aux`` largest pre-activations of dead latents (taken
-    as they are, as SAELens does, so a latent that never fires still gets a gradient) decode the
-    ``residual`` of the main reconstruction. Scaled down by ``n_dead / k_aux`` when fewer latents
-    are dead; 0 when none is."""
-    values, indices = jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), k_aux)
+def aux_k_loss(residual: Float[Array, "n d_out"], x: Float[Array, "n d_in"], W_enc: Float[Array, "d_in d_sae"],
+               b_enc: Float[Array, " d_sae"], W_dec: Float[Array, "d_sae d_out"], dead: Array, k_aux: int) -> Array:
+    """Gao et al. 2024's auxiliary loss: the ``k_aux`` largest pre-activations ``x @ W_enc + b_enc``
+    of dead latents (taken as they are, as SAELens does, so a latent that never fires still gets a
+    gradient) decode the ``residual`` of the main reconstruction. Scaled down by ``n_dead / k_aux``
+    when fewer latents are dead; 0 when none is.
+
+    A latent is dead for every token alike, so only the dead latents' columns of the encoder and
+    rows of the decoder take part: the matmuls and the top-k run over them alone, not over all
+    ``d_sae``. Shapes stay static: the gathered width is the first of ``k_aux, 2 k_aux, 4 k_aux,
+    ..., d_sae`` that holds them all."""
+    return _aux_k(residual, x, W_enc, b_enc, W_dec, dead, k_aux)
+
+
+def _aux_k_error(width: int, k_aux: int, residual, x, W_enc, b_enc, W_dec, dead):
+    """The aux-k reconstruction error over the dead latents, gathered into ``width`` columns."""
+    n_dead = dead.sum()
+    if width < dead.shape[0]:
+        columns = jnp.nonzero(dead, size=width, fill_value=0)[0]
+        W_enc, b_enc, W_dec, dead = W_enc[:, columns], b_enc[columns], W_dec[columns], jnp.arange(width) < n_dead
+    values, slots = jax.lax.top_k(jnp.where(dead, x @ W_enc + b_enc, -jnp.inf), k_aux)
     values = jnp.where(jnp.isfinite(values), values, 0.0)  # fewer than k_aux dead latents
-    latents = jnp.put_along_axis(jnp.zeros_like(pre), indices, values, axis=-1, inplace=False)
+    latents = jnp.put_along_axis(jnp.zeros((*values.shape[:-1], width), values.dtype), slots, values, axis=-1,
+                                 inplace=False)
     error = jnp.mean(jnp.sum((latents @ W_dec - residual) ** 2, axis=-1))
-    return jnp.minimum(dead.sum() / k_aux, 1.0) * error
+    return jnp.minimum(n_dead / k_aux, 1.0) * error
+
+
+def _aux_k_switch(k_aux: int, with_gradients: bool, *args):
+    """``_aux_k_error`` (and its gradients) at the narrowest width that holds the dead latents."""
+    dead = args[-1]
+    d_sae = dead.shape[0]
+    widths = sorted({min(k_aux * 2 ** i, d_sae) for i in range(math.ceil(math.log2(d_sae / k_aux)) + 1)})
+
+    def branch(width):
+        error = functools.partial(_aux_k_error, width, k_aux)
+        return jax.value_and_grad(error, argnums=range(5)) if with_gradients else error
+
+    return jax.lax.switch(jnp.searchsorted(jnp.array(widths), dead.sum()), [branch(w) for w in widths], *args)
+
+
+# The gradients are taken inside each width's branch: differentiated through lax.switch, every branch
+# would return the residuals of all the others (zeros as wide as d_sae), which costs more than aux-k.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _aux_k(residual, x, W_enc, b_enc, W_dec, dead, k_aux):
+    return _aux_k_switch(k_aux, False, residual, x, W_enc, b_enc, W_dec, dead)
+
+
+def _aux_k_forward(residual, x, W_enc, b_enc, W_dec, dead, k_aux):
+    return _aux_k_switch(k_aux, True, residual, x, W_enc, b_enc, W_dec, dead)
+
+
+def _aux_k_backward(k_aux, gradients, cotangent):
+    return (*(cotangent * g for g in gradients), None)
+
+
+_aux_k.defvjp(_aux_k_forward, _aux_k_backward)
 
 
 class SAELoss(eqx.Module):
@@ -132,19 +187,17 @@ class SAELoss(eqx.Module):
         x, target = _pair(batch)
         x = x.astype(sae.W_enc.dtype) * self.input_scale
         target = target.astype(sae.W_enc.dtype) * self.target_scale
-        if sae.apply_b_dec_to_input:
-            # (x - b_dec) @ W_enc + b_enc with b_dec moved onto the bias: b_dec's gradient is then a
-            # vector-matrix product, not a [n, d_sae] x [d_sae, d_in] matmul (inputs are normalised,
-            # so there is no cancellation to fear).
-            pre = x @ sae.W_enc + (sae.b_enc - sae.b_dec @ sae.W_enc)
-        else:
-            pre = sae.pre_activations(x)
-        if sae.architecture == "topk":  # decode only the k active latents of each token
-            values, indices = jax.lax.top_k(pre, sae.k)
+        # (x - b_dec) @ W_enc + b_enc with b_dec moved onto the bias: b_dec's gradient is then a
+        # vector-matrix product, not a [n, d_sae] x [d_sae, d_in] matmul (inputs are normalised, so
+        # there is no cancellation to fear).
+        bias = sae.b_enc - sae.b_dec @ sae.W_enc if sae.apply_b_dec_to_input else sae.b_enc
+        if sae.architecture == "topk":  # only each token's k active latents are decoded and get gradients
+            values, indices = topk_encode(x, sae.W_enc, bias, sae.k)
             values = jax.nn.relu(values)
             reconstruction = topk_decode(values, indices, sae.W_dec) + sae.b_dec
             fired = jnp.zeros(sae.d_sae, bool).at[indices.reshape(-1)].max(values.reshape(-1) > 0)
         else:
+            pre = x @ sae.W_enc + bias
             if sae.architecture == "batchtopk":
                 latents = batch_topk(pre, sae.k)
             elif sae.architecture == "jumprelu":
@@ -160,10 +213,10 @@ class SAELoss(eqx.Module):
             loss += self.l0_coefficient * jnp.mean(jnp.sum(step(pre, sae.threshold, self.bandwidth), axis=-1))
         dead = state.since_fired >= self.dead_window
         residual = jax.lax.stop_gradient(target - reconstruction)
-        # Skipped while no latent is dead: aux-k costs three more matmuls of the dictionary's size.
-        loss += jax.lax.cond(jnp.any(dead) & (self.aux_coefficient != 0),
-                             lambda: self.aux_coefficient * aux_k_loss(residual, pre, dead, self.aux_k, sae.W_dec),
-                             lambda: jnp.zeros((), pre.dtype))
+        loss += jax.lax.cond(jnp.any(dead) & (self.aux_coefficient != 0),  # skipped while no latent is dead
+                             lambda: self.aux_coefficient * aux_k_loss(residual, x, sae.W_enc, bias, sae.W_dec, dead,
+                                                                       self.aux_k),
+                             lambda: jnp.zeros((), x.dtype))
         since = jnp.where(fired, 0.0, jnp.minimum(state.since_fired + x.shape[0], self.dead_window))
         loss += _assign(state.since_fired, since)
         if sae.architecture == "batchtopk":
