@@ -1,8 +1,10 @@
 """jinterp: JAX-native, functional mechanistic interpretability."""
 
+from jinterp._allocator import reuse_freed_memory
 from jinterp._numerics import prefer_accurate_cpu_float32
 
 prefer_accurate_cpu_float32()
+reuse_freed_memory()
 
 from jinterp import (
     ablation,

@@ -1,0 +1,35 @@
+"""Reused host memory on Linux: runs at import, before JAX starts its CPU backend.
+
+XLA:CPU takes every output and temporary buffer from glibc's malloc, which serves large blocks
+(and every block of a thread other than the main one that does not fit its 64 MB heap) with a
+fresh ``mmap`` and returns them to the kernel when freed. So each forward pass touches all its
+output memory for the first time again: on SmolLM2-135M at 2 x 256 tokens that is ~57,000 page
+faults for a plain forward and ~150,000 when every site is captured, about a tenth of the run
+time. jinterp has malloc keep freed memory for reuse instead: one arena for all threads, grown
+with ``brk`` rather than ``mmap``, trimmed only when more than 1 GiB lies free at its top. The
+process then holds on to its peak memory (up to that 1 GiB of slack), as caching allocators do.
+Set ``JINTERP_KEEP_MALLOC=1`` to leave malloc as it is. Other platforms are unaffected.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # glibc's malloc.h
+TRIM_THRESHOLD = 1 << 30
+
+
+def reuse_freed_memory() -> None:
+    if os.environ.get("JINTERP_KEEP_MALLOC") == "1" or platform.system() != "Linux":
+        return
+    if platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    # An arena is chosen when a thread first allocates: XLA's threads, started with the backend, get the main one.
+    for option, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
+        libc.mallopt(option, value)
