@@ -7,7 +7,8 @@ output memory for the first time again: on SmolLM2-135M at 2 x 256 tokens that i
 faults for a plain forward and ~150,000 when every site is captured, about a tenth of the run
 time. jinterp has malloc keep freed memory for reuse instead: one arena for all threads, grown
 with ``brk`` rather than ``mmap``, trimmed only when more than 1 GiB lies free at its top. The
-process then holds on to its peak memory (up to that 1 GiB of slack), as caching allocators do.
+process then keeps memory it freed for its next allocations instead of returning it to the
+system, as caching allocators do (its resident size stays near its peak).
 Set ``JINTERP_KEEP_MALLOC=1`` to leave malloc as it is. Other platforms are unaffected.
 """
 

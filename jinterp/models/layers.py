@@ -199,8 +199,9 @@ def attention(
     pattern = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
     pattern = hook("attn.pattern", pattern)
 
-    pattern_grouped = pattern.reshape(batch, cfg.n_kv_heads, cfg.group_size, seq, -1)
-    z = jnp.einsum("bkgqs,bske->bqkge", pattern_grouped, v).reshape(batch, seq, cfg.n_heads, d_head)
+    pattern_grouped = pattern.reshape(batch, cfg.n_kv_heads, cfg.group_size * seq, -1)
+    z = jnp.einsum("bkxs,bske->bkxe", pattern_grouped, v).reshape(batch, cfg.n_kv_heads, cfg.group_size, seq, d_head)
+    z = z.transpose(0, 3, 1, 2, 4).reshape(batch, seq, cfg.n_heads, d_head)
     z = hook("attn.z", z)
     if hook.wants("attn.result"):
         out = hook("attn.result", jnp.einsum("bqhe,hed->bqhd", z, p.W_O)).sum(2)
@@ -213,8 +214,12 @@ def attention_scores(q: Float[Array, "batch pos n_heads d_head"], k: Float[Array
                      mask: Bool[Array, "batch pos key_pos"], cfg: Config) -> Float[Array, "batch n_heads pos key_pos"]:
     """q . k * scale, soft-capped, masked keys at the dtype's minimum; query head h reads kv head h // group."""
     batch, seq, _, d_head = q.shape
-    grouped = q.reshape(batch, seq, cfg.n_kv_heads, cfg.group_size, d_head)
-    scores = jnp.einsum("bqkge,bske->bkgqs", grouped, k) * jnp.asarray(cfg.attn_scale, q.dtype)
+    # The query heads of a kv head as one row block [group * pos] (head h = kv * group + g), so the
+    # product comes out [batch, kv, group * pos, key_pos], already the [batch, heads, pos, key_pos]
+    # layout: contracting the heads in place instead makes XLA transpose every score after.
+    grouped = q.reshape(batch, seq, cfg.n_kv_heads, cfg.group_size, d_head).transpose(0, 2, 3, 1, 4)
+    grouped = grouped.reshape(batch, cfg.n_kv_heads, cfg.group_size * seq, d_head)
+    scores = jnp.einsum("bkxe,bske->bkxs", grouped, k) * jnp.asarray(cfg.attn_scale, q.dtype)
     scores = scores.reshape(batch, cfg.n_heads, seq, k.shape[1])
     if cfg.attn_softcap is not None:
         scores = cfg.attn_softcap * jnp.tanh(scores / cfg.attn_softcap)

@@ -193,9 +193,10 @@ def _unit_rows(W: Array) -> Array:
 def top_k(x: Float[Array, "... d"], k: int, block: int = 8) -> tuple[Array, Array]:
     """``jax.lax.top_k`` over the last axis, in two smaller top-k's when that is cheaper: the k
     largest entries lie in the k blocks (of ``block`` neighbours) with the largest maxima, so a
-    top-k over the block maxima and one over those blocks' entries find them. On CPU it is ~1.4x
-    faster at SAE sizes (XLA's top-k sorts each row's indices). Exact: the same values; under ties
-    the indices may be others of equal value."""
+    top-k over the block maxima and one over those blocks' entries find them. XLA's CPU top-k sorts
+    each row's indices, so at SAE sizes this saves a tenth of a TopK training step (1,024 x 4,608,
+    k = 32: 181 -> 166 ms), mostly in the gradient. Exact: the same values; under ties the indices
+    may be others of equal value."""
     *lead, d = x.shape
     if d % block or d // block < 2 * k:
         return jax.lax.top_k(x, k)
@@ -228,6 +229,7 @@ def _gather_rows(weights: Float[Array, "n k"], indices, rows: Float[Array, "m d"
 def _scatter_rows(weights: Float[Array, "n k"], indices, vectors: Float[Array, "n d"], m: int) -> Float[Array, "m d"]:
     """``out[indices[t, j]] += weights[t, j] * vectors[t]`` into ``m`` zero rows."""
     out = jnp.zeros((m, vectors.shape[1]), jnp.result_type(weights, vectors))
+
     def add_slot(j, out):
         return out.at[indices[:, j]].add(weights[:, j, None] * vectors)
 
