@@ -65,6 +65,7 @@ from jinterp.sae.autoencoder import (
     geometric_median,
     jumprelu,
     step,
+    top_k,
     topk_decode,
     topk_encode,
 )
@@ -306,10 +307,16 @@ def sae_optimizer(architecture: str, lr: float, steps: int) -> optax.GradientTra
 def _metrics(state: SAEState, sample, dead_window: int) -> dict[str, Array]:
     sae = state.sae
     x, target = _pair(sample)
-    latents = sae.encode(x)
-    error = jnp.sum((sae.decode(latents) - target) ** 2, axis=-1)
+    if sae.architecture == "topk":  # the sparse decoder, as in training: no dense [n, d_sae] matmul
+        values, indices = top_k(sae.pre_activations(x), sae.k)
+        values = jax.nn.relu(values)
+        active, reconstruction = values > 0, topk_decode(values, indices, sae.W_dec) + sae.b_dec
+    else:
+        latents = sae.encode(x)
+        active, reconstruction = latents > 0, sae.decode(latents)
+    error = jnp.sum((reconstruction - target) ** 2, axis=-1)
     variance = jnp.sum((target - target.mean(axis=0)) ** 2, axis=-1)
-    return {"l0": jnp.mean(jnp.sum(latents > 0, axis=-1)),
+    return {"l0": jnp.mean(jnp.sum(active, axis=-1)),
             "explained_variance": 1 - error.sum() / variance.sum(),
             "mse": error.mean(),
             "dead_fraction": jnp.mean(state.since_fired >= dead_window)}
