@@ -546,3 +546,5 @@ def test_aux_k_loss_equals_the_dense_formula_at_every_gathered_width(n_dead):
     for got, expected in zip(gradients, jax.grad(dense, range(5))(*arguments)):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     assert n_dead or not any(np.any(g) for g in gradients)
+    with pytest.raises(ValueError, match=r"k_aux must be an int in \[1, d_sae=64\], got 65"):
+        training.aux_k_loss(*arguments, dead, d_sae + 1)

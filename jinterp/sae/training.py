@@ -113,6 +113,8 @@ def aux_k_loss(residual: Float[Array, "n d_out"], x: Float[Array, "n d_in"], W_e
     rows of the decoder take part: the matmuls and the top-k run over them alone, not over all
     ``d_sae``. Shapes stay static: the gathered width is the first of ``k_aux, 2 k_aux, 4 k_aux,
     ..., d_sae`` that holds them all."""
+    if not isinstance(k_aux, int) or not 0 < k_aux <= dead.shape[0]:
+        raise ValueError(f"k_aux must be an int in [1, d_sae={dead.shape[0]}], got {k_aux!r}")
     return _aux_k(residual, x, W_enc, b_enc, W_dec, dead, k_aux)
 
 
