@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from common import timed  # noqa: E402  (imports jinterp before JAX starts: see jinterp._numerics)
+from common import timed  # noqa: E402
 
 import jinterp  # noqa: E402
 from jinterp import attribution, patching  # noqa: E402

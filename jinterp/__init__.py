@@ -1,11 +1,5 @@
 """jinterp: JAX-native, functional mechanistic interpretability."""
 
-from jinterp._allocator import reuse_freed_memory
-from jinterp._numerics import prefer_accurate_cpu_float32
-
-prefer_accurate_cpu_float32()
-reuse_freed_memory()
-
 from jinterp import (
     ablation,
     attention_view,
@@ -23,6 +17,8 @@ from jinterp import (
     train,
     tuned_lens,
 )
+from jinterp._allocator import reuse_freed_memory
+from jinterp._compile import compiler_options
 from jinterp.byo import site, wrap
 from jinterp.cache import Cache, run, sites
 from jinterp.collection import collect
@@ -48,6 +44,7 @@ from jinterp.treescope_views import sweep_view
 __all__ = [
     "Add", "At", "Cache", "Capture", "Config", "Edit", "Generation", "Interchange", "Intervention", "LoadError",
     "Project", "Replace", "Scale", "Tokenizer", "Transformer", "Zero", "ablation", "attention_view", "attribution",
-    "byo", "chain", "circuits", "collect", "das", "generate", "lens", "llc", "load", "memory", "models", "patching",
-    "probes", "process_weights", "run", "sae", "sharding", "site", "sites", "sweep_view", "train", "tuned_lens", "wrap",
+    "byo", "chain", "circuits", "collect", "compiler_options", "das", "generate", "lens", "llc", "load", "memory",
+    "models", "patching", "probes", "process_weights", "reuse_freed_memory", "run", "sae", "sharding", "site",
+    "sites", "sweep_view", "train", "tuned_lens", "wrap",
 ]

@@ -1,36 +1,38 @@
-"""Reused host memory on Linux: runs at import, before JAX starts its CPU backend.
+"""Reused host memory on Linux: ``jinterp.reuse_freed_memory()``, an explicit, process-wide choice.
 
 XLA:CPU takes every output and temporary buffer from glibc's malloc, which serves large blocks
 (and every block of a thread other than the main one that does not fit its 64 MB heap) with a
 fresh ``mmap`` and returns them to the kernel when freed. So each forward pass touches all its
 output memory for the first time again: on SmolLM2-135M at 2 x 256 tokens that is ~57,000 page
 faults for a plain forward and ~150,000 when every site is captured, about a tenth of the run
-time. jinterp has malloc keep freed memory for reuse instead: one arena for all threads, grown
-with ``brk`` rather than ``mmap``, trimmed only when more than 1 GiB lies free at its top. The
-process then keeps memory it freed for its next allocations instead of returning it to the
-system, as caching allocators do (its resident size stays near its peak).
-Set ``JINTERP_KEEP_MALLOC=1`` to leave malloc as it is. Other platforms are unaffected.
+time. ``reuse_freed_memory()`` has malloc keep freed memory for reuse instead: one arena for all
+threads, grown with ``brk`` rather than ``mmap``, trimmed only when more than 1 GiB lies free at
+its top. The process then keeps memory it freed for its next allocations instead of returning it
+to the system, as caching allocators do (its resident size stays near its peak). It changes the
+whole process, so jinterp never calls it for you: call it first thing in a script (before JAX
+starts its backend, whose threads then share the one arena). Other platforms are unaffected.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
 
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # glibc's malloc.h
 TRIM_THRESHOLD = 1 << 30
 
 
-def reuse_freed_memory() -> None:
-    if os.environ.get("JINTERP_KEEP_MALLOC") == "1" or platform.system() != "Linux":
-        return
+def reuse_freed_memory() -> bool:
+    """Have glibc's malloc keep and reuse freed memory (see above); True where it applied."""
+    if platform.system() != "Linux":
+        return False
     if platform.libc_ver()[0] != "glibc":
-        return
+        return False
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
-        return
+        return False
     # An arena is chosen when a thread first allocates: XLA's threads, started with the backend, get the main one.
     for option, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
         libc.mallopt(option, value)
+    return True

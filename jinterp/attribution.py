@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jinterp import names as S
 from jinterp import sharding
+from jinterp._compile import jit
 from jinterp.byo.hook import Wrapped
 from jinterp.cache import _run, _transformer_only, run
 from jinterp.interventions import Add, Capture, Replace
@@ -48,13 +48,13 @@ def attribution_patching(model: Transformer, clean_tokens, corrupt_tokens, metri
     return _contributions(source_cache.stack(kind), base_values, grads, kind, per, mesh)
 
 
-@eqx.filter_jit
+@jit
 def _contributions(source_values, base_values, grads, kind, per, mesh):
     contribution = (source_values - base_values) * grads  # [layer, *site axes]
     return sharding.constrain(reduce_site(contribution, kind, per), mesh)  # the same on every device
 
 
-@eqx.filter_jit
+@jit
 def _gradients(model, tokens, kind, metric, attention_mask, metric_positions):
     """d metric / d (every layer's ``kind``) at ``tokens``, and the values there: one forward, one backward."""
     L, (batch, seq) = model.cfg.n_layers, tokens.shape

@@ -16,9 +16,10 @@ from jaxtyping import Array
 
 from jinterp import interventions as iv
 from jinterp import names as S
+from jinterp._compile import jit
 from jinterp.byo.hook import Wrapped
 from jinterp.models.config import Config
-from jinterp.models.layers import activation, attention_scores
+from jinterp.models.layers import accurate, activation, attention_scores
 from jinterp.models.transformer import Transformer, attention_masks, check_inputs, real_positions
 
 
@@ -105,13 +106,13 @@ class Cache(eqx.Module, Mapping):
             return jnp.einsum("bqhe,hed->bqhd", values[0], self.W_O[layer])
         if kind == "resid_mid":
             return values[0] + values[1]
-        if kind.endswith(".normalized"):  # as layers.normalize: float32, centred for LayerNorm, over the scale
-            x, scale = values[0].astype(jnp.float32), values[1]
+        if kind.endswith(".normalized"):  # as layers.normalize: float32 at least, centred for LayerNorm, over the scale
+            x, scale = values[0].astype(accurate(values[0].dtype)), values[1]
             return (x - x.mean(-1, keepdims=True) if self.cfg.norm == "layer" else x) / scale
         if kind == "attn.scores":
             return attention_scores(*values, self.masks[self.cfg.layer_types[layer] == "local"], self.cfg)
-        if kind == "attn.pattern":  # as layers.attention: a float32 softmax, back in the scores' dtype
-            return jax.nn.softmax(values[0].astype(jnp.float32), axis=-1).astype(values[0].dtype)
+        if kind == "attn.pattern":  # as layers.attention: a float32 (at least) softmax, back in the scores' dtype
+            return jax.nn.softmax(values[0].astype(accurate(values[0].dtype)), axis=-1).astype(values[0].dtype)
         if kind == "mlp.post":
             post = activation(self.cfg.act, values[0])
             return post * values[1] if len(values) == 2 else post
@@ -243,7 +244,7 @@ def _validate(model: Transformer, interventions, seq_len: int) -> None:
         intervention.check(model.cfg, seq_len)
 
 
-@eqx.filter_jit
+@jit
 def _run(model, tokens, interventions, attention_mask, token_type_ids, logit_positions=None):
     output, top, blocks = model.forward(tokens, interventions, attention_mask, token_type_ids,
                                         logit_positions=logit_positions)

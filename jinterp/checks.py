@@ -9,13 +9,14 @@ default: the checks add work to every operation of the compiled program.
 
 from __future__ import annotations
 
-import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
+from jinterp._compile import jit
 
-@eqx.filter_jit
+
+@jit
 def _checkified(forward, *args):
     return checkify.checkify(lambda: forward(*args), errors=checkify.float_checks)()
 

@@ -26,6 +26,7 @@ import numpy as np
 from jaxtyping import Array, Float
 from tqdm.auto import tqdm
 
+from jinterp._compile import jit
 from jinterp.cache import _run, run
 from jinterp.interventions import Add, At, Intervention, Replace
 from jinterp.models.config import Config, choose
@@ -202,7 +203,7 @@ def edge_attribution(model: Transformer, clean_tokens, corrupt_tokens, metric: C
     return jnp.where(graph.valid, scores, 0.0), graph
 
 
-_reader_gradients_jit = eqx.filter_jit(_reader_gradients)
+_reader_gradients_jit = jit(_reader_gradients)
 
 
 # --- circuits -----------------------------------------------------------------------------------

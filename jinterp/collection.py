@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from jinterp import memory
 from jinterp import names as S
+from jinterp._compile import jit
 from jinterp.cache import run
 from jinterp.models.transformer import Transformer
 
@@ -70,7 +71,7 @@ def batch_size_for(model: Transformer, seq: int, names, memory_budget: float, n_
                                hint="capture fewer sites, use shorter sequences, or pass batch_size")
 
 
-@eqx.filter_jit
+@jit
 def _chunk(model, tokens, attention_mask, index, names: tuple, pos_axes: tuple):
     """One chunk's captured values: every position (``index`` None), or ``[batch, k, ...]`` at ``index``."""
     unembed = "logits" in names

@@ -33,6 +33,7 @@ from jaxtyping import Array, Float, Int
 from safetensors.numpy import load_file, save_file
 
 from jinterp import names as S
+from jinterp._compile import jit
 from jinterp.cache import run as run_model
 from jinterp.interventions import Interchange
 from jinterp.models.transformer import Transformer
@@ -192,7 +193,7 @@ def fit(model: Transformer, site, k: int, positions, base, source, labels, *, st
                  evaluate=evaluate, run=run, name=name, description=f"DAS {alignment.site}", progress=progress)
 
 
-@eqx.filter_jit
+@jit
 def _correct(alignment: Alignment, model: Transformer, base, source, labels, position: int):
     return (alignment.logits(model, base, source, position).argmax(-1) == labels).sum()
 

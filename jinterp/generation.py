@@ -26,6 +26,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jinterp import interventions as iv
 from jinterp import names as S
+from jinterp._compile import jit
 from jinterp.cache import Cache, _captures, _names, _validate
 from jinterp.models.transformer import KVCache, Transformer, check_inputs
 
@@ -146,7 +147,7 @@ def _last_position(kind: str, value: Array, in_block: bool) -> tuple[Array, int]
     return jax.lax.slice_in_dim(value, value.shape[axis] - 1, value.shape[axis], axis=axis), axis
 
 
-@eqx.filter_jit
+@jit
 def _generate(model: Transformer, prompt, mask, edits, captures, sampling: _Sampling, key, stops, stop_lengths,
               pad_id, max_new_tokens: int):
     batch, prompt_len = prompt.shape

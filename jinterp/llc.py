@@ -35,6 +35,8 @@ import numpy as np
 from jaxtyping import Array, Float
 from tqdm.auto import tqdm
 
+from jinterp._compile import jit
+
 
 class LLCWarning(UserWarning):
     """A chain diverged (NaN or inf), the step size looks unstable (a chain's mean loss below the loss at
@@ -110,7 +112,7 @@ def _n_examples(data) -> int:
     return sizes.pop()
 
 
-@eqx.filter_jit
+@jit
 def _chains(loss, params, mask, data, keys, nbeta, gamma, step_size, *, draws: int, burnin: int, batch_size: int):
     """Loss traces ``[chains, burnin + draws]`` of SGLD chains started at ``params``, one per key."""
     w0, static = eqx.partition(params, eqx.is_inexact_array)
@@ -154,7 +156,7 @@ def estimate(loss: Callable[[Any, Any], Array], params, data, key: jax.Array, *,
     mask = masks(params, restrict)
     traces = _chains(loss, params, mask, data, jax.random.split(key, chains), nbeta, gamma, step_size,
                      draws=draws, burnin=burnin, batch_size=batch_size)
-    init_loss = eqx.filter_jit(loss)(params, data)
+    init_loss = jit(loss)(params, data)
     return summarise(np.asarray(traces)[:, burnin:], float(init_loss), nbeta, warn=warn)
 
 
@@ -274,8 +276,8 @@ def per_head(loss: Callable, model, data, key: jax.Array, *, step_size: float = 
     keys = jax.random.split(key, chains)
     run = lambda mask: _chains(loss, model, mask, data, keys, nbeta, gamma, step_size,  # noqa: E731
                                draws=draws, burnin=burnin, batch_size=batch_size)
-    traces = np.asarray(eqx.filter_jit(jax.vmap(run))(stacked))[:, :, burnin:]
-    init_loss = float(eqx.filter_jit(loss)(model, data))
+    traces = np.asarray(jit(jax.vmap(run))(stacked))[:, :, burnin:]
+    init_loss = float(jit(loss)(model, data))
     results = [summarise(t, init_loss, nbeta, warn=False) for t in traces]
     problems = tuple(f"L{layer}H{head}: {p}" for (layer, head), r in zip(heads, results) for p in r.warnings)
     if warn:

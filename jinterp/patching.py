@@ -28,7 +28,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 
 from jinterp import memory, sharding
 from jinterp import names as S
+from jinterp._compile import jit
 from jinterp.byo.hook import Wrapped
 from jinterp.cache import _run, run
 from jinterp.interventions import Capture, Replace
@@ -271,7 +271,7 @@ def _shift(positions, first: int):
     return np.where(positions < 0, positions, positions - first)
 
 
-@eqx.filter_jit
+@jit
 def _run_chunk(model, kind, metric, patches, tokens, attention_mask, metric_positions, base_resid, source, exact,
                prefix, logits_before, mesh):
     start_layer = patches["layer"][0]  # patches are sorted by layer
@@ -379,7 +379,7 @@ def _receiver(cfg, receiver) -> tuple[str, int, tuple[int, ...] | None]:
     return parsed.kind, parsed.layer, None if heads is None else tuple(int(h) for h in heads)
 
 
-@eqx.filter_jit
+@jit
 def _path_chunk(model, receivers, frozen_kinds, metric, senders, tokens, attention_mask, metric_positions,
                 base_cache, other_cache, resume, mesh):
     freeze = tuple(Replace(f"blocks.*.{k}", base_cache.stack(k), per_layer=True) for k in frozen_kinds)

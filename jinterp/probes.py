@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
+from jinterp._compile import jit
 from jinterp.collection import collect, site_names  # noqa: F401  (probes.collect is jinterp.collect)
 from jinterp.train import shuffled_batches, train
 
@@ -114,7 +115,7 @@ class Examples(eqx.Module):
         return self.features[index], self.labels[index]
 
 
-@eqx.filter_jit
+@jit
 def _scores(probe: Probe, features, labels):
     """(accuracy, mean cross-entropy) of ``probe`` on labelled features."""
     logits = probe(features)

@@ -37,6 +37,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from jinterp._compile import jit
+
 
 @dataclasses.dataclass(frozen=True)
 class Trained:
@@ -70,7 +72,7 @@ def _scalar_loss(loss, params, batch):
     return value[0] if isinstance(value, tuple) else value
 
 
-@eqx.filter_jit
+@jit
 def _advance(trainable, opt_state, frozen, loss, batches, optimizer, first, n: int):
     """``n`` optimizer steps from step ``first``; returns the new state and each step's loss."""
 

@@ -30,6 +30,7 @@ import optax
 from jaxtyping import Array, Bool, Float, Int
 from safetensors.numpy import load_file, save_file
 
+from jinterp._compile import jit
 from jinterp.cache import Cache
 from jinterp.cache import run as run_model
 from jinterp.lens import accumulated_resid, readout
@@ -122,7 +123,7 @@ def layer_kl(lens: TunedLens, model: Transformer, tokens, attention_mask=None) -
     return sums / jnp.maximum(count, 1.0)
 
 
-_kl_sums_jit = eqx.filter_jit(kl_sums)
+_kl_sums_jit = jit(kl_sums)
 
 
 def mean_layer_kl(lens: TunedLens, model: Transformer, tokens, attention_mask=None, batch_size: int = 8) -> np.ndarray:

@@ -1,6 +1,6 @@
-"""jinterp._allocator: on glibc, large blocks come from the reused arena, not from fresh ``mmap``s that
-are returned to the kernel on free (so a repeated forward does not fault its output pages in again;
-the time that saves is in benchmarks/forward_and_capture.py)."""
+"""jinterp.reuse_freed_memory: on glibc, large blocks then come from the reused arena, not from fresh
+``mmap``s that are returned to the kernel on free (so a repeated forward does not fault its output pages
+in again; the time that saves is in benchmarks/forward_and_capture.py). Importing jinterp changes nothing."""
 
 import os
 import platform
@@ -12,8 +12,12 @@ import pytest
 # How many bytes glibc holds in mmap'd blocks (mallinfo2's hblkhd) while a 256 MiB array is alive.
 PROGRAM = """
 import ctypes
+import sys
 import jinterp
 import numpy as np
+
+if sys.argv[1] == "reuse":
+    assert jinterp.reuse_freed_memory()
 
 
 class MallInfo2(ctypes.Structure):
@@ -29,15 +33,22 @@ print(libc.mallinfo2().hblkhd)
 """
 
 
-def mmapped_bytes(**environment) -> int:
-    result = subprocess.run([sys.executable, "-c", PROGRAM], capture_output=True, text=True, check=True,
-                            env={**os.environ, **environment})
+def mmapped_bytes(how: str) -> int:
+    result = subprocess.run([sys.executable, "-c", PROGRAM, how], capture_output=True, text=True, check=True)
     return int(result.stdout.split()[-1])
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                     reason="jinterp tunes glibc's malloc only (Linux); other platforms are left as they are")
-def test_large_blocks_come_from_the_reused_arena_unless_opted_out():
+def test_large_blocks_come_from_the_reused_arena_once_asked_for():
     block = 256 * 2 ** 20
-    assert mmapped_bytes() < block
-    assert mmapped_bytes(JINTERP_KEEP_MALLOC="1") >= block  # glibc's default: a fresh mmap, unmapped on free
+    assert mmapped_bytes("reuse") < block
+    assert mmapped_bytes("import only") >= block  # glibc's default: a fresh mmap, unmapped on free
+
+
+def test_import_changes_nothing_outside_jinterp():
+    program = "import os; before = os.environ.get('XLA_FLAGS'); import jinterp; print(os.environ.get('XLA_FLAGS'))"
+    for flags in (None, "--xla_cpu_use_thunk_runtime=true"):
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | ({"XLA_FLAGS": flags} if flags else {})
+        out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True, env=env)
+        assert out.stdout.strip() == str(flags)

@@ -14,12 +14,12 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jinterp._compile import jit
 from jinterp.byo.hook import Wrapped
 from jinterp.byo.run import _run, run, site_info
 from jinterp.interventions import Add, Capture, Replace, site_key
@@ -143,7 +143,7 @@ def _stack(results, names, site):
     return jnp.stack(results)
 
 
-@eqx.filter_jit
+@jit
 def _patch_chunk(model, inputs, site, layers, axis_positions, metric, base_values, source_values, indices):
     """The metric for each patch (member of the group, then an index per patched axis), vmapped."""
 
@@ -163,7 +163,7 @@ def _patch_chunk(model, inputs, site, layers, axis_positions, metric, base_value
     return jax.vmap(one)(indices)
 
 
-@eqx.filter_jit
+@jit
 def _gradients(model, inputs, names, metric):
     """d metric / d value at each named site, and the values: one forward, one backward."""
     shapes = {name: (shape, dtype) for name, (shape, dtype, _) in site_info(model, inputs).items() if name in names}

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from jinterp import interventions as iv
+from jinterp._compile import jit
 from jinterp.byo.hook import Hook, Wrapped, captured, reaches
 from jinterp.cache import Cache, _names
 
@@ -30,7 +31,7 @@ def run(model: Wrapped, inputs, *, capture=(), edits=()):
     return output, Cache(records, ())
 
 
-@eqx.filter_jit
+@jit
 def _run(model: Wrapped, inputs, edits, patterns=(), reach=None):
     hook = Hook(model, edits, patterns, reach)
     output = model.forward(inputs, hook)

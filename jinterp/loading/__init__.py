@@ -13,7 +13,7 @@ from jinterp.loading.hf import read_hf_dir
 from jinterp.loading.registry import models
 from jinterp.loading.tokenizer import Batch, Tokenizer
 from jinterp.models import flat
-from jinterp.models.config import DTYPES
+from jinterp.models.config import DTYPES, check_x64
 from jinterp.models.transformer import Transformer
 
 
@@ -24,10 +24,13 @@ def load(source=registry.DEFAULT, dtype=None, *, progress: bool = True) -> tuple
     a path to a ``.gguf`` file (Llama and Gemma 3 architectures), or a path to an HF-format
     directory (``config.json`` + ``model.safetensors`` or a sharded index). GGUF weights are
     dequantised once and cached as float32 safetensors (see ``jinterp.loading.store``).
-    ``dtype``: e.g. ``jnp.bfloat16``; default float32. No torch, no network.
+    ``dtype``: e.g. ``jnp.bfloat16``; default float32; ``jnp.float64`` (with JAX's 64-bit mode on)
+    is the numerics referee: the same weights computed in double precision. No torch, no network.
     """
     if dtype is not None and (not _is_dtype(dtype) or jnp.dtype(dtype).name not in DTYPES):
         raise ValueError(f"Unknown dtype {dtype!r}; valid choices: {', '.join(DTYPES)} (or None for float32)")
+    if dtype is not None and jnp.dtype(dtype) == jnp.float64:
+        check_x64()
     named = None
     if isinstance(source, str) and not Path(source).exists():
         named = registry.resolve(source)

@@ -17,7 +17,7 @@ NORM_PLACEMENTS = ("pre", "post", "sandwich")
 POSITIONALS = ("rotary", "learned")
 LAYER_TYPES = ("global", "local")
 ROPE_TYPES = ("default", "linear", "llama3")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: the numerics referee (needs jax x64)
 
 
 def choose(value, choices, what: str):
@@ -27,6 +27,16 @@ def choose(value, choices, what: str):
     close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=3, cutoff=0.4)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
     raise ValueError(f"Unknown {what} {value!r}; valid choices: {', '.join(map(repr, choices))}.{hint}")
+
+
+def check_x64() -> None:
+    """float64 parameters need JAX's 64-bit mode; without it JAX would silently make them float32."""
+    import jax
+
+    if not jax.config.read("jax_enable_x64"):
+        raise ValueError("dtype float64 needs JAX's 64-bit mode, which is off: call "
+                         "jax.config.update('jax_enable_x64', True) before creating any array (or set "
+                         "JAX_ENABLE_X64=1 in the environment), then load the model again")
 
 
 @dataclass(frozen=True)
@@ -108,6 +118,8 @@ class Config:
         choose(self.norm_placement, NORM_PLACEMENTS, "norm_placement")
         choose(self.act, ACTIVATIONS, "activation")
         choose(self.dtype, DTYPES, "dtype")
+        if self.dtype == "float64":
+            check_x64()
         if self.positional is not None:
             choose(self.positional, POSITIONALS, "positional embedding")
         if self.norm is None and (self.norm_placement != "pre" or self.embed_norm or self.qk_norm):

@@ -73,35 +73,41 @@ def activation(name: str, x: Array) -> Array:
     return jax.nn.silu(x)
 
 
+def accurate(dtype) -> jnp.dtype:
+    """The dtype norms, softmax and rotary tables are computed in: float32, or the model's if wider
+    (float64, the numerics referee)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def normalize(ln: Norm | None, x: Float[Array, "... d"], cfg: Config, hook: Hook, name: str) -> Array:
     """LayerNorm: (x - mean) / scale * w + b;  RMSNorm: x / scale * w;  scale = sqrt(mean sq + eps).
 
-    Computed in float32 whatever the model dtype (as the reference implementations do).
+    Computed in float32 at least, whatever the model dtype (as the reference implementations do).
     """
     if ln is None:
         return x
-    h = x.astype(jnp.float32)
+    h = x.astype(accurate(x.dtype))
     if cfg.norm == "layer":
         h = h - h.mean(-1, keepdims=True)
     scale = hook(f"{name}.scale", jnp.sqrt(jnp.mean(h * h, -1, keepdims=True) + cfg.norm_eps))
     normalized = hook(f"{name}.normalized", h / scale)
-    out = normalized * ln.w.astype(jnp.float32)
+    out = normalized * ln.w.astype(h.dtype)
     if ln.b is not None:
-        out = out + ln.b.astype(jnp.float32)
+        out = out + ln.b.astype(h.dtype)
     return out.astype(x.dtype)
 
 
 def rms_head_norm(ln: Norm, x: Float[Array, "... d_head"], eps: float) -> Array:
     """Gemma 3's q/k norm: RMS over each head's vector."""
-    h = x.astype(jnp.float32)
+    h = x.astype(accurate(x.dtype))
     h = h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + eps)
-    return (h * ln.w.astype(jnp.float32)).astype(x.dtype)
+    return (h * ln.w.astype(h.dtype)).astype(x.dtype)
 
 
 def rope_frequencies(cfg: Config, theta: float, scaling) -> Float[Array, "rotary_dim/2"]:
     """Inverse frequencies theta^(-2i/d), with linear or Llama-3 scaling when configured."""
     d = cfg.rotary_dim
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=accurate(cfg.dtype)) / d))
     if not scaling:
         return inv_freq
     scaling = dict(scaling)
@@ -122,7 +128,7 @@ def rope_frequencies(cfg: Config, theta: float, scaling) -> Float[Array, "rotary
 
 def rope_tables(inv_freq: Array, positions: Array) -> tuple[Array, Array]:
     """cos and sin of position * frequency, laid out [freqs, freqs] for rotate-half rotary."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    angles = positions[..., None].astype(inv_freq.dtype) * inv_freq
     angles = jnp.concatenate([angles, angles], -1)
     return jnp.cos(angles), jnp.sin(angles)
 
@@ -196,7 +202,7 @@ def attention(
 
     batch, seq, _, d_head = q.shape
     scores = hook("attn.scores", attention_scores(q, k, mask, cfg))
-    pattern = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+    pattern = jax.nn.softmax(scores.astype(accurate(scores.dtype)), axis=-1).astype(v.dtype)
     pattern = hook("attn.pattern", pattern)
 
     pattern_grouped = pattern.reshape(batch, cfg.n_kv_heads, cfg.group_size * seq, -1)

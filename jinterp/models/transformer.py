@@ -15,6 +15,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from jinterp import interventions as iv
+from jinterp._compile import jit
 from jinterp.models.config import Config
 from jinterp.models.layers import MLP, Attention, Block, Norm, block, normalize, rope_frequencies, rope_tables
 
@@ -271,7 +272,7 @@ class KVCache(eqx.Module):
         return cls(zeros, zeros, jnp.zeros((batch, slots), bool), jnp.asarray(0, jnp.int32))
 
 
-@eqx.filter_jit
+@jit
 def _output(model: Transformer, tokens, attention_mask, token_type_ids):
     return model.forward(tokens, (), attention_mask, token_type_ids)[0]
 

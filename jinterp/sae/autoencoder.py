@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from jinterp._compile import jit
 from jinterp.models.config import choose
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
@@ -366,7 +367,7 @@ def _step_backward(saved, cotangent):
 _step.defvjp(_step_forward, _step_backward)
 
 
-@functools.partial(jax.jit, static_argnames="iterations")  # compiled once per shape, not on every call
+@jit  # compiled once per shape (iterations is static), not on every call
 def geometric_median(points: Float[Array, "n d"], iterations: int = 64, eps: float = 1e-8) -> Float[Array, " d"]:
     """The point minimising the summed distance to ``points`` (Weiszfeld's iterations from the mean):
     the initial decoder bias of Bricken et al. 2023, robust to outlying activations."""

@@ -24,6 +24,7 @@ from jaxtyping import Array, Float, Int
 from tqdm.auto import tqdm
 
 from jinterp import interventions as iv
+from jinterp._compile import jit
 from jinterp.cache import run
 from jinterp.sae.autoencoder import SAE
 from jinterp.sae.splice import SAESplice
@@ -58,7 +59,7 @@ class SpliceLosses:
         return {**dataclasses.asdict(self), "ce_loss_recovered": self.ce_loss_recovered}
 
 
-@eqx.filter_jit
+@jit
 def _batch_losses(model, sae: SAE, site: str, tokens, attention_mask, positions):
     real = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
     edited = real if positions is None else real & jnp.zeros(tokens.shape[1], bool).at[positions].set(True)
@@ -114,7 +115,7 @@ def feature_attribution(model, tokens: Int[Array, "batch seq"], sae: SAE, metric
     return _feature_attribution(model, tokens, read, splice, metric, attention_mask)
 
 
-@eqx.filter_jit
+@jit
 def _feature_attribution(model, tokens, read: str, splice: SAESplice, metric, attention_mask):
     def measured(shift):
         edits = [iv.Capture(read), eqx.tree_at(lambda s: s.shift, splice, shift)]  # capture before the splice

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jinterp import names as S
+from jinterp._compile import jit
 from jinterp.cache import _run, run
 from jinterp.interventions import Add, Capture, Replace
 from jinterp.sae.autoencoder import SAE
@@ -214,7 +215,7 @@ def _gradients(model, tokens, frozen, mlp_out, reads, targets, logit_tokens, d_i
     return tuple(np.concatenate(parts) for parts in zip(*chunks))
 
 
-@eqx.filter_jit
+@jit
 def _pullback(model, tokens, frozen, mlp_out, reads, cotangents, logit_cotangents):
     L, seq, d = mlp_out.shape
     freeze = tuple(Replace(f"blocks.*.{kind}", value, per_layer=True) if S.parse(kind).kind in S.BLOCK_KINDS

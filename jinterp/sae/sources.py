@@ -24,6 +24,7 @@ from jaxtyping import Array, Float, Int
 
 from jinterp import memory
 from jinterp import names as S
+from jinterp._compile import jit
 from jinterp.cache import run
 
 
@@ -202,7 +203,7 @@ class ModelActivations(eqx.Module):
         return jax.tree.map(lambda a: a[:n], self._in_chunks(order[:math.ceil(n / per_sequence)]))
 
 
-@eqx.filter_jit
+@jit
 def _compiled_activations(source: ModelActivations, tokens):
     return source._activations(tokens)  # one compiled program per chunk shape
 

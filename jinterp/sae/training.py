@@ -57,6 +57,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float
 
+from jinterp._compile import jit
 from jinterp.models.config import choose
 from jinterp.sae.autoencoder import (
     ARCHITECTURES,
@@ -305,7 +306,7 @@ def sae_optimizer(architecture: str, lr: float, steps: int) -> optax.GradientTra
     return optax.chain(without_parallel_gradient(), groups, projected(architecture == "jumprelu"))
 
 
-@eqx.filter_jit
+@jit
 def _metrics(state: SAEState, sample, dead_window: int) -> dict[str, Array]:
     sae = state.sae
     x, target = _pair(sample)

@@ -1,0 +1,37 @@
+"""jinterp's compiled programs: ``eqx.filter_jit`` with XLA options that keep float32 accurate on CPU.
+
+XLA:CPU (jaxlib 0.10) fuses dots, element-wise ops and reductions into YNNPACK kernels whose
+float32 rounding is further from exact than its default kernels' (and than PyTorch's): on
+SmolLM2-135M the median logit error against a float64 run doubles (benchmarks/numerics.py).
+jinterp compiles its own programs without those fusions, as an option of each compilation: the
+process, its environment and any other JAX code are left as they are. A function of yours that
+calls jinterp inside your own ``jax.jit`` is compiled with your options; pass
+``compiler_options=jinterp.compiler_options()`` to that jit for the same accuracy.
+GPU and TPU backends ignore the option.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib.metadata import PackageNotFoundError, version
+
+import equinox as eqx
+
+NO_YNNPACK = {"xla_cpu_experimental_ynn_fusion_type": ""}
+OPTION_SINCE = ("0.10.",)  # jaxlib series that have this option (an unknown option is a compile error)
+
+
+@functools.cache
+def compiler_options() -> dict[str, str]:
+    """The XLA options jinterp compiles with (empty where this jaxlib does not know them)."""
+    try:
+        return dict(NO_YNNPACK) if version("jaxlib").startswith(OPTION_SINCE) else {}
+    except PackageNotFoundError:
+        return {}
+
+
+def jit(fun=None, **options):
+    """``eqx.filter_jit`` with ``compiler_options()``: every compiled jinterp program goes through it."""
+    if fun is None:
+        return functools.partial(jit, **options)
+    return eqx.filter_jit(fun, compiler_options=compiler_options(), **options)
