@@ -100,12 +100,12 @@ def jinterp_rows(model, tokenizer, repeats: int, small: bool) -> list[tuple[str,
         seconds = timed(lambda typed=typed: jax.block_until_ready(typed(tokens)), repeats)
         rows.append(("forward", "jinterp", dtype, batch * seq / seconds, "tokens/s"))
         sweep = lambda typed=typed: jax.block_until_ready(  # noqa: E731
-            patching.sweep(typed, clean, corrupt, metric, "resid_pre", metric_positions=[-1], progress=False))
+            patching.sweep(typed, clean, corrupt, metric, "resid_pre", logit_positions=[-1], progress=False))
         n_patches = model.cfg.n_layers * clean.shape[1]
         rows.append(("sweep resid_pre", "jinterp", dtype, n_patches / timed(sweep, repeats), "patches/s"))
         for site in ("resid_pre", "z"):
             attribute = lambda typed=typed, site=site: jax.block_until_ready(  # noqa: E731
-                attribution.attribution_patching(typed, clean, corrupt, metric, site, metric_positions=[-1]))
+                attribution.attribution_patching(typed, clean, corrupt, metric, site, logit_positions=[-1]))
             rows.append((f"attribution {site}", "jinterp", dtype, 1e3 * timed(attribute, repeats), "ms"))
         print(f"  jinterp {dtype} done", flush=True)
     n_tokens, steps, sae_batch = (8192, 5, 1024) if small else (65536, 20, 4096)

@@ -80,7 +80,7 @@ def sweep(model, tokenizer, args) -> None:
                          f"({after_load:.2f} GB resident)")
 
     start = time.perf_counter()
-    chunks = patching.sweep_chunks(model, clean, corrupt, metric, "resid_pre", metric_positions=[-1],
+    chunks = patching.sweep_chunks(model, clean, corrupt, metric, "resid_pre", logit_positions=[-1],
                                    memory_budget=activations)
     result = np.asarray(chunks.run(progress=True))
     seconds = time.perf_counter() - start

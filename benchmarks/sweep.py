@@ -90,7 +90,7 @@ def main():
     for site, tl_fn in (("resid_pre", tl_patching.get_act_patch_resid_pre),
                         ("z", tl_patching.get_act_patch_attn_head_out_all_pos)):
         def ours(site=site):
-            return jax.block_until_ready(patching.sweep(model, clean, corrupt, metric, site, metric_positions=[-1],
+            return jax.block_until_ready(patching.sweep(model, clean, corrupt, metric, site, logit_positions=[-1],
                                                         progress=False))
         first = timed(ours, repeats=1, warmup=0)  # includes compiling
         t_ours = timed(ours, repeats=args.repeats, warmup=0)
@@ -122,7 +122,7 @@ def main():
         forward = timed(lambda k=k: jax.block_until_ready(model(k)), repeats=args.repeats)
         for site in ("resid_pre", "z"):
             t_attr = timed(lambda s=site, c=c, k=k, score=score: jax.block_until_ready(
-                attribution.attribution_patching(model, c, k, score, s, metric_positions=[-1])), repeats=args.repeats)
+                attribution.attribution_patching(model, c, k, score, s, logit_positions=[-1])), repeats=args.repeats)
             print(f"attribution patching ({site}, {n} prompts): {t_attr:.2f} s = {t_attr / forward:.1f} forward "
                   f"passes (one forward {forward:.2f} s)")
 

@@ -140,15 +140,15 @@ def compute(run: Run) -> dict:
 
     base = run.step("baseline", baseline)
     resid = run.chunked("resid_pre", patching.sweep_chunks(model, clean, corrupt, metric, "resid_pre",
-                                                           metric_positions=end, layers=layers, mesh=run.mesh))
-    heads = run.chunked("z", patching.sweep_chunks(model, clean, corrupt, metric, "z", metric_positions=end,
+                                                           logit_positions=end, layers=layers, mesh=run.mesh))
+    heads = run.chunked("z", patching.sweep_chunks(model, clean, corrupt, metric, "z", logit_positions=end,
                                                    layers=layers, mesh=run.mesh))
     estimates = run.step("attribution", lambda: {
-        site: attribution.attribution_patching(model, clean, corrupt, metric, site, metric_positions=end)
+        site: attribution.attribution_patching(model, clean, corrupt, metric, site, logit_positions=end)
         for site in ("resid_pre", "z")})
 
     def clean_components():
-        _, cache = jinterp.run(model, clean, capture=lens.sites(model) + ["blocks.*.attn.pattern"])
+        _, cache = jinterp.run(model, clean, capture=lens.site_names(model) + ["blocks.*.attn.pattern"])
         stack, _ = lens.stack_head_results(model, cache)
         direction = lens.logit_directions(model, io, s)
         lens_logits = lens.logit_lens(model, cache)  # [n_layers + 1, batch, vocab]
@@ -173,7 +173,7 @@ def compute(run: Run) -> dict:
     n = min(cfg.path_prompts, cfg.n_prompts)
     receivers = [(f"blocks.{layer}.attn.q", [head]) for layer, head in movers]
     path = run.chunked("path_to_name_movers", patching.path_patch_chunks(
-        model, clean[:n], corrupt[:n], logit_diff_metric(io[:n], s[:n]), receivers, metric_positions=end,
+        model, clean[:n], corrupt[:n], logit_diff_metric(io[:n], s[:n]), receivers, logit_positions=end,
         mesh=run.mesh))
     path_base = run.step("path_baseline", lambda: {
         "clean": metric_of(model, clean[:n], io[:n], s[:n]), "corrupt": metric_of(model, corrupt[:n], io[:n], s[:n])})

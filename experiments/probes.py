@@ -100,7 +100,8 @@ def compute(run: Run) -> dict:
         raise ValueError(f"model {cfg.model!r} comes without a tokenizer; the probing prompts need one")
     prompts = make_prompts(tokenizer, cfg)
     layers = range(model.cfg.n_layers) if cfg.layers is None else cfg.layers
-    sites = probes.site_names(model, ["embed"] + [f"blocks.{layer}.{cfg.site}" for layer in layers])
+    wanted = ["embed"] + [f"blocks.{layer}.{cfg.site}" for layer in layers]
+    sites = list(jinterp.specs.match(jinterp.sites(model), wanted))
 
     @functools.cache  # collected on first need only: a resumed run whose probes are all saved skips it
     def features():

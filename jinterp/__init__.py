@@ -6,10 +6,12 @@ from jinterp import (
     attribution,
     byo,
     circuits,
+    core,
     das,
     lens,
     llc,
     memory,
+    models,
     patching,
     probes,
     sae,
@@ -20,8 +22,9 @@ from jinterp import (
 from jinterp._allocator import reuse_freed_memory
 from jinterp._compile import compiler_options
 from jinterp.byo import site, wrap
-from jinterp.cache import Cache, run, sites
+from jinterp.cache import Cache
 from jinterp.collection import collect
+from jinterp.core import apply, run, sites
 from jinterp.generation import Generation, generate
 from jinterp.interventions import (
     Add,
@@ -36,15 +39,17 @@ from jinterp.interventions import (
     Zero,
     chain,
 )
-from jinterp.loading import LoadError, Tokenizer, load, models
+from jinterp.loading import LoadError, Tokenizer, load, named_models
 from jinterp.models import Config, Transformer
 from jinterp.models.processing import process_weights
+from jinterp.protocol import Model
+from jinterp.specs import SiteSpec
 from jinterp.treescope_views import sweep_view
 
 __all__ = [
     "Add", "At", "Cache", "Capture", "Config", "Edit", "Generation", "Interchange", "Intervention", "LoadError",
-    "Project", "Replace", "Scale", "Tokenizer", "Transformer", "Zero", "ablation", "attention_view", "attribution",
-    "byo", "chain", "circuits", "collect", "compiler_options", "das", "generate", "lens", "llc", "load", "memory",
-    "models", "patching", "probes", "process_weights", "reuse_freed_memory", "run", "sae", "sharding", "site",
-    "sites", "sweep_view", "train", "tuned_lens", "wrap",
+    "Model", "Project", "Replace", "Scale", "SiteSpec", "Tokenizer", "Transformer", "Zero", "ablation", "apply",
+    "attention_view", "attribution", "byo", "chain", "circuits", "collect", "compiler_options", "core", "das",
+    "generate", "lens", "llc", "load", "memory", "models", "named_models", "patching", "probes", "process_weights",
+    "reuse_freed_memory", "run", "sae", "sharding", "site", "sites", "sweep_view", "train", "tuned_lens", "wrap",
 ]

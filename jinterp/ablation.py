@@ -17,15 +17,16 @@ from jinterp.interventions import Replace
 
 def _source(cache: Cache, site) -> tuple[jnp.ndarray, bool, str]:
     """(values, per_layer, site to edit) for ``site`` from ``cache``."""
-    parsed = S.parse(site)
-    if parsed.kind not in S.BLOCK_KINDS or isinstance(parsed.layer, int):
-        return cache[parsed.name if parsed.layer is not None else parsed.kind], False, site
+    parsed = S.site_key(site)
+    if parsed.layer != "*" and (parsed.layer is not None or not cache.captured_layers(parsed.kind)):
+        return cache[S.site_name(*parsed)], False, site
     captured = cache.captured_layers(parsed.kind)
     if not captured:
-        raise KeyError(f"The source cache holds no layer of {parsed.kind!r}; capture 'blocks.*.{parsed.kind}'")
+        raise KeyError(f"The source cache holds no layer of {parsed.kind!r}; capture "
+                       f"{S.site_name(parsed.kind, '*')!r}")
     if captured != tuple(range(len(captured))):
         raise KeyError(f"Patching {parsed.kind!r} at several layers needs every layer in the source cache; "
-                       f"it holds layers {captured}. Capture 'blocks.*.{parsed.kind}'")
+                       f"it holds layers {captured}. Capture {S.site_name(parsed.kind, '*')!r}")
     return cache.stack(parsed.kind), True, site
 
 
@@ -46,9 +47,10 @@ def mean_ablate(reference: Cache, site, *, over_positions: bool = False, layers=
     values, per_layer, site = _source(reference, site)
     batch_axis = 1 if per_layer else 0
     axes = (batch_axis, batch_axis + 1) if over_positions else (batch_axis,)
-    if over_positions and S.SITE_AXES[S.parse(site).kind][1] != "pos":
+    axes_named = S.SITE_AXES.get(S.site_key(site).kind, ())
+    if over_positions and axes_named[1:2] != ("pos",):
         raise ValueError(f"over_positions needs a site whose second axis is the position; {site!r} is "
-                         f"{S.SITE_AXES[S.parse(site).kind]}")
+                         f"{axes_named or 'not one of jinterp transformer sites'}")
     mean = values.mean(axis=axes, keepdims=True)
     return Replace(site, mean, layers=layers, positions=positions, heads=heads, per_layer=per_layer)
 

@@ -2,8 +2,9 @@
 
 Attribution patching (Nanda 2023) estimates every patch of a sweep at once, to first order:
 ``(source - base activation) . d metric / d activation``, from one forward of the source run,
-one forward and one backward of the base run. It returns the shapes ``patching.sweep`` returns,
-so the two compare directly.
+one forward and one backward of the base run. It takes ``patching.sweep``'s arguments and returns
+its shapes, for every model, so the two compare directly (the estimate is of the change from the
+unpatched run's metric).
 """
 
 from __future__ import annotations
@@ -17,91 +18,98 @@ import numpy as np
 from jinterp import names as S
 from jinterp import sharding
 from jinterp._compile import jit
-from jinterp.byo.hook import Wrapped
-from jinterp.cache import _run, _transformer_only, run
+from jinterp.core import apply, run
 from jinterp.interventions import Add, Capture, Replace
-from jinterp.models.transformer import Transformer, check_inputs
-from jinterp.patching import reduce_site, sweep_inputs
+from jinterp.patching import _captured, _stack, pair, reduce_site, targets
+from jinterp.protocol import Model
+from jinterp.specs import layers_of
 
 
-def attribution_patching(model: Transformer, clean_tokens, corrupt_tokens, metric: Callable, site="resid_pre", *,
-                         per: str | None = None, direction: str = "denoise", attention_mask=None,
-                         metric_positions=None, mesh=None):
+def attribution_patching(model: Model, clean, corrupted, metric: Callable, site="resid_pre", *, per=None,
+                         direction: str = "denoise", layers=None, mesh=None, **options):
     """First-order estimate of ``patching.sweep`` with the same arguments and result shape.
 
-    ``mesh``: split the prompts (the batch axis) over the mesh's ``"data"`` axis (the batch size
+    ``mesh``: split the inputs (the batch axis) over the mesh's ``"data"`` axis (the batch size
     must be a multiple of it); weights replicated unless ``jinterp.sharding.shard_model`` split them.
     """
-    if isinstance(model, Wrapped):  # a model from jinterp.byo.wrap
-        from jinterp.byo import patching as byo
-
-        _transformer_only(attention_mask=attention_mask, metric_positions=metric_positions, mesh=mesh)
-        return byo.attribution_patching(model, clean_tokens, corrupt_tokens, metric, site, per=per, direction=direction)
-    kind, per, base, source = sweep_inputs(model, clean_tokens, corrupt_tokens, site, per, direction, attention_mask)
+    base, source = pair(model, clean, corrupted, direction, **options)
+    specs = model.site_specs(base, **options)
+    found, single = targets(specs, site, per, layers)
+    names = [name for target in found for name in _captured(specs, target)]
+    _, source_cache = run(model, source, capture=names, mesh=mesh, **model.capture_only(names, **options))
     if mesh is not None:
-        model, base, source, attention_mask, metric_positions = sharding.split_batch(
-            mesh, model, base, source, attention_mask, metric_positions)
-    # The source run only needs the site: no unembedding at all (zero logit positions).
-    _, source_cache = run(model, source, capture=f"blocks.*.{kind}", attention_mask=attention_mask,
-                          logit_positions=np.zeros(0, np.int32))
-    grads, base_values = _gradients(model, base, kind, metric, attention_mask, metric_positions)
-    return _contributions(source_cache.stack(kind), base_values, grads, kind, per, mesh)
+        model, base, options = model.on_mesh(mesh, base, **options)
+    grads, base_values = _gradients(model, base, tuple(found), metric, options)
+    results = [_contributions(_values(source_cache, t), base_values[i], grads[i], t, mesh) for i, t in enumerate(found)]
+    return _stack([np.asarray(sharding.to_host(r)) for r in results], found, single)
+
+
+def _values(cache, target):
+    return cache.stack(target.kind) if target.stacked else cache[target.names[0]][None]
 
 
 @jit
-def _contributions(source_values, base_values, grads, kind, per, mesh):
-    contribution = (source_values - base_values) * grads  # [layer, *site axes]
-    return sharding.constrain(reduce_site(contribution, kind, per), mesh)  # the same on every device
+def _contributions(source_values, base_values, grads, target, mesh):
+    contribution = (source_values - base_values) * grads  # [sites or every layer, *site axes]
+    if target.stacked:
+        contribution = contribution[jnp.asarray(target.layers)]
+    return sharding.constrain(reduce_site(contribution, target), mesh)  # the same on every device
 
 
 @jit
-def _gradients(model, tokens, kind, metric, attention_mask, metric_positions):
-    """d metric / d (every layer's ``kind``) at ``tokens``, and the values there: one forward, one backward."""
-    L, (batch, seq) = model.cfg.n_layers, tokens.shape
-    shape = (L, *S.site_shape(model.cfg, kind, batch, seq))
+def _gradients(model, inputs, found, metric, options):
+    """d metric / d each target's values at ``inputs``, and the values there: one forward, one backward."""
+    specs = model.site_specs(inputs, **options)
 
-    def scored(delta):
-        # The Capture comes first, so it records the unedited value (delta is zero anyway).
-        edits = (Capture(f"blocks.*.{kind}"), Add(f"blocks.*.{kind}", delta, per_layer=True))
-        logits, cache = _run(model, tokens, edits, attention_mask, None, metric_positions)
-        return metric(logits), cache.stack(kind)
+    def zeros(target):
+        spec = specs[target.names[0]]
+        n = len(layers_of(specs, target.kind)) if target.stacked else 1  # a per-layer stack covers every layer
+        return jnp.zeros((n, *spec.shape), spec.dtype)
 
-    grads, values = jax.grad(scored, has_aux=True)(jnp.zeros(shape, model.W_E.dtype))
-    return grads, values
+    def scored(deltas):
+        # Each Capture comes first, so it records the unedited value (delta is zero anyway).
+        edits = []
+        for target, delta in zip(found, deltas):
+            site = S.site_name(target.kind, "*") if target.stacked else target.names[0]
+            capture = Capture(site)
+            edits += [capture, Add(site, delta if target.stacked else delta[0], per_layer=target.stacked)]
+        output, cache = apply(model, inputs, tuple(edits), **options)
+        return metric(output), [_values(cache, t) for t in found]
+
+    return jax.grad(scored, has_aux=True)([zeros(t) for t in found])
 
 
 # --- input attribution ----------------------------------------------------------------------
+# On the token embeddings (the ``embed`` site) of a jinterp transformer; ``options`` as ``jinterp.run``
+# takes them (``attention_mask``, ``logit_positions``).
 
-def _embedding_grad(model, tokens, metric, embeds, attention_mask, metric_positions):
+def _embedding_grad(model, tokens, metric, embeds, options):
     def scored(e):
-        logits, _ = _run(model, tokens, (Replace("embed", e),), attention_mask, None, metric_positions)
-        return metric(logits)
+        return metric(apply(model, tokens, (Replace("embed", e),), **options)[0])
 
     return jax.grad(scored)(embeds)
 
 
-def _embeddings(model, tokens, attention_mask):
-    return run(model, tokens, capture="embed", attention_mask=attention_mask)[1]["embed"]
+def _embeddings(model, tokens, options):
+    options = {k: v for k, v in options.items() if k != "logit_positions"}
+    return run(model, tokens, capture="embed", **model.capture_only(["embed"], **options))[1]["embed"]
 
 
-def saliency(model: Transformer, tokens, metric: Callable, *, attention_mask=None, metric_positions=None):
+def saliency(model: Model, tokens, metric: Callable, **options):
     """The gradient norm of ``metric`` at each input token's embedding: ``[batch, seq]``."""
-    check_inputs(model.cfg, tokens, attention_mask)
-    embeds = _embeddings(model, tokens, attention_mask)
-    grad = _embedding_grad(model, jnp.asarray(tokens), metric, embeds, attention_mask, metric_positions)
-    return jnp.linalg.norm(grad, axis=-1)
+    model.check_inputs(tokens, **options)
+    embeds = _embeddings(model, tokens, options)
+    return jnp.linalg.norm(_embedding_grad(model, jnp.asarray(tokens), metric, embeds, options), axis=-1)
 
 
-def input_x_gradient(model: Transformer, tokens, metric: Callable, *, attention_mask=None, metric_positions=None):
+def input_x_gradient(model: Model, tokens, metric: Callable, **options):
     """Embedding . gradient, summed over d_model: ``[batch, seq]``."""
-    check_inputs(model.cfg, tokens, attention_mask)
-    embeds = _embeddings(model, tokens, attention_mask)
-    grad = _embedding_grad(model, jnp.asarray(tokens), metric, embeds, attention_mask, metric_positions)
-    return (embeds * grad).sum(-1)
+    model.check_inputs(tokens, **options)
+    embeds = _embeddings(model, tokens, options)
+    return (embeds * _embedding_grad(model, jnp.asarray(tokens), metric, embeds, options)).sum(-1)
 
 
-def integrated_gradients(model: Transformer, tokens, metric: Callable, *, baseline_tokens=None, steps: int = 64,
-                         attention_mask=None, metric_positions=None):
+def integrated_gradients(model: Model, tokens, metric: Callable, *, baseline_tokens=None, steps: int = 64, **options):
     """Integrated gradients on the token embeddings (Sundararajan et al. 2017): ``[batch, seq]``.
 
     The path runs from the baseline's embeddings (zeros, or ``baseline_tokens``' embeddings) to the
@@ -114,31 +122,28 @@ def integrated_gradients(model: Transformer, tokens, metric: Callable, *, baseli
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int (the number of points on the path), got {steps!r}")
-    check_inputs(model.cfg, tokens, attention_mask)
+    model.check_inputs(tokens, **options)
     tokens = jnp.asarray(tokens)
-    embeds = _embeddings(model, tokens, attention_mask)
-    baseline = jnp.zeros_like(embeds) if baseline_tokens is None else _embeddings(model, baseline_tokens,
-                                                                                  attention_mask)
+    embeds = _embeddings(model, tokens, options)
+    baseline = jnp.zeros_like(embeds) if baseline_tokens is None else _embeddings(model, baseline_tokens, options)
     alphas = (jnp.arange(steps, dtype=embeds.dtype) + 0.5) / steps
 
     def grad_at(alpha):
-        return _embedding_grad(model, tokens, metric, baseline + alpha * (embeds - baseline), attention_mask,
-                               metric_positions)
+        return _embedding_grad(model, tokens, metric, baseline + alpha * (embeds - baseline), options)
 
     mean_grad = jax.vmap(grad_at)(alphas).mean(0)
     return ((embeds - baseline) * mean_grad).sum(-1)
 
 
-def completeness(model: Transformer, tokens, metric: Callable, attributions, *, baseline_tokens=None,
-                 attention_mask=None, metric_positions=None) -> tuple[float, float]:
+def completeness(model: Model, tokens, metric: Callable, attributions, *, baseline_tokens=None,
+                 **options) -> tuple[float, float]:
     """(sum of attributions, metric(input) - metric(baseline)) for checking integrated gradients."""
     tokens = jnp.asarray(tokens)
-    embeds = _embeddings(model, tokens, attention_mask)
-    baseline = jnp.zeros_like(embeds) if baseline_tokens is None else _embeddings(model, baseline_tokens,
-                                                                                  attention_mask)
+    embeds = _embeddings(model, tokens, options)
+    baseline = jnp.zeros_like(embeds) if baseline_tokens is None else _embeddings(model, baseline_tokens, options)
 
     def scored(e):
-        return metric(_run(model, tokens, (Replace("embed", e),), attention_mask, None, metric_positions)[0])
+        return metric(apply(model, tokens, (Replace("embed", e),), **options)[0])
 
     return float(attributions.sum()), float(scored(embeds) - scored(baseline))
 

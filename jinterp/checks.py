@@ -17,14 +17,14 @@ from jinterp._compile import jit
 
 
 @jit
-def _checkified(forward, *args):
-    return checkify.checkify(lambda: forward(*args), errors=checkify.float_checks)()
+def _checkified(forward, args, kwargs):
+    return checkify.checkify(lambda: forward(*args, **kwargs), errors=checkify.float_checks)()
 
 
-def checked(forward, *args):
-    """``forward(*args)`` (a jitted ``(output, cache)`` function); raises ``FloatingPointError`` on the
-    first NaN made inside it, or on any NaN or inf in what it returns."""
-    error, (output, cache) = _checkified(forward, *args)
+def checked(forward, *args, **kwargs):
+    """``forward(*args, **kwargs)`` (a jitted ``(output, cache)`` function); raises ``FloatingPointError``
+    on the first NaN made inside it, or on any NaN or inf in what it returns."""
+    error, (output, cache) = _checkified(forward, args, kwargs)
     message = error.get()
     if message:
         raise FloatingPointError(f"jinterp.run(check=True): {message.splitlines()[0]}")

@@ -27,11 +27,11 @@ from jaxtyping import Array, Float
 from tqdm.auto import tqdm
 
 from jinterp._compile import jit
-from jinterp.cache import _run, run
+from jinterp.core import apply, run
 from jinterp.interventions import Add, At, Intervention, Replace
-from jinterp.models.config import Config, choose
+from jinterp.models.config import Config
 from jinterp.models.transformer import Transformer
-from jinterp.patching import DIRECTIONS, _pair
+from jinterp.patching import pair
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,8 @@ class EdgePatch(Intervention):
         kinds = ("resid_pre", "attn.q_input", "attn.k_input", "attn.v_input", "attn.z", "resid_post")
         return kinds + (("mlp_in", "mlp_out") if self.cfg.has_mlp else ())
 
-    def initial_state(self, cfg, batch, seq):
-        return jnp.zeros((self.drop.shape[0], batch, seq, cfg.d_model), self.corrupt_input.dtype)
+    def initial_state(self, specs):
+        return jnp.zeros((self.drop.shape[0], *specs["blocks.0.resid_pre"].shape), self.corrupt_input.dtype)
 
     def __call__(self, value, at: At):
         cfg, H, K, mlp = self.cfg, self.cfg.n_heads, self.cfg.n_kv_heads, int(self.cfg.has_mlp)
@@ -145,7 +145,7 @@ def _writer_differences(model, source_cache, base_cache) -> Float[Array, "up bat
 _CAPTURE = ("blocks.*.resid_pre", "blocks.*.attn.z", "blocks.*.mlp_out")
 
 
-def _reader_gradients(model, tokens, metric, attention_mask, metric_positions, embed=None):
+def _reader_gradients(model, tokens, metric, attention_mask, logit_positions, embed=None):
     """d metric / d every downstream node's input, in ``Graph.downstream`` order: ``[down, batch, pos, d_model]``."""
     cfg = model.cfg
     batch, seq = tokens.shape
@@ -161,7 +161,7 @@ def _reader_gradients(model, tokens, metric, attention_mask, metric_positions, e
         edits.append(Add(f"blocks.{L - 1}.resid_post", deltas["final"]))
         if embed is not None:
             edits.insert(0, Replace("embed", embed))
-        logits, _ = _run(model, tokens, tuple(edits), attention_mask, None, metric_positions)
+        logits, _ = apply(model, tokens, tuple(edits), attention_mask=attention_mask, logit_positions=logit_positions)
         return metric(logits)
 
     g = jax.grad(scored)(zeros)
@@ -172,32 +172,30 @@ def _reader_gradients(model, tokens, metric, attention_mask, metric_positions, e
     return jnp.concatenate([per_layer, g["final"][None]])
 
 
-def edge_attribution(model: Transformer, clean_tokens, corrupt_tokens, metric: Callable, *, ig_steps: int = 0,
-                     direction: str = "denoise", attention_mask=None, metric_positions=None, progress: bool = True):
+def edge_attribution(model: Transformer, clean, corrupted, metric: Callable, *, ig_steps: int = 0,
+                     direction: str = "denoise", attention_mask=None, logit_positions=None, progress: bool = True):
     """Edge scores ``[n_upstream, n_downstream]`` (0 where no edge) and the ``Graph``.
 
     ``ig_steps=0``: EAP, gradients at the base run. ``ig_steps=m``: EAP-IG, gradients averaged at
     m midpoints of the straight path between the base and source input embeddings.
     """
-    choose(direction, DIRECTIONS, "patching direction")
     if not isinstance(ig_steps, int) or ig_steps < 0:
         raise ValueError(f"ig_steps must be a non-negative int (0 = EAP), got {ig_steps!r}")
     graph = Graph.of(model.cfg)
-    clean_tokens, corrupt_tokens = _pair(model, clean_tokens, corrupt_tokens, attention_mask)
-    base, source = (corrupt_tokens, clean_tokens) if direction == "denoise" else (clean_tokens, corrupt_tokens)
+    base, source = pair(model, clean, corrupted, direction, attention_mask=attention_mask)
     capture = [c for c in _CAPTURE if model.cfg.has_mlp or "mlp" not in c] + ["embed"]
     _, base_cache = run(model, base, capture=capture, attention_mask=attention_mask)
     _, source_cache = run(model, source, capture=capture, attention_mask=attention_mask)
     differences = _writer_differences(model, source_cache, base_cache)
     gradient = _reader_gradients_jit
     if ig_steps == 0:
-        grads = gradient(model, base, metric, attention_mask, metric_positions, None)
+        grads = gradient(model, base, metric, attention_mask, logit_positions, None)
     else:
         e_base, e_source = base_cache["embed"], source_cache["embed"]
         grads = 0.0
         for alpha in tqdm((np.arange(ig_steps) + 0.5) / ig_steps, desc="EAP-IG steps", disable=not progress):
             embed = e_base + jnp.float32(alpha) * (e_source - e_base)
-            grads = grads + gradient(model, base, metric, attention_mask, metric_positions, embed)
+            grads = grads + gradient(model, base, metric, attention_mask, logit_positions, embed)
         grads = grads / ig_steps
     scores = jnp.einsum("ubsd,vbsd->uv", differences, grads)
     return jnp.where(graph.valid, scores, 0.0), graph
@@ -223,8 +221,8 @@ def prune(scores, graph: Graph, *, n_edges: int | None = None, threshold: float 
     return keep.reshape(magnitude.shape)
 
 
-def faithfulness(model: Transformer, circuit: np.ndarray, clean_tokens, corrupt_tokens, metric: Callable, *,
-                 attention_mask=None, metric_positions=None) -> dict[str, float]:
+def faithfulness(model: Transformer, circuit: np.ndarray, clean, corrupted, metric: Callable, *,
+                 attention_mask=None, logit_positions=None) -> dict[str, float]:
     """Run the clean tokens with every edge outside ``circuit`` fed its corrupted value.
 
     Returns the metric of the clean, corrupted and circuit runs, ``faithfulness`` (circuit / clean)
@@ -235,16 +233,16 @@ def faithfulness(model: Transformer, circuit: np.ndarray, clean_tokens, corrupt_
     circuit = np.asarray(circuit, bool)
     if circuit.shape != graph.valid.shape:
         raise ValueError(f"circuit has shape {circuit.shape}; this model's graph is {graph.valid.shape}")
-    clean_tokens, corrupt_tokens = _pair(model, clean_tokens, corrupt_tokens, attention_mask)
+    pair(model, clean, corrupted, "denoise", attention_mask=attention_mask)
     capture = [c for c in _CAPTURE if model.cfg.has_mlp or "mlp" not in c]
-    clean_logits, _ = run(model, clean_tokens, attention_mask=attention_mask, logit_positions=metric_positions)
-    corrupt_logits, corrupt = run(model, corrupt_tokens, capture=capture, attention_mask=attention_mask,
-                                  logit_positions=metric_positions)
+    clean_logits, _ = run(model, clean, attention_mask=attention_mask, logit_positions=logit_positions)
+    corrupt_logits, corrupt = run(model, corrupted, capture=capture, attention_mask=attention_mask,
+                                  logit_positions=logit_positions)
     drop = jnp.asarray(graph.valid & ~circuit, corrupt["blocks.0.resid_pre"].dtype)
     patch = EdgePatch(model.cfg, drop, corrupt["blocks.0.resid_pre"], corrupt.stack("attn.z"),
                       corrupt.stack("mlp_out") if model.cfg.has_mlp else None, model.blocks.attn.W_O)
-    circuit_logits, _ = run(model, clean_tokens, edits=patch, attention_mask=attention_mask,
-                            logit_positions=metric_positions)
+    circuit_logits, _ = run(model, clean, edits=patch, attention_mask=attention_mask,
+                            logit_positions=logit_positions)
     clean, corrupted, kept = (float(metric(x)) for x in (clean_logits, corrupt_logits, circuit_logits))
     return dict(clean=clean, corrupted=corrupted, circuit=kept, faithfulness=kept / clean,
                 normalized=(kept - corrupted) / (clean - corrupted), edges=int(circuit.sum()), of=graph.n_edges)

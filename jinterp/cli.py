@@ -42,7 +42,7 @@ def run(args) -> None:
 def models(args) -> None:
     import jinterp
 
-    for m in jinterp.models():
+    for m in jinterp.named_models():
         state = "installed" if m["installed"] else "not installed"
         default = " (default)" if m["default"] else ""
         print(f"{m['name']}{default}: {m['description']} [{m['license']}; {m['package']}, {state}]")

@@ -11,37 +11,20 @@ the chunk is done, so the accelerator holds one chunk at a time and the host nev
 
 from __future__ import annotations
 
-import fnmatch
 import math
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Int
 from tqdm.auto import tqdm
 
 from jinterp import memory
 from jinterp import names as S
 from jinterp._compile import jit
-from jinterp.cache import run
-from jinterp.models.transformer import Transformer
-
-
-def site_names(model: Transformer, sites) -> list[str]:
-    """Concrete site names (``blocks.3.resid_post``) of a name, a glob (``blocks.*.resid_post``) or a
-    list of them, in the order given; unknown sites raise jinterp's error naming the valid ones."""
-    names = []
-    for name in [sites] if isinstance(sites, str) else list(sites):
-        site = S.parse(name)
-        if any(ch in site.name for ch in "*?["):
-            matched = fnmatch.filter(S.site_names(model.cfg), site.name)
-            if not matched:
-                raise ValueError(f"Site pattern {name!r} matches no site; jinterp.sites(model) lists them")
-            names += matched
-        else:
-            names.append(S.resolve(model.cfg, name).name)
-    return list(dict.fromkeys(names))
+from jinterp.core import apply
+from jinterp.protocol import Model
+from jinterp.specs import Specs, match
 
 
 def _token_index(mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -61,31 +44,32 @@ def _token_index(mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return first[:, None] + np.where(positions < 0, lengths[:, None] + positions, positions)
 
 
-def batch_size_for(model: Transformer, seq: int, names, memory_budget: float, n_logit_positions: int,
-                   n_positions: int | None = None) -> int:
-    """Sequences per forward that fit ``memory_budget`` bytes when capturing ``names`` and returning
-    their values at ``n_positions`` positions per sequence (None: all)."""
-    returned = memory.values_bytes(model.cfg, names, seq) * (1 if n_positions is None else n_positions / seq)
-    each = memory.sequence_bytes(model.cfg, seq, names, n_logit_positions) + math.ceil(returned)
-    return memory.how_many_fit(memory_budget, each, unit=f"sequence of {seq} tokens capturing {len(names)} site(s)",
+def batch_size_for(specs: Specs, names, memory_budget: float, n_positions: int | None = None) -> int:
+    """Inputs per forward that fit ``memory_budget`` bytes when capturing ``names`` and returning their
+    values at ``n_positions`` positions per input (None: all); ``specs``: the sites of one input."""
+    seq = next((spec.shape[spec.axes.index("pos")] for spec in specs.values() if "pos" in spec.axes), None)
+    share = 1 if n_positions is None or not seq else n_positions / seq
+    each = memory.run_bytes(specs, names) + math.ceil(memory.values_bytes(specs, names) * share)
+    return memory.how_many_fit(memory_budget, each, unit=f"input capturing {len(names)} site(s)",
                                hint="capture fewer sites, use shorter sequences, or pass batch_size")
 
 
 @jit
-def _chunk(model, tokens, attention_mask, index, names: tuple, pos_axes: tuple):
+def _chunk(model, inputs, index, names: tuple, pos_axes: tuple, options: dict):
     """One chunk's captured values: every position (``index`` None), or ``[batch, k, ...]`` at ``index``."""
-    unembed = "logits" in names
-    _, cache = run(model, tokens, capture=list(names), attention_mask=attention_mask,
-                   logit_positions=None if unembed else np.zeros(0, np.int32))
+    specs = model.site_specs(inputs, **options)
+    captures, plan = model.plan_captures(specs, names, frozenset())
+    output, cache = apply(model, inputs, captures, **options)
+    cache = model.complete(cache, plan, output, inputs, **options)
     if index is None:
         return {name: cache[name] for name in names}
-    rows = jnp.arange(tokens.shape[0])[:, None]
+    rows = jnp.arange(index.shape[0])[:, None]
     return {name: jnp.moveaxis(cache[name], axis, 1)[rows, index] for name, axis in zip(names, pos_axes)}
 
 
 def collect(
-    model: Transformer,
-    tokens: Int[np.ndarray, "n seq"],
+    model: Model,
+    inputs,
     sites,
     positions=None,
     *,
@@ -93,31 +77,37 @@ def collect(
     batch_size: int | None = None,
     memory_budget: float = 2**30,
     progress: bool = True,
+    **options,
 ) -> dict[str, np.ndarray]:
-    """Captured activations of many sequences, as numpy arrays on the host: ``{site name: [n, *site_shape]}``
+    """Captured activations of many inputs, as numpy arrays on the host: ``{site name: [n, *site_shape]}``
     for every position, ``[n, *site_shape without pos]`` at one position per sequence (``positions``
     ``[n]``), or ``[n, k, ...]`` at ``k`` positions each (``positions`` ``[n, k]``).
 
     Args:
-        model: a ``jinterp.Transformer``.
-        tokens: int ids ``[n, seq]``, padded (``tokenizer(texts)`` gives them with the mask).
+        model: a ``jinterp.Transformer``, or a model from ``jinterp.byo.wrap``.
+        inputs: a transformer's int ids ``[n, seq]``, padded (``tokenizer(texts)`` gives them with the
+            mask); a wrapped model's inputs, every array with a leading ``n`` axis.
         sites: a site name, a glob such as ``blocks.*.resid_post`` (every layer), or a list of them.
         positions: None (every position, padding included) or ``[n]`` / ``[n, k]`` positions among each
             sequence's real tokens; negative ones count from its last real token (``-1``: the last
             token whatever the padding). The ``pos`` (or ``query_pos``) axis is the one indexed.
         attention_mask: ``[n, seq]``, 1 for real tokens (padding on the left or the right).
-        batch_size: sequences per forward pass; None picks the most that fit ``memory_budget``
+        batch_size: inputs per forward pass; None picks the most that fit ``memory_budget``
             (``jinterp.memory``). The last batch is padded with copies, so it reuses the compiled forward.
         memory_budget: bytes of activations one forward pass may use (working set, captured values,
-            the values it returns, logits); a ValueError says so if not even one sequence fits.
+            the values it returns); a ValueError says so if not even one input fits.
+        options: the model's own (``jinterp.run``'s), e.g. a transformer's ``token_type_ids``.
     """
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f"tokens must be integer ids [n, seq], got shape {tokens.shape} and dtype {tokens.dtype}")
-    n, seq = tokens.shape
-    mask = np.ones(tokens.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    if mask.shape != tokens.shape:
-        raise ValueError(f"attention_mask has shape {mask.shape}; tokens have shape {tokens.shape}")
+    leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(inputs)]
+    if not leaves or any(leaf.ndim < 1 or len(leaf) != len(leaves[0]) for leaf in leaves):
+        raise ValueError(f"inputs must be arrays with one leading axis of the number of inputs, got shapes "
+                         f"{[leaf.shape for leaf in leaves]}")
+    n = len(leaves[0])
+    inputs = jax.tree.map(np.asarray, inputs)
+    if attention_mask is not None:
+        options["attention_mask"] = np.asarray(attention_mask).astype(bool)
+    model.check_inputs(inputs, **options)
+    mask = options.get("attention_mask")
     index = single = None
     if positions is not None:
         positions = np.asarray(positions)
@@ -125,25 +115,38 @@ def collect(
         if positions.ndim not in (1, 2) or len(positions) != n or not np.issubdtype(positions.dtype, np.integer):
             raise ValueError(f"positions must be integers [n={n}] or [n={n}, k] (or None: every position), got "
                              f"shape {positions.shape} and dtype {positions.dtype}")
+        if mask is None:
+            mask = np.ones(leaves[0].shape[:2], bool)
         index = _token_index(mask, positions[:, None] if single else positions).astype(np.int32)
-    names = tuple(site_names(model, sites))
+    rows = lambda tree, chosen: jax.tree.map(lambda a: a[chosen], tree)  # noqa: E731
+    one_options = {k: rows(v, slice(0, 1)) if hasattr(v, "shape") and np.ndim(v) >= 1 and len(v) == n else v
+                   for k, v in options.items()}
+    specs = model.site_specs(rows(inputs, slice(0, 1)), **one_options)
+    names = match(specs, sites)
+    run_options = model.capture_only(names, **options)
     if batch_size is None:
-        batch_size = batch_size_for(model, seq, names, memory_budget, seq if "logits" in names else 0,
+        one_options = model.capture_only(names, **one_options)
+        batch_size = batch_size_for(model.site_specs(rows(inputs, slice(0, 1)), **one_options), names, memory_budget,
                                     None if index is None else index.shape[1])
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int or None (from memory_budget), got {batch_size!r}")
     batch_size = min(batch_size, n)
-    pos_axes = tuple(next(i for i, axis in enumerate(S.SITE_AXES[S.parse(name).kind]) if axis in ("pos", "query_pos"))
+    pos_axes = tuple(next((i for i, axis in enumerate(specs[name].axes) if S.role(axis) == "pos"), None)
                      for name in names)
+    if index is not None and None in pos_axes:
+        raise ValueError(f"positions= given, but {names[pos_axes.index(None)]!r} has no position axis "
+                         f"(axes {specs[names[pos_axes.index(None)]].axes})")
 
     def chunk(start):
-        rows = np.arange(start, start + batch_size).clip(max=n - 1)  # the last batch repeats its last sequence
-        return _chunk(model, jnp.asarray(tokens[rows]), None if attention_mask is None else jnp.asarray(mask[rows]),
-                      None if index is None else jnp.asarray(index[rows]), names, pos_axes)
+        chosen = np.arange(start, start + batch_size).clip(max=n - 1)  # the last batch repeats its last input
+        chunk_options = {k: rows(v, chosen) if hasattr(v, "shape") and np.ndim(v) >= 1 and len(v) == n else v
+                         for k, v in run_options.items()}
+        return _chunk(model, rows(inputs, chosen), None if index is None else jnp.asarray(index[chosen]), names,
+                      pos_axes, chunk_options)
 
     shapes = eqx.filter_eval_shape(chunk, 0)
     out = {name: np.empty((n, *shapes[name].shape[1:]), shapes[name].dtype) for name in names}
-    with tqdm(total=n, desc="collect", unit="sequence", disable=not progress) as bar:
+    with tqdm(total=n, desc="collect", unit="input", disable=not progress) as bar:
         for start in range(0, n, batch_size):
             values = chunk(start)
             real = min(batch_size, n - start)

@@ -34,9 +34,10 @@ from safetensors.numpy import load_file, save_file
 
 from jinterp import names as S
 from jinterp._compile import jit
-from jinterp.cache import run as run_model
+from jinterp.core import run as run_model
 from jinterp.interventions import Interchange
 from jinterp.models.transformer import Transformer
+from jinterp.specs import canonical, lookup
 from jinterp.train import Trained, shuffled_batches, train
 from jinterp.tuned_lens import model_fingerprint
 
@@ -66,7 +67,7 @@ class Alignment(eqx.Module):
              name: str | None = None) -> Alignment:
         """A random k-dimensional subspace (normal columns) at ``site`` and ``positions`` of ``model``;
         ``variable`` names the causal variable it aligns, ``name`` the model (default: its architecture)."""
-        site, d = _site(model.cfg, site)
+        site, d = _site(model, site)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= d:
             raise ValueError(f"k={k!r} is out of range: the subspace dimension must be an int in 1..{d} "
                              f"(the size of {site}'s last axis)")
@@ -92,27 +93,29 @@ class Alignment(eqx.Module):
         return Interchange(self.site, source, self.rotation, positions=self.positions)
 
     def logits(self, model: Transformer, base: Int[Array, "batch pos"], source: Int[Array, "batch pos"],
-               position: int = -1) -> Float[Array, "batch d_vocab"]:
-        """The model's logits at ``position`` on ``base`` with this subspace swapped in from ``source``."""
+               logit_positions: int = -1) -> Float[Array, "batch d_vocab"]:
+        """The model's logits at ``logit_positions`` (one position) on ``base`` with this subspace swapped
+        in from ``source``."""
         _, cache = run_model(model, source, capture=[self.site])
         value = jax.lax.stop_gradient(cache[self.site])  # the source run is data, not a path to train
-        logits, _ = run_model(model, base, edits=self.interchange(value), logit_positions=jnp.array([position]))
+        logits, _ = run_model(model, base, edits=self.interchange(value), logit_positions=jnp.array([logit_positions]))
         return logits[:, 0]
 
 
-def _site(cfg, site) -> tuple[str, int]:
+def _site(model: Transformer, site) -> tuple[str, int]:
     """A site name -> (its full name, the size of the axis the interchange rotates)."""
-    parsed = S.resolve(cfg, site)
+    parsed = S.site_key(canonical(site))
     if parsed.layer == "*":
         raise ValueError(f"Site {site!r} names every layer; DAS aligns one site: name a layer, "
-                         f"e.g. blocks.0.{parsed.kind}")
-    axes = S.SITE_AXES[parsed.kind]
-    if axes[:2] != ("batch", "pos") or len(axes) != 3:
-        valid = [k for k, a in S.SITE_AXES.items() if a[:2] == ("batch", "pos") and len(a) == 3 and a[2] != "1"]
-        raise ValueError(f"Site {site!r} has axes {axes}; DAS rotates one vector per position, at a site with "
+                         f"e.g. {S.site_name(parsed.kind, 0)}")
+    specs = model.site_specs()
+    spec = lookup(specs, site)
+    if spec.axes[:2] != ("batch", "pos") or len(spec.axes) != 3:
+        valid = dict.fromkeys(s.kind for s in specs.values()
+                              if s.axes[:2] == ("batch", "pos") and len(s.axes) == 3 and s.axes[2] != "1")
+        raise ValueError(f"Site {site!r} has axes {spec.axes}; DAS rotates one vector per position, at a site with "
                          f"axes (batch, pos, features): one of {', '.join(valid)}")
-    d = S.site_shape(cfg, parsed.kind)[-1]
-    return parsed.name, d
+    return spec.name, spec.shape[-1]
 
 
 def _positions(positions, n_ctx: int) -> tuple[int, ...]:
@@ -148,11 +151,11 @@ class CounterfactualLoss(eqx.Module):
     labels under the interchange. The frozen model is a field, so it is passed, not compiled in."""
 
     model: Transformer
-    position: int = eqx.field(static=True)
+    logit_positions: int = eqx.field(static=True)
 
     def __call__(self, alignment: Alignment, batch) -> Array:
         base, source, labels = batch
-        logits = alignment.logits(self.model, base, source, self.position).astype(jnp.float32)
+        logits = alignment.logits(self.model, base, source, self.logit_positions).astype(jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
@@ -171,14 +174,14 @@ def _pairs(model: Transformer, base, source, labels) -> tuple[Array, Array, Arra
 
 
 def fit(model: Transformer, site, k: int, positions, base, source, labels, *, steps: int, batch_size: int = 64,
-        optimizer: optax.GradientTransformation | None = None, seed: int = 0, position: int = -1,
+        optimizer: optax.GradientTransformation | None = None, seed: int = 0, logit_positions: int = -1,
         alignment: Alignment | None = None, variable: str = "", evaluate=None, eval_every: int = 100, run=None,
         name: str = "das", progress: bool = True) -> Trained:
     """Learns a ``k``-dimensional alignment at ``site`` and ``positions`` with ``jinterp.train.train``;
     returns its ``Trained`` (``.params`` is the ``Alignment``).
 
     ``base``, ``source``: token pairs ``[n, pos]``; ``labels`` ``[n]``: the token the high-level model
-    predicts at ``position`` of ``base`` when the variable takes its value from ``source``.
+    predicts at ``logit_positions`` (one position) of ``base`` when the variable takes its value from ``source``.
     ``optimizer`` defaults to Adam(1e-2); ``alignment`` (one to continue from, whose site, k and
     positions then apply) to a random subspace drawn from ``seed``; ``evaluate``, ``eval_every``,
     ``run`` and ``name`` are ``train``'s (with a run: checkpoints, and resuming from them). Each call
@@ -188,25 +191,25 @@ def fit(model: Transformer, site, k: int, positions, base, source, labels, *, st
     base, source, labels = _pairs(model, base, source, labels)
     if alignment is None:
         alignment = Alignment.init(model, site, k, positions, jax.random.key(seed), variable=variable)
-    return train(alignment, CounterfactualLoss(model, position), optimizer or optax.adam(1e-2),
+    return train(alignment, CounterfactualLoss(model, logit_positions), optimizer or optax.adam(1e-2),
                  Pairs(base, source, labels, batch_size, seed), steps=steps, eval_every=eval_every,
                  evaluate=evaluate, run=run, name=name, description=f"DAS {alignment.site}", progress=progress)
 
 
 @jit
-def _correct(alignment: Alignment, model: Transformer, base, source, labels, position: int):
-    return (alignment.logits(model, base, source, position).argmax(-1) == labels).sum()
+def _correct(alignment: Alignment, model: Transformer, base, source, labels, logit_positions: int):
+    return (alignment.logits(model, base, source, logit_positions).argmax(-1) == labels).sum()
 
 
-def accuracy(alignment: Alignment, model: Transformer, base, source, labels, *, position: int = -1,
+def accuracy(alignment: Alignment, model: Transformer, base, source, labels, *, logit_positions: int = -1,
              batch_size: int = 256) -> float:
     """Interchange-intervention accuracy: the share of pairs whose intervened output (the argmax at
-    ``position``) is the counterfactual label."""
+    ``logit_positions``, one position) is the counterfactual label."""
     base, source, labels = _pairs(model, base, source, labels)
     correct = 0
     for start in range(0, len(base), batch_size):
         rows = slice(start, start + batch_size)
-        correct += int(_correct(alignment, model, base[rows], source[rows], labels[rows], position))
+        correct += int(_correct(alignment, model, base[rows], source[rows], labels[rows], logit_positions))
     return correct / max(len(base), 1)
 
 
@@ -236,7 +239,7 @@ def load(directory, model: Transformer, check_model: bool = True) -> Alignment:
     config = json.loads((directory / CONFIG).read_text())
     if config.get("format") != FORMAT:
         raise ValueError(f"{directory / CONFIG}: format {config.get('format')!r}, expected {FORMAT!r}")
-    site, d = _site(model.cfg, config["site"])
+    site, d = _site(model, config["site"])
     if check_model and config["model_fingerprint"] != model_fingerprint(model):
         raise ValueError(f"The alignment in {directory} was learned on other weights ({config['model']!r}, "
                          "fingerprint mismatch: another model, or this one in another dtype or processed "

@@ -22,13 +22,15 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Float, Int
 
 from jinterp import interventions as iv
 from jinterp import names as S
 from jinterp._compile import jit
-from jinterp.cache import Cache, _captures, _names, _validate
+from jinterp.cache import Cache, from_records
+from jinterp.core import validate
 from jinterp.models.transformer import KVCache, Transformer, check_inputs
+from jinterp.specs import match
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,40 +62,15 @@ class Generation:
         return np.concatenate([self.prompt_tokens, self.tokens], 1)
 
 
-class AtSlots(iv.Intervention):
-    """An edit restricted to cache slots, in a forward call that runs the ``len(active)`` slots
-    from some first slot on: ``active`` marks the call's positions the edit applies at."""
-
-    edit: iv.Intervention  # the edit without its position restriction
-    active: Bool[Array, " n"]
-    site: str = eqx.field(static=True)
-
-    def kinds(self) -> tuple[str, ...]:
-        return self.edit.kinds()
-
-    def initial_state(self, cfg, batch: int, seq: int):
-        return self.edit.initial_state(cfg, batch, seq)
-
-    def __call__(self, value: Array, at: iv.At) -> Array:
-        axis = next(i for i, a in enumerate(at.axes) if a in ("pos", "query_pos"))
-        shape = [1] * value.ndim
-        shape[axis] = value.shape[axis]
-        return jnp.where(self.active.reshape(shape), self.edit(value, at), value)
-
-
-def _at_slots(edits: tuple, prompt_len: int, first, n: int) -> tuple:
-    """The edits for a forward call running slots first..first+n: position-restricted edits
-    apply at the call's positions whose slot they name."""
-    slots = first + jnp.arange(n)
+def _absolute(edits: tuple, prompt_len: int) -> tuple:
+    """The edits with negative positions (from the end of the prompt) as slots of the whole sequence:
+    a forward call running the slots from ``cache.index`` on matches them there."""
     placed = []
     for edit in edits:
         if isinstance(edit, iv.Edit) and edit.positions is not None:
-            absolute = jnp.where(edit.positions < 0, edit.positions + prompt_len, edit.positions)
-            active = jnp.any(slots[:, None] == absolute[None, :], axis=-1)
-            unrestricted = eqx.tree_at(lambda e: e.positions, edit, None, is_leaf=lambda x: x is None)
-            placed.append(AtSlots(site=edit.site, edit=unrestricted, active=active))
-        else:
-            placed.append(edit)
+            slots = jnp.where(edit.positions < 0, edit.positions + prompt_len, edit.positions)
+            edit = eqx.tree_at(lambda e: e.indices["pos"], edit, slots)
+        placed.append(edit)
     return tuple(placed)
 
 
@@ -153,24 +130,19 @@ def _generate(model: Transformer, prompt, mask, edits, captures, sampling: _Samp
     batch, prompt_len = prompt.shape
     cache = KVCache.empty(model.cfg, batch, prompt_len + max_new_tokens)
 
-    def forward(tokens, valid, cache, n):
-        placed = _at_slots(edits, prompt_len, cache.index, n)
-        logits, top, blocks, cache = model.forward(tokens, placed + captures, valid, logit_positions=jnp.asarray([-1]),
+    def forward(tokens, valid, cache):
+        logits, top, blocks, cache = model.forward(tokens, edits + captures, valid, logit_positions=jnp.asarray([-1]),
                                                    cache=cache)
-        records = {}
-        for capture in captures:
-            if capture.site in top:
-                records[capture.site] = _last_position(capture.site, top[capture.site], False)
-            else:
-                layers = jnp.asarray([layer for _, layer in capture.entries(model.cfg.n_layers)])
-                records[capture.site] = _last_position(capture.site, blocks[capture.site][layers], True)
+        stacked = from_records(captures, top, blocks, model.cfg.n_layers)
+        in_block = dict(stacked.layers)
+        records = {k: _last_position(k, v, k in in_block) for k, v in stacked.stacked.items()}
         return logits[:, -1], records, cache
 
     def write(buffers, records, step):
         return {k: jax.lax.dynamic_update_slice_in_dim(buffers[k], v, step, axis) for k, (v, axis) in records.items()}
 
     # The prompt pass chooses token 0.
-    logits, records, cache = forward(prompt, mask, cache, prompt_len)
+    logits, records, cache = forward(prompt, mask, cache)
     buffers = {k: jnp.zeros(v.shape[:axis] + (max_new_tokens,) + v.shape[axis + 1:], v.dtype)
                for k, (v, axis) in records.items()}
     buffers = write(buffers, records, 0)
@@ -186,7 +158,7 @@ def _generate(model: Transformer, prompt, mask, edits, captures, sampling: _Samp
     def decode(state):
         step, cache, out, done, n_generated, buffers = state
         last = jax.lax.dynamic_slice_in_dim(out, step - 1, 1, 1)  # finished rows feed padding; results dropped
-        logits, records, cache = forward(last, jnp.ones_like(last, bool), cache, 1)
+        logits, records, cache = forward(last, jnp.ones_like(last, bool), cache)
         token = jnp.where(done, pad_id, sampling(logits, jax.random.fold_in(key, step)))
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, 1)
         n_generated = n_generated + ~done
@@ -250,9 +222,11 @@ def generate(model: Transformer, tokenizer, prompts, max_new_tokens: int, *, tem
     sampling = _sampling(cfg, temperature, top_k, top_p)
     stops, stop_lengths = _stops(tokenizer, stop, cfg.d_vocab)
     edits = iv.flatten(edits)
-    _validate(model, edits, total)
+    specs = model.site_specs(jax.ShapeDtypeStruct((prompt.shape[0], total), jnp.int32))
+    validate(specs, edits)
     _check_positions(edits, prompt.shape[1])
-    captures = _captures(cfg, _names(capture))
+    edits = _absolute(edits, prompt.shape[1])
+    captures = iv.captures(specs, match(specs, capture))  # every site recorded (none derived)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed must be an int, got {seed!r}")
     try:
@@ -263,7 +237,7 @@ def generate(model: Transformer, tokenizer, prompts, max_new_tokens: int, *, tem
         raise ValueError(f"{error}\n(in generate: the prompt pass runs {prompt.shape[1]} positions and every decode "
                          f"step one, so an edit's values must broadcast over any number of positions)") from error
     out, n_generated = np.asarray(out), np.asarray(n_generated)
-    layers = tuple((c.site, tuple(layer for _, layer in c.entries(cfg.n_layers)))
+    layers = tuple((c.site, tuple(range(cfg.n_layers)) if c.layers is None else c.layers)
                    for c in captures if c.site in S.BLOCK_KINDS)
     texts = None
     if tokenizer is not None:
@@ -355,7 +329,7 @@ def _stops(tokenizer, stop, d_vocab: int) -> tuple[jax.Array, jax.Array]:
 def _check_positions(edits, prompt_len: int) -> None:
     for edit in edits:
         positions = getattr(edit, "positions", None)
-        if isinstance(edit, iv.Edit) and positions is not None and iv._concrete(positions):
+        if isinstance(edit, iv.Edit) and positions is not None and iv.concrete(positions):
             low = int(np.min(np.asarray(positions)))
             if low < -prompt_len:
                 raise ValueError(f"Edit at {edit.site!r}: position {low} is before the prompt; negative positions "

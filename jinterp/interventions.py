@@ -6,22 +6,26 @@ vectors, scales, and the layer/position/head indices it is restricted to) are ar
 and ``jax.grad`` with respect to the leaves is attribution.
 
 The protocol is one method: ``intervention(value, at) -> value``, called at every site of its
-kind. ``Edit`` subclasses implement ``edit(value, at)`` and get layer/position/head
-restriction for free; ``Capture`` records the value. Interventions compose by listing them:
-at a site they apply in order (``chain``).
+kind, by every model (``SiteHook``). ``Edit`` subclasses implement ``edit(value, at)`` and get
+layer and axis restriction (positions, heads, any named axis) for free; ``Capture`` records the
+value. Interventions check themselves against the sites' specs (``check``), never against one
+family's config, so every intervention works on every model. Interventions compose by listing
+them: at a site they apply in order (``chain``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
 from jinterp import names as S
+from jinterp.specs import SiteSpec, layers_of
 
 
 class At(NamedTuple):
@@ -34,6 +38,7 @@ class At(NamedTuple):
     records: dict
     states: dict
     index: int  # this intervention's position in the run, which keys its state
+    offset: Array | int = 0  # the sequence position of this call's first position (decoding, a cached prefix)
 
     @property
     def state(self):
@@ -55,11 +60,13 @@ class Intervention(eqx.Module):
         """The site kinds this intervention acts at (one for most; several for stateful ones)."""
         return (self.site,)
 
-    def check(self, cfg, seq_len: int) -> None:
-        """Raise a clear error if this intervention cannot apply to a model (eager values only)."""
+    def check(self, specs: Sequence[SiteSpec]) -> None:
+        """Raise a clear error if this intervention cannot apply at these sites (the model's sites of
+        its kinds, at this run's inputs; values checked only when concrete)."""
 
-    def initial_state(self, cfg, batch: int, seq: int):
-        """State carried from site to site through the whole forward (None: stateless)."""
+    def initial_state(self, specs: Mapping[str, SiteSpec]):
+        """State carried from site to site through the whole forward (None: stateless), given every
+        site's spec at this run's inputs."""
         return None
 
 
@@ -74,29 +81,14 @@ def _indices(values, what: str) -> Int[Array, "n"] | None:
     return jnp.asarray(arr, jnp.int32)
 
 
-def site_key(site) -> S.Site:
-    """The (kind, layer) a site name is keyed by. jinterp's own names parse as usual
-    (``blocks.3.attn.z``: kind ``attn.z``, layer 3). Any other name is a site of a wrapped model
-    (``jinterp.byo``), checked when it runs: its first integer path part (or ``*``) is its layer
-    (``layers.3.mlp``: kind ``layers.*.mlp``, layer 3)."""
-    parsed = S.parse(site)
-    if parsed.kind in S.SITE_AXES or not isinstance(site, str):
-        return parsed
-    parts = site.split(".")
-    for i, part in enumerate(parts):
-        if part == "*" or part.isdigit():
-            return S.Site(".".join([*parts[:i], "*", *parts[i + 1:]]), part if part == "*" else int(part))
-    return S.Site(site, None)
-
-
 def _split_site(site, layers) -> tuple[str, Array | None]:
     """A site name (with or without its layer) plus optional layers -> (kind, layer indices)."""
-    parsed = site_key(site)
+    parsed = S.site_key(site)
     if parsed.kind not in S.SITE_AXES:
         if not isinstance(site, str):
             raise ValueError(f"Unknown site {site!r}: no site kind {parsed.kind!r}. "
                              f"Valid kinds: {', '.join(S.SITE_AXES)}.")
-        # A site of a user's own model: the wrapped model checks it when it runs.
+        # A site of another model (jinterp.byo): checked against its specs when it runs.
         layer = [parsed.layer] if isinstance(parsed.layer, int) else None
         if layer is not None and layers is not None:
             raise ValueError(f"Site {site!r} already names layer {parsed.layer}; do not pass layers= too")
@@ -116,29 +108,50 @@ def _split_site(site, layers) -> tuple[str, Array | None]:
     return parsed.kind, _indices(layers, f"layers of {site!r}")
 
 
-def _axis_mask(indices: Array, axis_size: int) -> Array:
-    """Boolean mask over an axis from (possibly negative) indices."""
-    return jnp.any(jnp.arange(axis_size)[:, None] == (indices % axis_size)[None, :], axis=-1)
+def _axis_mask(indices: Array, axis_size: int, offset: Array | int = 0) -> Array:
+    """Boolean mask over an axis holding entries ``offset..offset + axis_size`` of a longer one ending
+    there, from indices into that one: negative ones count from its end, others out of range match
+    nothing."""
+    end = offset + axis_size
+    indices = jnp.where(indices < 0, indices + end, indices)
+    return jnp.any((offset + jnp.arange(axis_size))[:, None] == indices[None, :], axis=-1)
+
+
+def axis_of(axes: tuple[str, ...], name: str) -> int | None:
+    """The index of the axis ``name`` names: ``"pos"`` and ``"head"`` by role (either position or
+    either head axis), any other axis by its own name."""
+    return next((i for i, axis in enumerate(axes) if axis == name or S.role(axis) == name), None)
 
 
 class Edit(Intervention):
-    """An edit restricted to some layers, positions and heads (None = all of them).
+    """An edit restricted to some layers and to some indices of the site's axes (None = all).
 
     ``positions`` index the ``pos`` axis (the query position for ``attn.scores`` and
     ``attn.pattern``); negative indices count from the end. ``heads`` index query heads, or
-    key/value heads at the kv-head sites ``attn.k``, ``attn.v``, ``attn.rot_k``.
+    key/value heads at the kv-head sites ``attn.k``, ``attn.v``, ``attn.rot_k``. ``indices``
+    restricts any named axis, ``{"channel": [3]}``; positions and heads are its ``pos`` and
+    ``head`` entries.
     """
 
     site: str = eqx.field(static=True)
     layers: Int[Array, "n"] | None
-    positions: Int[Array, "n"] | None
-    heads: Int[Array, "n"] | None
+    indices: dict[str, Int[Array, "n"]]
 
-    def _restrict(self, site, layers, positions, heads) -> None:
-        """Set the site kind and the layer/position/head restriction (call from ``__init__``)."""
+    def _restrict(self, site, layers, positions=None, heads=None, indices=None) -> None:
+        """Set the site kind and the layer and axis restriction (call from ``__init__``)."""
         self.site, self.layers = _split_site(site, layers)
-        self.positions = _indices(positions, "positions")
-        self.heads = _indices(heads, "heads")
+        named = {"pos": (positions, "positions"), "head": (heads, "heads")}
+        given = {axis: (i, f"indices[{axis!r}]") for axis, i in (indices or {}).items()}
+        given |= {axis: found for axis, found in named.items() if found[0] is not None}
+        self.indices = {axis: _indices(i, what) for axis, (i, what) in given.items() if i is not None}
+
+    @property
+    def positions(self) -> Int[Array, "n"] | None:
+        return self.indices.get("pos")
+
+    @property
+    def heads(self) -> Int[Array, "n"] | None:
+        return self.indices.get("head")
 
     def edit(self, value: Array, at: At) -> Array:
         raise NotImplementedError
@@ -146,7 +159,7 @@ class Edit(Intervention):
     def _layer_value(self, stacked: Array, at: At) -> Array:
         """The slice of a per-layer stack ``[n_layers, ...]`` for the layer being run."""
         if at.layer is None:
-            raise ValueError(f"per_layer values apply to block sites; {at.kind!r} is outside the blocks")
+            raise ValueError(f"per_layer values apply to sites with a layer; {at.kind!r} has none")
         return stacked[at.layer]
 
     def __call__(self, value: Array, at: At) -> Array:
@@ -158,34 +171,37 @@ class Edit(Intervention):
         mask = None
         if self.layers is not None and at.layer is not None:
             mask = jnp.any(self.layers == at.layer)
-        for indices, axis_names in ((self.positions, ("pos", "query_pos")), (self.heads, ("head", "kv_head"))):
-            if indices is None:
-                continue
-            axis = next(i for i, a in enumerate(at.axes) if a in axis_names)
+        for name, indices in self.indices.items():
+            axis = axis_of(at.axes, name)
             shape = [1] * value.ndim
             shape[axis] = value.shape[axis]
-            axis_mask = _axis_mask(indices, value.shape[axis]).reshape(shape)
+            offset = at.offset if S.role(at.axes[axis]) == "pos" else 0
+            axis_mask = _axis_mask(indices, value.shape[axis], offset).reshape(shape)
             mask = axis_mask if mask is None else mask & axis_mask
         return mask
 
-    def check(self, cfg, seq_len: int) -> None:
-        axes = S.SITE_AXES[self.site]
+    def check(self, specs: Sequence[SiteSpec]) -> None:
         where = f"edit at {self.site!r}"
-        if self.heads is not None:
-            head_axis = next((a for a in axes if a in ("head", "kv_head")), None)
-            if head_axis is None:
-                raise ValueError(f"{where}: heads= given but this site has no head axis (axes {axes})")
-            n = cfg.n_heads if head_axis == "head" else cfg.n_kv_heads
-            _check_range(self.heads, n, f"{where}: head", "kv heads" if head_axis == "kv_head" else "heads")
-        if self.positions is not None:
-            _check_range(self.positions, seq_len, f"{where}: position", "positions", negative=True)
+        layers = sorted({spec.layer for spec in specs if spec.layer is not None})
         if self.layers is not None:
-            _check_range(self.layers, cfg.n_layers, f"{where}: layer", "layers")
+            _check_layers(self.layers, layers, f"{where}: layer")
+        for spec in reached(self, specs):
+            for name, indices in self.indices.items():
+                axis = axis_of(spec.axes, name)
+                if axis is None:
+                    given = {"pos": "positions=", "head": "heads="}.get(name, f"indices[{name!r}]")
+                    raise ValueError(f"edit at {spec.name!r}: {given} given but this site has no {name!r} axis (axes "
+                                     f"{spec.axes}); a wrapped model names its sites' axes with "
+                                     f"jinterp.byo.wrap(..., axes={{{spec.name!r}: (...)}})")
+                one, many = _INDEX_WORDS.get(spec.axes[axis], (f"{name} index", f"{name} indices"))
+                _check_range(indices, spec.shape[axis], f"{where}: {one}", many, negative=name == "pos")
 
-    def _check_per_layer(self, stacked: Array, cfg, what: str) -> None:
-        if getattr(self, "per_layer", False) and stacked.shape[:1] != (cfg.n_layers,):
+    def _check_per_layer(self, stacked: Array, specs: Sequence[SiteSpec], what: str) -> None:
+        layers = [spec.layer for spec in specs if spec.layer is not None]
+        if getattr(self, "per_layer", False) and layers and stacked.shape[:1] != (max(layers) + 1,):
             raise ValueError(f"{what} at {self.site!r} is per-layer with leading axis {stacked.shape[:1]}; this "
-                             f"model has {cfg.n_layers} layers (capture 'blocks.*.{self.site}' for a full stack)")
+                             f"model has {max(layers) + 1} layers (capture every layer of {self.site!r} for a full "
+                             f"stack)")
 
     def _value(self, value: Array, at: At, given: Array, what: str) -> Array:
         """Check that ``given`` broadcasts to the site's value and has a float dtype; cast it."""
@@ -202,8 +218,39 @@ class Edit(Intervention):
         return given.astype(value.dtype)
 
 
+_INDEX_WORDS = {"pos": ("position", "positions"), "query_pos": ("position", "positions"), "head": ("head", "heads"),
+                "kv_head": ("head", "kv heads")}
+
+
+def reached(intervention: Intervention, specs: Sequence[SiteSpec]) -> list[SiteSpec]:
+    """The sites among ``specs`` (of the intervention's kinds) it acts at: those of its layers when
+    they are known now, else all of them."""
+    return [spec for spec in specs if reaches(intervention, spec.layer)]
+
+
+def reaches(intervention: Intervention, layer) -> bool:
+    """Whether an intervention acts at a site at ``layer`` (an int, None, or traced inside a scan)."""
+    layers = getattr(intervention, "layers", None)
+    if layers is None:
+        return True
+    if layer is None:
+        return False
+    if not isinstance(layer, (int, np.integer)) or not concrete(layers):
+        return True  # a traced layer or traced layers: the edit masks itself by layer
+    return int(layer) in {int(x) for x in np.asarray(layers).ravel()}
+
+
+def _check_layers(indices, layers: list[int], what: str) -> None:
+    if not concrete(indices):
+        return
+    bad = [int(x) for x in np.asarray(indices).ravel() if int(x) not in layers]
+    if bad:
+        valid = f"0..{layers[-1]}" if layers == list(range(len(layers))) else ", ".join(map(str, layers))
+        raise ValueError(f"{what} {bad[0]} is out of range: there are {len(layers)} layers (valid {valid})")
+
+
 def _check_range(indices: Array, size: int, what: str, plural: str, negative: bool = False) -> None:
-    if not _concrete(indices):
+    if not concrete(indices):
         return
     values = np.asarray(indices)
     low = -size if negative else 0
@@ -213,7 +260,7 @@ def _check_range(indices: Array, size: int, what: str, plural: str, negative: bo
                          f"(valid {low}..{size - 1})")
 
 
-def _concrete(x) -> bool:
+def concrete(x) -> bool:
     try:
         np.asarray(x)
         return True
@@ -229,17 +276,17 @@ class Replace(Edit):
     value: Float[Array, "..."]
     per_layer: bool = eqx.field(static=True)
 
-    def __init__(self, site, value, *, layers=None, positions=None, heads=None, per_layer=False):
-        self._restrict(site, layers, positions, heads)
+    def __init__(self, site, value, *, layers=None, positions=None, heads=None, indices=None, per_layer=False):
+        self._restrict(site, layers, positions, heads, indices)
         self.value, self.per_layer = jnp.asarray(value), per_layer
 
     def edit(self, value, at):
         given = self._layer_value(self.value, at) if self.per_layer else self.value
         return jnp.broadcast_to(self._value(value, at, given, "Replace value"), value.shape)
 
-    def check(self, cfg, seq_len: int) -> None:
-        super().check(cfg, seq_len)
-        self._check_per_layer(self.value, cfg, "Replace value")
+    def check(self, specs) -> None:
+        super().check(specs)
+        self._check_per_layer(self.value, specs, "Replace value")
 
 
 class Add(Edit):
@@ -249,17 +296,18 @@ class Add(Edit):
     scale: Float[Array, ""]
     per_layer: bool = eqx.field(static=True)
 
-    def __init__(self, site, vector, scale=1.0, *, layers=None, positions=None, heads=None, per_layer=False):
-        self._restrict(site, layers, positions, heads)
+    def __init__(self, site, vector, scale=1.0, *, layers=None, positions=None, heads=None, indices=None,
+                 per_layer=False):
+        self._restrict(site, layers, positions, heads, indices)
         self.vector, self.scale, self.per_layer = jnp.asarray(vector), jnp.asarray(scale, jnp.float32), per_layer
 
     def edit(self, value, at):
         given = self._layer_value(self.vector, at) if self.per_layer else self.vector
         return value + self.scale.astype(value.dtype) * self._value(value, at, given, "Add vector")
 
-    def check(self, cfg, seq_len: int) -> None:
-        super().check(cfg, seq_len)
-        self._check_per_layer(self.vector, cfg, "Add vector")
+    def check(self, specs) -> None:
+        super().check(specs)
+        self._check_per_layer(self.vector, specs, "Add vector")
 
 
 class Scale(Edit):
@@ -267,8 +315,8 @@ class Scale(Edit):
 
     factor: Float[Array, "..."]
 
-    def __init__(self, site, factor, *, layers=None, positions=None, heads=None):
-        self._restrict(site, layers, positions, heads)
+    def __init__(self, site, factor, *, layers=None, positions=None, heads=None, indices=None):
+        self._restrict(site, layers, positions, heads, indices)
         self.factor = jnp.asarray(factor, jnp.float32) if isinstance(factor, (int, float)) else jnp.asarray(factor)
 
     def edit(self, value, at):
@@ -278,8 +326,8 @@ class Scale(Edit):
 class Zero(Edit):
     """Set the value to zero (zero ablation)."""
 
-    def __init__(self, site, *, layers=None, positions=None, heads=None):
-        self._restrict(site, layers, positions, heads)
+    def __init__(self, site, *, layers=None, positions=None, heads=None, indices=None):
+        self._restrict(site, layers, positions, heads, indices)
 
     def edit(self, value, at):
         return jnp.zeros_like(value)
@@ -297,8 +345,8 @@ class Project(Edit):
     basis: Float[Array, "d k"]
     keep: bool = eqx.field(static=True)
 
-    def __init__(self, site, basis, *, keep=False, layers=None, positions=None, heads=None):
-        self._restrict(site, layers, positions, heads)
+    def __init__(self, site, basis, *, keep=False, layers=None, positions=None, heads=None, indices=None):
+        self._restrict(site, layers, positions, heads, indices)
         basis = jnp.asarray(basis)
         self.basis, self.keep = basis[:, None] if basis.ndim == 1 else basis, keep
 
@@ -323,8 +371,9 @@ class Interchange(Edit):
     source: Float[Array, "..."]
     per_layer: bool = eqx.field(static=True)
 
-    def __init__(self, site, source, rotation, *, layers=None, positions=None, heads=None, per_layer=False):
-        self._restrict(site, layers, positions, heads)
+    def __init__(self, site, source, rotation, *, layers=None, positions=None, heads=None, indices=None,
+                 per_layer=False):
+        self._restrict(site, layers, positions, heads, indices)
         self.source, self.rotation, self.per_layer = jnp.asarray(source), jnp.asarray(rotation), per_layer
 
     def edit(self, value, at):
@@ -336,9 +385,9 @@ class Interchange(Edit):
         source = jnp.broadcast_to(self._value(value, at, source, "Interchange source"), value.shape)
         return value + ((source - value) @ q) @ q.T
 
-    def check(self, cfg, seq_len: int) -> None:
-        super().check(cfg, seq_len)
-        self._check_per_layer(self.source, cfg, "Interchange source")
+    def check(self, specs) -> None:
+        super().check(specs)
+        self._check_per_layer(self.source, specs, "Interchange source")
 
 
 class Capture(Intervention):
@@ -352,7 +401,7 @@ class Capture(Intervention):
     layers: tuple[int, ...] | None = eqx.field(static=True)  # None: every layer (or not a block site)
 
     def __init__(self, site, layers=None):
-        parsed = site_key(site)
+        parsed = S.site_key(site)
         self.site = parsed.kind
         if isinstance(parsed.layer, int):
             layers = (parsed.layer,) if layers is None else layers
@@ -364,16 +413,22 @@ class Capture(Intervention):
         at.records[at.kind] = value
         return value
 
-    def entries(self, n_layers: int) -> list[tuple[str, int | None]]:
-        """(cache name, layer) pairs this capture produces."""
-        if self.site not in S.BLOCK_KINDS:
-            return [(self.site, None)]
-        layers = range(n_layers) if self.layers is None else self.layers
-        return [(f"blocks.{layer}.{self.site}", layer) for layer in layers]
+    def names(self, specs: Mapping[str, SiteSpec]) -> list[str]:
+        """The names of the sites this capture records, in forward order."""
+        return [spec.name for spec in specs.values() if spec.kind == self.site and reaches(self, spec.layer)]
 
-    def check(self, cfg, seq_len: int) -> None:
+    def check(self, specs: Sequence[SiteSpec]) -> None:
         if self.layers is not None:
-            _check_range(np.asarray(self.layers), cfg.n_layers, f"capture of {self.site!r}: layer", "layers")
+            _check_layers(self.layers, sorted(layers_of({s.name: s for s in specs}, self.site)),
+                          f"capture of {self.site!r}: layer")
+
+
+def captures(specs: Mapping[str, SiteSpec], names: Iterable[str]) -> tuple[Capture, ...]:
+    """Capture interventions recording the sites ``names`` (concrete names): one per kind."""
+    by_kind: dict[str, list] = {}
+    for name in names:
+        by_kind.setdefault(specs[name].kind, []).append(specs[name].layer)
+    return tuple(Capture(kind, None if None in layers else sorted(layers)) for kind, layers in by_kind.items())
 
 
 def chain(*interventions) -> tuple[Intervention, ...]:
@@ -394,36 +449,64 @@ def flatten(interventions) -> tuple[Intervention, ...]:
 
 
 class SiteHook:
-    """What the forward calls at each site: the interventions of that kind, in order.
-
-    Built during tracing only; ``records`` collects captured values for this layer and
-    ``states`` holds stateful interventions' state (the forward threads it through the layers).
+    """What a model's forward calls at each of its sites: the run's interventions of that site's
+    kind, in order, each at the sites it reaches. jinterp's transformer calls it inside its layer
+    scan as ``hook(kind, value)`` (the layer traced); a wrapped model's adapter (``jinterp.byo``) calls
+    ``at_site`` with each site's own layer and axes. Built during tracing only: ``records`` collects
+    captured values, ``states`` stateful interventions' state (threaded through the forward).
     """
 
-    def __init__(self, by_kind: dict[str, Sequence[tuple[int, Intervention]]], layer, states: dict):
-        self.by_kind = by_kind
-        self.layer = layer
+    def __init__(self, grouped: Mapping[str, Sequence[tuple[int, Intervention]]], states: dict, layer=None,
+                 offset: Array | int = 0):
+        self.grouped, self.states, self.layer, self.offset = grouped, states, layer, offset
         self.records: dict[str, Array] = {}
-        self.states = states
+        self.applied: set[int] = set()
+        self.misfits: dict[int, Exception] = {}
+
+    @classmethod
+    def of(cls, interventions: Sequence[Intervention], specs: Mapping[str, SiteSpec]) -> SiteHook:
+        """The hook of a run: the interventions grouped by kind, stateful ones with their initial state."""
+        grouped: dict[str, list[tuple[int, Intervention]]] = {}
+        for index, intervention in enumerate(interventions):
+            for kind in intervention.kinds():
+                grouped.setdefault(kind, []).append((index, intervention))
+        states = {i: x.initial_state(specs) for i, x in enumerate(interventions)}
+        return cls(grouped, {i: state for i, state in states.items() if state is not None})
+
+    def at_layer(self, layer, states: dict) -> SiteHook:
+        """This run's hook for one layer of a scan over layers (fresh records, the carried states)."""
+        return SiteHook(self.grouped, states, layer, self.offset)
 
     def __call__(self, kind: str, value: Array) -> Array:
-        for index, intervention in self.by_kind.get(kind, ()):
-            value = intervention(value, At(kind, S.SITE_AXES[kind], self.layer, self.records, self.states, index))
+        return self.at_site(kind, value, self.layer, S.SITE_AXES[kind])
+
+    def at_site(self, kind: str, value: Array, layer, axes: tuple[str, ...], records: dict | None = None) -> Array:
+        """The value the forward continues with at a site of ``kind`` at ``layer`` with ``axes``."""
+        records = self.records if records is None else records
+        for index, intervention in self.grouped.get(kind, ()):
+            at = At(kind, axes, layer, records, self.states, index, self.offset)
+            if reaches(intervention, layer) and self._fits(index, intervention, value, at):
+                value = intervention(value, at)
+                self.applied.add(index)
         return value
 
+    def _fits(self, index: int, intervention: Intervention, value: Array, at: At) -> bool:
+        """At a site of a known layer, an edit whose layers are traced (built inside jit or vmap) may be
+        meant for another layer of the kind, of another shape: it acts only where it can."""
+        if not isinstance(at.layer, int) or concrete(getattr(intervention, "layers", None)):
+            return True
+        try:
+            jax.eval_shape(lambda v: intervention(v, at._replace(records={}, states=dict(self.states))), value)
+            return True
+        except (ValueError, TypeError) as error:
+            self.misfits.setdefault(index, error)
+            return False
+
+    def finish(self) -> None:
+        """After the forward: an edit with traced layers that fitted no site raises why."""
+        for index, error in self.misfits.items():
+            if index not in self.applied:
+                raise error
+
     def wants(self, kind: str) -> bool:
-        return kind in self.by_kind
-
-
-def by_kind(interventions: Sequence[Intervention]) -> dict[str, list[tuple[int, Intervention]]]:
-    """Interventions grouped by the site kind they act at, with their position in the run."""
-    grouped: dict[str, list[tuple[int, Intervention]]] = {}
-    for index, intervention in enumerate(interventions):
-        for kind in intervention.kinds():
-            grouped.setdefault(kind, []).append((index, intervention))
-    return grouped
-
-
-def initial_states(interventions: Sequence[Intervention], cfg, batch: int, seq: int) -> dict:
-    states = {i: x.initial_state(cfg, batch, seq) for i, x in enumerate(interventions)}
-    return {i: state for i, state in states.items() if state is not None}
+        return kind in self.grouped

@@ -2,7 +2,7 @@
 logit attribution with the cached final-norm scale, and the logit lens.
 
 Each takes the model and a ``Cache`` holding the sites it needs (``sites(model)`` lists them
-all: ``jinterp.run(model, tokens, capture=jinterp.lens.sites(model))``). Components are stacked
+all: ``jinterp.run(model, tokens, capture=jinterp.lens.site_names(model))``). Components are stacked
 on a leading axis with a matching list of labels.
 """
 
@@ -17,7 +17,7 @@ from jinterp.models.layers import normalize
 from jinterp.models.transformer import Transformer
 
 
-def sites(model: Transformer) -> list[str]:
+def site_names(model: Transformer) -> list[str]:
     """Every site the functions here read, for ``capture=``."""
     names = ["embed", "blocks.*.resid_pre", "blocks.*.resid_post", "blocks.*.attn_out", "blocks.*.attn.result"]
     names += ["pos_embed"] if model.W_pos is not None else []
@@ -54,7 +54,7 @@ def _get(cache: Cache, name: str) -> Array:
     try:
         return cache[name]
     except KeyError:
-        raise KeyError(f"The cache lacks {name!r}; run with capture=jinterp.lens.sites(model)") from None
+        raise KeyError(f"The cache lacks {name!r}; run with capture=jinterp.lens.site_names(model)") from None
 
 
 def accumulated_resid(model: Transformer, cache: Cache, layer: int | None = None):

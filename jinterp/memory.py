@@ -1,68 +1,71 @@
-"""How many bytes a forward pass's activations take, and how many sequences fit a memory budget.
+"""How many bytes a run's activations take, and how many runs fit a memory budget: from the model's
+site specs, so one estimate serves every model.
 
 One estimate, used by sweeps (``jinterp.patching``), ``jinterp.collect`` and SAE activation
-streaming (``jinterp.sae.ModelActivations``). Per sequence of ``seq`` tokens, in the model's dtype:
+streaming (``jinterp.sae.ModelActivations``). For a run at the inputs the specs were declared for:
 
-- the forward's transient working set: the blocks run one layer at a time (``lax.scan``), so one
-  layer's intermediates are live at once: residual-stream-sized values, the MLP's hidden
-  activations, queries, keys, values and the attention scores and pattern;
-- the captured sites: each block kind's capture buffer holds every layer (``[n_layers, ...]``, filled
-  as the scan runs) plus, when only some layers are asked for, their gathered copy; sites the cache
-  derives on access (``attn.result`` from ``attn.z``) are counted at their full size, an upper bound;
-- the logits: ``n_logit_positions x d_vocab``.
+- the forward's transient working set: every site the plain forward computes outside the layers
+  (embeddings, logits, ...) plus one layer's sites (jinterp's transformer runs its blocks one at a
+  time with ``lax.scan``; a model without a scan frees each value once it is used): the residual
+  stream, queries, keys, values, attention scores and pattern, the MLP's activations;
+- the captured sites: a kind captured at several layers is written into one ``[n_layers, ...]``
+  buffer as the scan runs, plus, when only some layers are asked for, their gathered copy; sites
+  the cache derives on access are counted at their full size, an upper bound.
 
 A compiled program that returns the captured values one site at a time (``jinterp.collect``) adds
-their copies: ``values_bytes``.
-
-It is a rough upper bound, not an exact count of XLA's buffers: a budget is met with some margin.
+their copies: ``values_bytes``. It is a rough upper bound, not an exact count of XLA's buffers: a
+budget is met with some margin.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
-import jax.numpy as jnp
+import numpy as np
 
-from jinterp import names as S
-
-
-def itemsize(cfg) -> int:
-    """Bytes per activation value: the model's dtype."""
-    return jnp.dtype(cfg.dtype).itemsize
+from jinterp.specs import SiteSpec, Specs
 
 
-def working_set_bytes(cfg, seq: int) -> int:
-    """One sequence's transient working set for one layer of the forward."""
-    per_position = 10 * cfg.d_model + 4 * cfg.d_mlp + 3 * cfg.n_heads * (cfg.d_head + seq)
-    return seq * per_position * itemsize(cfg)
+def nbytes(spec: SiteSpec) -> int:
+    return math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
 
 
-def values_bytes(cfg, names, seq: int) -> int:
-    """One sequence's values of concrete site names, each once (what a program returning them outputs)."""
-    values = sum(math.prod(S.site_shape(cfg, S.parse(name).kind, 1, seq)) for name in dict.fromkeys(names))
-    return values * itemsize(cfg)
+def working_set_bytes(specs: Specs) -> int:
+    """The plain forward's transient working set: the sites outside the layers and one layer's."""
+    computed = [spec for spec in specs.values() if not spec.on_demand]
+    per_layer: dict[int, int] = {}
+    for spec in computed:
+        if spec.layer is not None:
+            per_layer[spec.layer] = per_layer.get(spec.layer, 0) + nbytes(spec)
+    return sum(nbytes(spec) for spec in computed if spec.layer is None) + max(per_layer.values(), default=0)
 
 
-def capture_bytes(cfg, names, seq: int) -> int:
-    """One sequence's captured values for concrete site names (``blocks.3.resid_post``, ``logits``)."""
-    layers_by_kind: dict[str, set] = {}
+def values_bytes(specs: Specs, names: Iterable[str]) -> int:
+    """The values of these sites, each once (what a program returning them outputs)."""
+    return sum(nbytes(specs[name]) for name in dict.fromkeys(names))
+
+
+def capture_bytes(specs: Specs, names: Iterable[str]) -> int:
+    """The captured values of these sites: a kind's ``[n_layers, ...]`` buffer, plus the gathered copy
+    when only some of its layers are asked for."""
+    asked: dict[str, set] = {}
     for name in names:
-        site = S.parse(name)
-        layers_by_kind.setdefault(site.kind, set()).add(site.layer)
+        asked.setdefault(specs[name].kind, set()).add(name)
     total = 0
-    for kind, layers in layers_by_kind.items():
-        values = math.prod(S.site_shape(cfg, kind, 1, seq))
-        if kind in S.BLOCK_KINDS:  # the [n_layers, ...] buffer, plus the gathered copy of some layers
-            values *= cfg.n_layers + (len(layers) if len(layers) < cfg.n_layers else 0)
-        total += values
-    return total * itemsize(cfg)
+    for kind, chosen in asked.items():
+        of_kind = [spec for spec in specs.values() if spec.kind == kind]
+        every = [spec for spec in of_kind if spec.layer is not None]
+        if every and len({spec.shape for spec in every}) == 1:  # one buffer over every layer, filled by the scan
+            total += len(every) * nbytes(every[0]) + (values_bytes(specs, chosen) if len(chosen) < len(every) else 0)
+        else:
+            total += values_bytes(specs, chosen)
+    return total
 
 
-def sequence_bytes(cfg, seq: int, capture=(), n_logit_positions: int | None = None) -> int:
-    """One sequence's activations in a forward that captures ``capture`` (concrete site names) and
-    unembeds ``n_logit_positions`` positions (None: all ``seq``)."""
-    logits = (seq if n_logit_positions is None else n_logit_positions) * cfg.d_vocab if cfg.unembed else 0
-    return working_set_bytes(cfg, seq) + capture_bytes(cfg, capture, seq) + logits * itemsize(cfg)
+def run_bytes(specs: Specs, capture: Iterable[str] = ()) -> int:
+    """A run's activations at the inputs of ``specs``, capturing the sites ``capture`` (concrete names)."""
+    return working_set_bytes(specs) + capture_bytes(specs, capture)
 
 
 def how_many_fit(budget: float, each: int, *, unit: str = "sequence", hint: str = "", reserved: int = 0,

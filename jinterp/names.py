@@ -8,11 +8,8 @@ to the same sites.
 
 from __future__ import annotations
 
-import difflib
 import re
 from typing import NamedTuple
-
-from jinterp.models.config import Config
 
 # The axes of each site's value, batch first. "head" axes index query heads, "kv_head" axes
 # index key/value heads (under grouped-query attention query head h reads kv head
@@ -80,70 +77,38 @@ class Site(NamedTuple):
         return self.kind if self.layer is None else f"blocks.{self.layer}.{self.kind}"
 
 
-def site_kinds(cfg: Config) -> tuple[list[str], list[str]]:
-    """The site kinds a model with this config has: (outside the blocks, inside each block)."""
-    has_norm = cfg.norm is not None
-    top = ["embed"]
-    if cfg.positional == "learned":
-        top.append("pos_embed")
-    if cfg.n_token_types:
-        top.append("token_type_embed")
-    if cfg.embed_norm:
-        top += ["ln_embed.scale", "ln_embed.normalized"]
-    block = ["resid_pre"]
-    if has_norm and cfg.norm_placement != "post":
-        block += ["ln1.scale", "ln1.normalized"]
-    if cfg.norm_placement != "post":
-        block += ["attn.q_input", "attn.k_input", "attn.v_input"]
-    block += ["attn.q", "attn.k", "attn.v"]
-    if cfg.positional == "rotary":
-        block += ["attn.rot_q", "attn.rot_k"]
-    block += ["attn.scores", "attn.pattern", "attn.z", "attn.result"]
-    if cfg.norm_placement == "sandwich":
-        block += ["ln1_post.scale", "ln1_post.normalized"]
-    block.append("attn_out")
-    if cfg.has_mlp and not cfg.parallel:
-        block.append("resid_mid")
-    if cfg.norm_placement == "post":
-        block += ["ln1.scale", "ln1.normalized"]
-    if cfg.has_mlp:
-        if cfg.norm_placement != "post":
-            block.append("mlp_in")
-        if has_norm and cfg.norm_placement != "post":
-            block += ["ln2.scale", "ln2.normalized"]
-        block += ["mlp.pre"] + (["mlp.pre_linear"] if cfg.gated_mlp else []) + ["mlp.post"]
-        if cfg.norm_placement == "sandwich":
-            block += ["ln2_post.scale", "ln2_post.normalized"]
-        block.append("mlp_out")
-    block.append("resid_post")
-    if cfg.norm_placement == "post":
-        block += ["ln2.scale", "ln2.normalized", "normalized_resid_post"]
-    tail = []
-    if has_norm and cfg.final_norm:
-        tail += ["ln_final.scale", "ln_final.normalized"]
-    if cfg.unembed:
-        tail.append("logits")
-    return top + tail, block
+POSITION_AXES = ("pos", "query_pos")  # what positions= restricts (the query axis of scores and pattern)
+HEAD_AXES = ("head", "kv_head")  # what heads= restricts (query heads, or key/value heads)
 
 
-def site_names(cfg: Config) -> list[str]:
-    """Every site name of a model, in forward order."""
-    top, block = site_kinds(cfg)
-    n_head = len([k for k in top if not k.startswith(("ln_final", "logits"))])
-    names = top[:n_head]
-    for layer in range(cfg.n_layers):
-        names += [f"blocks.{layer}.{k}" for k in block]
-    return names + top[n_head:]
+def role(axis: str) -> str:
+    """An axis's role for restriction and sweeps: "pos" for either position axis, "head" for either
+    head axis, the axis itself otherwise."""
+    return "pos" if axis in POSITION_AXES else "head" if axis in HEAD_AXES else axis
 
 
-def site_shape(cfg: Config, kind: str, batch="batch", seq="pos") -> tuple:
-    """The shape of a site's value; batch and sequence sizes stay symbolic unless given."""
-    size = {
-        "batch": batch, "pos": seq, "query_pos": seq, "key_pos": seq, "1": 1,
-        "d_model": cfg.d_model, "d_head": cfg.d_head, "head": cfg.n_heads,
-        "kv_head": cfg.n_kv_heads, "d_mlp": cfg.d_mlp, "d_vocab": cfg.d_vocab,
-    }
-    return tuple(size[axis] for axis in SITE_AXES[kind])
+def site_key(name) -> Site:
+    """The (kind, layer) of any site name, jinterp's or another model's. jinterp's names parse as
+    usual (``blocks.3.attn.z``: kind ``attn.z``, layer 3; TransformerLens spellings too). Any other
+    name's first integer path part (or ``*``) is its layer: ``layers.3.mlp`` is kind ``layers.*.mlp``
+    at layer 3, ``hidden`` kind ``hidden`` with no layer."""
+    parsed = parse(name)
+    if parsed.kind in SITE_AXES or not isinstance(name, str):
+        return parsed
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part == "*" or part.isdigit():
+            return Site(".".join([*parts[:i], "*", *parts[i + 1:]]), part if part == "*" else int(part))
+    return Site(name, None)
+
+
+def site_name(kind: str, layer) -> str:
+    """The name of ``kind`` at ``layer`` (the inverse of ``site_key``)."""
+    if layer is None:
+        return kind
+    if kind in SITE_AXES:
+        return f"blocks.{layer}.{kind}"
+    return kind.replace("*", str(layer), 1)
 
 
 # --- TransformerLens compatibility ---------------------------------------------------------
@@ -207,33 +172,3 @@ def _layer_int(text: str, name: str) -> int:
     if not text.lstrip("-").isdigit():
         raise ValueError(f"Site {name!r}: layer {text!r} is not an integer (or '*' for every layer)")
     return int(text)
-
-
-def resolve(cfg: Config, name) -> Site:
-    """Parse a site name and check it exists in a model with this config."""
-    site = parse(name)
-    top, block = site_kinds(cfg)
-    known = site.kind in (block if site.layer is not None else top)
-    if not known:
-        raise ValueError(_unknown_message(cfg, name, site, top, block))
-    if isinstance(site.layer, int) and not 0 <= site.layer < cfg.n_layers:
-        raise ValueError(
-            f"Site {name!r}: layer {site.layer} is out of range; this model has "
-            f"{cfg.n_layers} layers (0..{cfg.n_layers - 1})")
-    return site
-
-
-def _unknown_message(cfg: Config, name, site: Site, top: list[str], block: list[str]) -> str:
-    layer = site.layer if isinstance(site.layer, int) and 0 <= site.layer < cfg.n_layers else 0
-    candidates = top + [f"blocks.{layer}.{k}" for k in block]
-    close = difflib.get_close_matches(Site(site.kind, site.layer).name, candidates, n=5, cutoff=0.5)
-    close = close or difflib.get_close_matches(site.kind, top + block, n=5, cutoff=0.5)
-    if site.kind in SITE_AXES:
-        where = "inside blocks (blocks.{layer}." + site.kind + ")" if site.kind in BLOCK_KINDS else "outside the blocks"
-        why = (f"this {cfg.architecture} model has no site {site.kind!r}" if site.kind not in top + block
-               else f"{site.kind!r} is a site {where}")
-    else:
-        why = f"{site.kind!r} is not a site kind"
-    hint = f" Closest valid names: {', '.join(close)}." if close else ""
-    return (f"Unknown site {name!r}: {why}.{hint} Block site kinds here: {', '.join(block)}; "
-            f"other sites: {', '.join(top)}. jinterp.sites(model) lists every name with its shape.")

@@ -1,25 +1,30 @@
-"""Activation patching sweeps and path patching, each one compiled program.
+"""Activation patching sweeps and path patching, each one compiled program, for every model.
 
-Conventions. ``direction="denoise"`` (TransformerLens' convention, the default) runs the
-*corrupted* tokens and patches in the *clean* activation: the metric measures how much of the
-clean behaviour one component restores. ``direction="noise"`` runs the clean tokens and patches
-in the corrupted activation: the metric measures how much one component's corruption breaks it.
+Conventions. The two inputs of a contrast are ``clean`` and ``corrupted``. ``direction="denoise"``
+(TransformerLens' convention, the default everywhere) runs the *corrupted* input (the base run) and
+patches in the *clean* activation (the source): the metric measures how much of the clean behaviour
+one component restores. ``direction="noise"`` runs the clean input and patches in the corrupted
+activation: how much one component's corruption breaks it.
 
-How a sweep runs. Every patch is one ``Replace`` edit on the standard intervention mechanism;
-a batch of patches is ``jax.vmap``-ed inside one ``jit``. Patches are processed in chunks of
-one layer's worth, smaller if a memory budget asks (one compilation, a progress bar over
-chunks): a chunk starts from the cached residual stream at its first patch's layer instead of
-recomputing the prefix (about half the work of full forwards). A patch whose source value
-equals the base value (every position before the first token where the prompts differ) changes
-nothing: it scores as the unpatched base run without being computed. In a causal model every
-position before that first differing token is the same in every patched run, so patched runs
-compute only the positions from there on, attending to the base run's cached keys and values
-for the earlier ones. ``metric_positions`` limits the unembedding to the positions the metric
-reads.
+What a sweep iterates over. ``site`` names the sites (a kind such as ``"resid_pre"`` or ``"z"``:
+every layer; a name, a glob or a list). ``per`` names the axes patched one index at a time (the
+others, batch included, are patched together): ``"pos"``, ``"head"`` (either head axis), any axis of
+the site, or a tuple of them; the presets ``"position"``, ``"head"``, ``"head_position"`` and
+``"layer"`` (the whole site at each layer) are aliases. The default is ``"head"`` at a site with a
+head axis, else ``"pos"``, else its last axis.
+
+How a sweep runs. Every patch is one ``Replace`` edit on the standard intervention mechanism; a
+batch of patches is ``jax.vmap``-ed inside one ``jit``, the layer a traced index, so all the layers
+of a kind are one compiled program. A patch whose source value equals the base value changes
+nothing: it scores as the unpatched base run without being computed. Patches are processed in
+chunks that fit a memory budget, with a progress bar. A model may offer more (``protocol.Model``):
+jinterp's transformer resumes a chunk's patched forwards from the cached residual stream at the
+chunk's first layer, and, causal models, computes only the positions from the first token where the
+two inputs differ, attending to the base run's cached keys and values for the earlier ones.
 
 Chunks. ``sweep_chunks`` and ``path_patch_chunks`` return the same computation as a ``Chunks``:
-each chunk can be computed on its own (and checkpointed: ``jinterp.runs.Run.chunked`` does),
-and ``assemble`` turns the chunk results into the array ``sweep`` returns, bit for bit.
+each chunk can be computed on its own (and checkpointed: ``jinterp.runs.Run.chunked`` does), and
+``assemble`` turns the chunk results into the array ``sweep`` returns, bit for bit.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,15 +42,15 @@ from tqdm.auto import tqdm
 from jinterp import memory, sharding
 from jinterp import names as S
 from jinterp._compile import jit
-from jinterp.byo.hook import Wrapped
-from jinterp.cache import _run, run
-from jinterp.interventions import Capture, Replace
+from jinterp.core import apply, run
+from jinterp.interventions import Capture, Replace, axis_of
 from jinterp.models.config import choose
-from jinterp.models.transformer import Transformer, check_inputs
+from jinterp.protocol import Model
+from jinterp.specs import Specs, canonical, match, of_kind
 
-RESIDUAL_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
-HEAD_SITES = ("attn.z", "attn.q", "attn.k", "attn.v", "attn.pattern")
 DIRECTIONS = ("denoise", "noise")
+SHORT_NAMES = {"z": "attn.z", "q": "attn.q", "k": "attn.k", "v": "attn.v", "pattern": "attn.pattern"}
+PER_PRESETS = {"position": ("pos",), "head": ("head",), "head_position": ("head", "pos"), "layer": (), "site": ()}
 
 
 @dataclass(frozen=True)
@@ -62,291 +68,354 @@ class Chunks:
                                                             disable=not progress)])
 
 
-SHORT_NAMES = {"z": "attn.z", "q": "attn.q", "k": "attn.k", "v": "attn.v", "pattern": "attn.pattern"}
+class Target(NamedTuple):
+    """Sites one compiled program patches: one kind's sites of one shape (a traced layer picks one)."""
+
+    kind: str
+    names: tuple[str, ...]
+    layers: tuple  # each site's layer (None: the kind has none)
+    axes: tuple[str, ...]
+    shape: tuple[int, ...]
+    per: tuple[int, ...]  # the positions of the per axes among ``axes``
+    stacked: bool  # every layer of the kind is here: values are [all layers, ...], indexed by layer
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """A result's shape for this target: one row per site, then the per axes."""
+        return (len(self.names), *(self.shape[a] for a in self.per))
 
 
-def sweep_kind(model: Transformer, site) -> str:
-    """The site kind a sweep runs over, from any spelling (``"z"``, ``"attn.z"``, ``"blocks.*.hook_z"``)."""
-    kind = SHORT_NAMES.get(site) or S.parse(site).kind
-    choose(kind, RESIDUAL_SITES + HEAD_SITES, "sweep site")
-    S.resolve(model.cfg, f"blocks.*.{kind}")
-    return kind
+def pair(model: Model, clean, corrupted, direction: str, **options):
+    """(base, source) inputs of a contrast, checked: base is patched, source gives the values."""
+    choose(direction, DIRECTIONS, "patching direction")
+    shapes = jax.tree.map(np.shape, (clean, corrupted))
+    if shapes[0] != shapes[1]:
+        raise ValueError(f"clean inputs {shapes[0]} and corrupted inputs {shapes[1]} must have the same shape (pad "
+                         f"token ids to the same length, with one attention_mask)")
+    for inputs in (clean, corrupted):
+        model.check_inputs(inputs, **options)
+    return (corrupted, clean) if direction == "denoise" else (clean, corrupted)
 
 
-def patch_grid(cfg, kind: str, per: str, seq: int, layers) -> tuple[dict[str, np.ndarray], tuple[int, ...]]:
-    """Every (layer, position, head) a sweep patches, and the shape of its result."""
-    n_heads = cfg.n_kv_heads if kind in ("attn.k", "attn.v") else cfg.n_heads
-    layers = np.arange(cfg.n_layers) if layers is None else np.asarray(sorted(layers))
-    axes = {"position": ("layer", "position"), "layer": ("layer",), "head": ("layer", "head"),
-            "head_position": ("layer", "head", "position")}[per]
-    sizes = {"layer": len(layers), "position": seq, "head": n_heads}
-    grid = np.stack(np.meshgrid(*[np.arange(sizes[a]) for a in axes], indexing="ij"), -1).reshape(-1, len(axes))
-    columns = {a: grid[:, i].astype(np.int32) for i, a in enumerate(axes)}
-    columns["layer"] = layers[columns["layer"]].astype(np.int32)
-    return columns, tuple(sizes[a] for a in axes)
+def targets(specs: Specs, site, per=None, layers=None) -> tuple[list[Target], bool]:
+    """The sites ``site`` names (a kind means every layer of it; ``layers`` restricts), grouped into
+    what one program patches, with the axes ``per`` patches one index at a time; and whether
+    ``site`` names one site (its result has no site axis)."""
+    names, single = _site_names(specs, site, layers)
+    groups: dict = {}
+    for name in names:
+        spec = specs[name]
+        kind = of_kind(specs, spec.kind)
+        # One program for a kind's layers (a traced index into a stack of them all) when they are 0..n-1, of one shape.
+        uniform = [s.layer for s in kind] == list(range(len(kind))) and len({s.shape for s in kind}) == 1
+        groups.setdefault((spec.kind, spec.shape) if uniform else name, []).append(spec)
+    found = []
+    for key, group in groups.items():
+        first = group[0]
+        stacked = isinstance(key, tuple)
+        found.append(Target(first.kind, tuple(s.name for s in group), tuple(s.layer for s in group), first.axes,
+                            first.shape, _per_axes(per, first.axes, first.name), stacked))
+    return found, single
 
 
-# What each ``per`` keeps of a site's axes; the rest are reduced away.
-_KEEP = {"position": ("pos",), "layer": (), "head": ("head",), "head_position": ("head", "pos")}
+def _site_names(specs: Specs, site, layers) -> tuple[list[str], bool]:
+    one = isinstance(site, (str, tuple))
+    patterns = [site] if one else list(site)
+    names, single = [], one
+    for pattern in patterns:
+        pattern = SHORT_NAMES.get(pattern, pattern) if isinstance(pattern, str) else pattern
+        key = S.site_key(canonical(pattern))
+        if key.layer is None and any(s.layer is not None for s in of_kind(specs, key.kind)):
+            pattern = S.site_name(key.kind, "*")  # a kind alone: every layer of it
+        single = single and not any(ch in canonical(pattern) for ch in "*?[")
+        names += match(specs, pattern)
+    if layers is not None:
+        wanted = {int(layer) for layer in np.atleast_1d(layers)}
+        known = {specs[n].layer for n in names}
+        missing = sorted(wanted - known)
+        if missing:
+            raise ValueError(f"layers={sorted(wanted)}: layer {missing[0]} is not among the swept sites' layers "
+                             f"({', '.join(str(x) for x in sorted(k for k in known if k is not None))})")
+        names = [n for n in names if specs[n].layer in wanted]
+    return list(dict.fromkeys(names)), single
 
 
-def _role(axis: str) -> str | None:
-    return "pos" if axis in ("pos", "query_pos") else "head" if axis in ("head", "kv_head") else None
+def _per_axes(per, axes: tuple[str, ...], site: str) -> tuple[int, ...]:
+    """The positions among ``axes`` of the axes ``per`` names."""
+    if per is None:
+        roles = [S.role(a) for a in axes]
+        per = ("head",) if "head" in roles else ("pos",) if "pos" in roles else (axes[-1],)
+    per = PER_PRESETS.get(per, (per,)) if isinstance(per, str) else tuple(per)
+    found = []
+    for name in per:
+        axis = axis_of(axes, name)
+        if axis is None or axes[axis] == "batch":
+            valid = [a for a in axes if a != "batch"] + [p for p in PER_PRESETS if p not in ("layer", "site")]
+            raise ValueError(f"Unknown per axis {name!r} for site {site!r} (axes {axes}); valid choices: "
+                             f"{', '.join(map(repr, valid))}")
+        found.append(axis)
+    return tuple(found)
 
 
-def reduce_site(per_layer, kind: str, per: str, reduction=jnp.sum):
-    """Reduce ``[layer, *site axes]`` over every axis ``per`` does not keep: ``[layer, *per's axes]``."""
-    roles = [_role(a) for a in S.SITE_AXES[kind]]
-    keep = _KEEP[per]
-    reduced = reduction(per_layer, axis=tuple(1 + i for i, r in enumerate(roles) if r not in keep))
-    kept = [r for r in roles if r in keep]
-    return reduced.transpose(0, *(1 + kept.index(r) for r in keep))
+def _grid(target: Target) -> np.ndarray:
+    """Every patch of a target: [n patches, 1 + per axes] (site index, then an index per axis)."""
+    sizes = target.sizes
+    return np.indices(sizes).reshape(len(sizes), -1).T.astype(np.int32)
 
 
-def _chunk_size(model: Transformer, tokens_shape, n_logit_positions: int, budget: float, per_layer: int) -> int:
-    """Patches per chunk: at most one layer's worth (so each chunk resumes from its own layer and
-    no prefix is recomputed), fewer if the activations would not fit ``budget`` bytes."""
-    batch, seq = tokens_shape
-    patch = batch * memory.sequence_bytes(model.cfg, seq, (), n_logit_positions)  # a patch runs every prompt
-    fits = memory.how_many_fit(budget, patch, unit=f"patch ({batch} prompts x {seq} tokens)",
-                               hint="use fewer or shorter prompts, or metric_positions to unembed fewer positions")
-    return per_layer if fits >= per_layer else math.ceil(per_layer / math.ceil(per_layer / fits))
+def _chunk_size(model: Model, specs: Specs, budget: float, per_site: int, devices: int) -> int:
+    """Patches per chunk: at most one site's worth (so a chunk resumes from its own layer), fewer if
+    the activations would not fit ``budget`` bytes."""
+    batch = next(iter(specs.values())).shape[0]
+    patch = memory.run_bytes(specs)  # a patch runs every input of the batch
+    fits = memory.how_many_fit(budget * devices, patch, unit=f"patch (a run of the {batch} inputs)",
+                               hint="use fewer or shorter inputs, or logit_positions to unembed fewer positions")
+    return per_site if fits >= per_site else math.ceil(per_site / math.ceil(per_site / fits))
 
 
-def sweep(model: Transformer, clean_tokens, corrupt_tokens, metric: Callable, site="resid_pre", *,
-          progress: bool = True, **options):
-    """Activation patching of ``site`` at every layer and position / head.
+def sweep(model: Model, clean, corrupted, metric: Callable, site="resid_pre", *, progress: bool = True, **options):
+    """Activation patching of ``site``, one index of the ``per`` axes at a time.
 
     Args:
-        clean_tokens, corrupt_tokens: ``[batch, seq]`` int ids of the same shape.
-        metric: patched logits ``[batch, seq or n, d_vocab]`` -> scalar (e.g. mean logit difference).
-        site: ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out`` (per layer and
-            position) or ``z``, ``q``, ``k``, ``v``, ``pattern`` (per layer and head; ``k``/``v`` per kv head).
-        per: ``"position"`` (residual sites' default) -> ``[n_layers, seq]``; ``"layer"`` -> ``[n_layers]``;
-            ``"head"`` (head sites' default) -> ``[n_layers, n_heads]``; ``"head_position"`` ->
-            ``[n_layers, n_heads, seq]``.
-        direction: ``"denoise"`` (clean into corrupted) or ``"noise"`` (corrupted into clean).
-        attention_mask: ``[batch, seq]`` shared by both runs (same padding).
-        metric_positions: unembed only these positions (``[n]`` or ``[batch, n]``) before the metric.
-        layers: restrict to these layers (the result keeps one row per given layer).
-        memory_budget: bytes of activations a chunk may use (on each device of ``mesh``'s data axis);
-            ``chunk_size`` overrides it.
+        clean, corrupted: the two inputs (a transformer's token ids ``[batch, seq]``), of one shape.
+        metric: the patched run's output -> scalar (e.g. the mean logit difference).
+        site: a kind (``"resid_pre"``, ``"z"``: every layer), a site name, a glob or a list of names.
+        per: the axes patched one index at a time (see the module docstring); default ``"head"`` at a
+            site with a head axis, else ``"pos"``, else the site's last axis.
+        direction: ``"denoise"`` (clean into corrupted, the default) or ``"noise"``.
+        layers: only these layers of the swept kind (the result keeps one row per given layer).
+        memory_budget: bytes of activations a chunk of patches may use (on each device of ``mesh``'s
+            data axis); ``chunk_size`` overrides it.
         exact: False (default) ``vmap``s a chunk's patches into one wide batch (about 3x faster on
-            CPU) and skips patches that change nothing and the shared leading positions; XLA's
-            matrix products then round differently in the last bits (about 1e-6 relative) from a
-            single patched forward, and depend on the chunking. True runs every patch, one after
-            another inside the compiled program: every result is bit for bit what a single
-            patched forward (``jinterp.run`` with that one edit) gives.
-        mesh: a ``jax.sharding.Mesh`` (``jinterp.sharding.mesh()``): each chunk's patches are split over
-            its ``"data"`` axis; the weights are replicated unless ``jinterp.sharding.shard_model`` split
-            them over its ``"model"`` axis. Results equal the single-device ones (bit for bit with
-            ``exact=True`` and a replicated model).
+            CPU) and skips patches that change nothing and (a transformer) the shared leading
+            positions; XLA's matrix products then round differently in the last bits (about 1e-6
+            relative) from a single patched forward. True runs every patch, one after another inside
+            the compiled program: every result is bit for bit what a single patched run gives.
+        mesh: a ``jax.sharding.Mesh`` (``jinterp.sharding.mesh()``): each chunk's patches are split
+            over its ``"data"`` axis. Results equal the single-device ones.
+        options: the model's own: for a transformer ``attention_mask`` (shared by both inputs: same
+            padding) and ``logit_positions`` (unembed only the positions the metric reads).
 
-    Returns the metric for every patch, shaped as described for ``per``.
-
-    A model wrapped with ``jinterp.byo.wrap`` takes its own inputs and any of its sites (a name,
-    a glob or a list); ``per`` then names the site's axes (see ``jinterp.byo.patching.sweep``).
+    Returns ``[*per sizes]`` for one site, ``[n_sites, *per sizes]`` for a kind (one row per layer), a
+    glob or a list.
     """
-    if isinstance(model, Wrapped):
-        from jinterp.byo import patching as byo
-        from jinterp.cache import _transformer_only
-
-        _transformer_only(**{name: value for name, value in options.items()
-                             if name not in ("per", "direction", "chunk_size")})
-        return byo.sweep(model, clean_tokens, corrupt_tokens, metric, site, progress=progress, **options)
-    return sweep_chunks(model, clean_tokens, corrupt_tokens, metric, site, **options).run(progress)
+    return sweep_chunks(model, clean, corrupted, metric, site, **options).run(progress)
 
 
-def sweep_chunks(model: Transformer, clean_tokens, corrupt_tokens, metric: Callable, site="resid_pre", *,
-                 per: str | None = None, direction: str = "denoise", attention_mask=None, metric_positions=None,
-                 layers=None, memory_budget: float = 2**30, chunk_size: int | None = None,
-                 exact: bool = False, mesh=None) -> Chunks:
-    """``sweep`` as ``Chunks`` (same arguments): the clean and corrupted caches are computed now,
-    the patches chunk by chunk."""
-    kind, per, base, source = sweep_inputs(model, clean_tokens, corrupt_tokens, site, per, direction, attention_mask)
-    first = 0 if exact else _shared_prefix(model.cfg, clean_tokens, corrupt_tokens, metric_positions)
-    model, base, source, attention_mask = _on_mesh(mesh, model, base, source, attention_mask)
-    key_site = "attn.rot_k" if model.cfg.positional == "rotary" else "attn.k"
-    # Both runs are the same compiled program, so values the inputs cannot change are equal to the bit.
-    capture = ["blocks.*.resid_pre", f"blocks.*.{kind}"]
-    capture += [f"blocks.*.{key_site}", "blocks.*.attn.v"] if first else []
-    base_logits, base_cache = run(model, base, capture=capture, attention_mask=attention_mask,
-                                  logit_positions=metric_positions)
-    _, source_cache = run(model, source, capture=capture, attention_mask=attention_mask,
-                          logit_positions=metric_positions)
-    check_metric(metric, base_logits)
+def sweep_chunks(model: Model, clean, corrupted, metric: Callable, site="resid_pre", *, per=None,
+                 direction: str = "denoise", layers=None, memory_budget: float = 2**30, chunk_size: int | None = None,
+                 exact: bool = False, mesh=None, **options) -> Chunks:
+    """``sweep`` as ``Chunks`` (same arguments): the base and source runs are computed now, the
+    patches chunk by chunk."""
+    base, source = pair(model, clean, corrupted, direction, **options)
+    specs = model.site_specs(base, **options)
+    found, single = targets(specs, site, per, layers)
+    first = 0 if exact else model.reusable_prefix(clean, corrupted, **options)
+    if mesh is not None:
+        model, base, options = _on_mesh(mesh, model, base, options)
+        source = sharding.put(source, mesh)
+    capture = [n for t in found for n in _captured(specs, t)] + list(model.resume_sites(first))
+    base_output, base_cache = run(model, base, capture=capture, **options)
+    _, source_cache = run(model, source, capture=capture, **options)
+    check_metric(metric, base_output)
+    unpatched = sharding.to_host(metric(base_output))
 
-    columns, shape = patch_grid(model.cfg, kind, per, base.shape[1], layers)
-    n = len(columns["layer"])
-    if exact:
-        todo = np.arange(n)
-    else:  # a patch whose source equals the base value changes nothing: it scores as the base run
-        changed = source_cache.stack(kind) != base_cache.stack(kind)
-        changes = sharding.to_host(reduce_site(changed, kind, per, jnp.any))
-        todo = np.flatnonzero(changes[tuple(columns[axis] for axis in columns)])
-    if "position" in columns and (columns["position"][todo] < first).any():
+    pieces = []  # (target, patch indices, site values: base, source)
+    for target in found:
+        grid = _grid(target)
+        base_values, source_values = (_values(cache, target) for cache in (base_cache, source_cache))
+        if exact:
+            todo = np.arange(len(grid))
+        else:  # a patch whose source equals the base value changes nothing: it scores as the base run
+            todo = np.flatnonzero(_changed(base_values, source_values, target)[tuple(grid.T)])
+        pieces.append((target, grid, todo, source_values))
+    if first and any(_touches_before(t, grid[todo], first) for t, grid, todo, _ in pieces):
         first = 0  # a patch before the first differing token changes something: run every position
-    per_layer = n // len(np.unique(columns["layer"]))
-    n_logits = base.shape[1] if metric_positions is None else np.shape(metric_positions)[-1]
     devices = 1 if mesh is None else sharding.axis_size(mesh, sharding.DATA)  # a chunk's patches spread over them
-    size = chunk_size or _chunk_size(model, base.shape, n_logits, memory_budget * devices, per_layer)
-    size = sharding.pad_to(max(1, min(size, len(todo))), mesh)  # a chunk splits evenly over the mesh
-    padded = math.ceil(len(todo) / size) * size
-    index = todo[np.minimum(np.arange(padded), len(todo) - 1)]  # the last chunk repeats its final patch
-    chunked = {name: column[index].reshape(-1, size) for name, column in columns.items()}
-    if "position" in chunked:
-        chunked["position"] = chunked["position"] - first
 
-    # Patched runs compute positions first.. only, attending to the base run's keys and values before.
-    prefix = (base_cache.stack(key_site)[:, :, :first], base_cache.stack("attn.v")[:, :, :first]) if first else None
-    suffix = lambda values: values[:, :, first:]  # [layer, batch, pos, ...]
-    if kind == "attn.pattern":  # [layer, batch, head, query, key]: queries from first on, every key
-        source_values = source_cache.stack(kind)[:, :, :, first:]
-    else:
-        source_values = suffix(source_cache.stack(kind))
-    positions = None if metric_positions is None else _shift(np.asarray(metric_positions), first)
-    logits_before = base_logits[:, :first] if first and metric_positions is None else None
+    chunks = []  # (piece index, patch rows)
+    for i, (target, _, todo, _) in enumerate(pieces):
+        per_site = int(np.prod(target.sizes[1:], dtype=int))
+        size = chunk_size or _chunk_size(model, specs, memory_budget, per_site, devices)
+        size = sharding.pad_to(max(1, min(size, max(len(todo), 1))), mesh)  # a chunk splits evenly over the mesh
+        for start in range(0, len(todo), size):
+            rows = todo[start:start + size]
+            chunks.append((i, rows[np.minimum(np.arange(size), len(rows) - 1)], len(rows)))
 
     def compute(c):
-        patches = {name: _patches(column[c], mesh) for name, column in chunked.items()}
-        return _run_chunk(model, kind, metric, patches, base, attention_mask, positions,
-                          suffix(base_cache.stack("resid_pre")), source_values, exact, prefix, logits_before, mesh)
+        i, rows, _ = chunks[c]
+        target, grid, _, source_values = pieces[i]
+        patches = grid[rows]
+        index = {"site": patches[:, 0]} | {f"axis{a}": patches[:, 1 + k] for k, a in enumerate(target.per)}
+        layer = jnp.int32(target.layers[int(patches[0, 0])]) if target.stacked else None  # traced: one compile
+        run_options = model.resumed(base, base_cache, base_output, layer, first, **options)
+        return _patched(model, base, target, metric, _on_device(index, mesh), _suffix(source_values, target, first),
+                        exact, mesh, run_options)
 
     def assemble(results):
-        scores = np.full(n, sharding.to_host(metric(base_logits)))
-        if len(todo):
-            scores[todo] = np.concatenate([sharding.to_host(r) for r in results])[:len(todo)]
-        return jnp.asarray(scores.reshape(shape))
+        out = [np.full(int(np.prod(t.sizes)), unpatched) for t, *_ in pieces]
+        done = {}
+        for (i, rows, n), result in zip(chunks, results):
+            done.setdefault(i, []).append((rows[:n], sharding.to_host(result)[:n]))
+        for i, parts in done.items():
+            flat = out[i]
+            for rows, values in parts:
+                flat[np.ravel_multi_index(tuple(pieces[i][1][rows].T), pieces[i][0].sizes)] = values
+        return _stack([o.reshape(t.sizes) for o, (t, *_) in zip(out, pieces)], found, single)
 
-    skipped = f", {n - len(todo)} change nothing" if len(todo) < n else ""
-    return Chunks(padded // size, compute, assemble, f"Patching {kind} ({n} patches{skipped})")
-
-
-def check_metric(metric: Callable, logits) -> None:
-    """A metric must map logits to one number (a vector would be scattered into the grid wrongly)."""
-    shape = jax.eval_shape(metric, logits).shape
-    if shape != ():
-        raise ValueError(f"metric must return a scalar, got shape {shape} from logits of shape {logits.shape}; "
-                         "reduce over the batch (e.g. .mean())")
-
-
-def sweep_inputs(model: Transformer, clean_tokens, corrupt_tokens, site, per, direction, attention_mask):
-    """Validated (site kind, per, base tokens, source tokens) of a sweep (or its attribution estimate)."""
-    kind = sweep_kind(model, site)
-    per = per or ("position" if kind in RESIDUAL_SITES else "head")
-    choose(per, ("position", "layer") if kind in RESIDUAL_SITES else ("head", "head_position"), f"per for {kind!r}")
-    choose(direction, DIRECTIONS, "patching direction")
-    clean_tokens, corrupt_tokens = _pair(model, clean_tokens, corrupt_tokens, attention_mask)
-    base, source = (corrupt_tokens, clean_tokens) if direction == "denoise" else (clean_tokens, corrupt_tokens)
-    return kind, per, base, source
+    n = sum(len(grid) for _, grid, _, _ in pieces)
+    skipped = n - sum(len(todo) for _, _, todo, _ in pieces)
+    kinds = ", ".join(dict.fromkeys(t.kind for t in found))
+    return Chunks(len(chunks), compute, assemble,
+                  f"Patching {kinds} ({n} patches{f', {skipped} change nothing' if skipped else ''})")
 
 
-def _on_mesh(mesh, model, *tokens):
-    """The model and token arrays replicated over ``mesh`` (as they are without one)."""
-    if mesh is None:
-        return (model, *tokens)
+def _captured(specs: Specs, target: Target) -> list[str]:
+    """What a target's patches read from the two runs: its sites, or every layer of a stacked kind."""
+    return [s.name for s in of_kind(specs, target.kind)] if target.stacked else list(target.names)
+
+
+def _values(cache, target: Target):
+    """A target's values in one run: ``[all layers, ...]`` (stacked) or ``[sites, ...]``."""
+    if target.stacked:
+        return cache.stack(target.kind)
+    return jnp.stack([cache[name] for name in target.names])
+
+
+def _changed(base_values, source_values, target: Target) -> np.ndarray:
+    """For every patch of a target ``[sites, *per]``: whether its source value differs anywhere."""
+    differs = base_values != source_values
+    if target.stacked:
+        differs = differs[np.asarray(target.layers)]
+    return sharding.to_host(reduce_site(differs, target, jnp.any))
+
+
+def reduce_site(values, target: Target, reduction=jnp.sum):
+    """``[sites, *site axes]`` reduced over every axis but the per axes: ``[sites, *per]``, per axes in order."""
+    keep = [1 + a for a in target.per]
+    reduced = reduction(values, axis=tuple(a for a in range(1, values.ndim) if a not in keep))
+    order = sorted(keep)
+    return reduced.transpose(0, *(1 + order.index(a) for a in keep))
+
+
+def _touches_before(target: Target, patches: np.ndarray, first: int) -> bool:
+    """Whether any of these patches edits a position before ``first`` (or every position at once)."""
+    pos = [k for k, a in enumerate(target.per) if S.role(target.axes[a]) == "pos"]
+    if not any(S.role(a) == "pos" for a in target.axes):
+        return False
+    return not pos or bool((patches[:, 1 + pos[0]] < first).any())
+
+
+def _suffix(values, target: Target, first: int):
+    """Site values from position ``first`` on (what a forward computing those positions only sees)."""
+    if not first:
+        return values
+    axis = 1 + next(i for i, a in enumerate(target.axes) if S.role(a) == "pos")
+    return jax.lax.slice_in_dim(values, first, values.shape[axis], axis=axis)
+
+
+def _on_mesh(mesh, model: Model, base, options):
     mesh = sharding.check_mesh(mesh)
-    return (sharding.replicate(model, mesh), *(None if t is None else sharding.put(t, mesh) for t in tokens))
+    model = sharding.replicate(model, mesh)
+    base = sharding.put(base, mesh)
+    options = {k: sharding.put(v, mesh) if hasattr(v, "shape") else v for k, v in options.items()}
+    return model, base, options
 
 
-def _patches(column, mesh):
+def _on_device(index: dict, mesh):
     """One chunk's patch indices, split over the mesh's data axis."""
-    return jnp.asarray(column) if mesh is None else sharding.put(column, mesh, sharding.P(sharding.DATA))
-
-
-def _shared_prefix(cfg, clean_tokens, corrupt_tokens, metric_positions) -> int:
-    """How many leading positions every patched run shares with the base run: up to the first token
-    where the inputs differ (causal models; 0 if the metric reads logits before it)."""
-    differs = np.asarray((clean_tokens != corrupt_tokens).any(0))
-    if not cfg.causal or not differs.any() or (cfg.qk_norm and cfg.positional != "rotary"):
-        return 0  # (cached keys are taken after q/k norm from attn.rot_k)
-    first = int(np.argmax(differs))
-    read = None if metric_positions is None else np.asarray(metric_positions)
-    if read is not None and ((read >= 0) & (read < first)).any():
-        return 0
-    return first
-
-
-def _shift(positions, first: int):
-    return np.where(positions < 0, positions, positions - first)
+    if mesh is None:
+        return {k: jnp.asarray(v) for k, v in index.items()}
+    return {k: sharding.put(v, mesh, sharding.P(sharding.DATA)) for k, v in index.items()}
 
 
 @jit
-def _run_chunk(model, kind, metric, patches, tokens, attention_mask, metric_positions, base_resid, source, exact,
-               prefix, logits_before, mesh):
-    start_layer = patches["layer"][0]  # patches are sorted by layer
-    start = (start_layer, base_resid[start_layer])
+def _patched(model, inputs, target: Target, metric, index, source_values, exact, mesh, options):
+    """The metric of every patch in ``index`` (site row, then an index per per-axis), vmapped."""
 
     def one(patch):
-        edit = Replace(kind, source, per_layer=True, layers=patch["layer"][None],
-                       positions=patch["position"][None] if "position" in patch else None,
-                       heads=patch["head"][None] if "head" in patch else None)
-        logits = model.forward(tokens, (edit,), attention_mask, start=start, logit_positions=metric_positions,
-                               prefix=prefix)[0]
-        if logits_before is not None:
-            logits = jnp.concatenate([logits_before, logits], 1)
-        return metric(logits)
+        site = target.kind if target.stacked else target.names[0]
+        layer = jnp.asarray(target.layers, jnp.int32)[patch["site"]][None] if target.stacked else None
+        value = source_values if target.stacked else source_values[0]
+        indices = {target.axes[a]: patch[f"axis{a}"][None] for a in target.per}  # (positions from 0, whatever first)
+        edit = Replace(site, value, per_layer=target.stacked, layers=layer, indices=indices)
+        return metric(apply(model, inputs, (edit,), **options)[0])
 
     if not exact:
-        return sharding.constrain(jax.vmap(one)(patches), mesh)
+        return sharding.constrain(jax.vmap(one)(index), mesh)
     run_in_order = lambda patches: jax.lax.map(one, patches)
     if mesh is not None:  # each device runs its share of the patches one after another
         run_in_order = jax.shard_map(run_in_order, mesh=mesh, in_specs=sharding.P(sharding.DATA),
                                      out_specs=sharding.P(sharding.DATA), check_vma=False)
-    return sharding.constrain(run_in_order(patches), mesh)
+    return sharding.constrain(run_in_order(index), mesh)
 
 
-def _pair(model, clean_tokens, corrupt_tokens, attention_mask):
-    clean_tokens, corrupt_tokens = jnp.asarray(clean_tokens), jnp.asarray(corrupt_tokens)
-    if clean_tokens.shape != corrupt_tokens.shape:
-        raise ValueError(f"clean tokens {tuple(clean_tokens.shape)} and corrupted tokens {tuple(corrupt_tokens.shape)} "
-                         "must have the same shape (pad them to the same length, with one attention_mask)")
-    check_inputs(model.cfg, clean_tokens, attention_mask)
-    check_inputs(model.cfg, corrupt_tokens, attention_mask)
-    return clean_tokens, corrupt_tokens
+def check_metric(metric: Callable, output) -> None:
+    """A metric must map the output to one number (a vector would be scattered into the grid wrongly)."""
+    shape = jax.eval_shape(metric, output).shape
+    if shape != ():
+        raise ValueError(f"metric must return a scalar, got shape {shape} from an output of shape "
+                         f"{np.shape(output)}; reduce over the batch (e.g. .mean())")
 
 
-def path_patch(model: Transformer, clean_tokens, corrupt_tokens, metric: Callable, receivers, *,
-               progress: bool = True, **options):
+def _stack(results: list, found: list[Target], single: bool):
+    """``[*per]`` for one named site, else every target's rows stacked: ``[sites, *per]``."""
+    rows = [row for result in results for row in result]
+    if single:
+        return jnp.asarray(rows[0])
+    if len({np.shape(r) for r in rows}) > 1:
+        shapes = ", ".join(f"{n}: {np.shape(r)}" for t, result in zip(found, results) for n, r in zip(t.names, result))
+        raise ValueError(f"The sites swept give results of different shapes ({shapes}); sweep them one at a time")
+    return jnp.asarray(np.stack(rows))
+
+
+# --- path patching -------------------------------------------------------------------------------
+
+def path_patch(model, clean, corrupted, metric: Callable, receivers, *, progress: bool = True, **options):
     """Path patching (Wang et al. 2022): the effect of each sender head's output reaching the
-    ``receivers`` only through the direct paths (other heads frozen).
+    ``receivers`` only through the direct paths (other heads frozen). A jinterp transformer's.
 
-    For every sender head (l, h): (1) run the base tokens with every head's ``z`` frozen to its
-    base value, except the sender's, which takes its value from the other run (MLPs recompute
-    unless ``freeze_mlps``); record the receivers; (2) run the base tokens again with only the
+    For every sender head (l, h): (1) run the base input with every head's ``z`` frozen to its
+    base value, except the sender's, which takes its value from the source run (MLPs recompute
+    unless ``freeze_mlps``); record the receivers; (2) run the base input again with only the
     receivers patched to the values from (1); score with ``metric``.
 
     ``receivers``: a list of site names: ``"blocks.{l}.attn.q"`` / ``.k`` / ``.v`` (all heads) or a
     pair ``("blocks.{l}.attn.q", [heads])``, or a residual site such as ``"blocks.{l}.resid_pre"``
     or ``"blocks.{L-1}.resid_post"`` (what the final norm and unembedding read).
-    ``direction="noise"`` (default, as in the IOI paper): base = clean, senders corrupted.
+    ``direction``: ``"denoise"`` (the default everywhere: base = corrupted, senders clean) or
+    ``"noise"`` (as in the IOI paper: base = clean, senders corrupted).
 
     Returns ``[n_layers, n_heads]``: the metric for each sender (senders that cannot reach a
     receiver score as the unpatched base run). The second run starts from the base residual
     stream at the first receiver's layer: nothing before it differs from the base run.
 
-    Options: ``direction``, ``attention_mask``, ``metric_positions``, ``freeze_mlps``, ``mesh`` (the
+    Options: ``direction``, ``attention_mask``, ``logit_positions``, ``freeze_mlps``, ``mesh`` (the
     senders split over its ``"data"`` axis, as in ``sweep``).
     """
-    return path_patch_chunks(model, clean_tokens, corrupt_tokens, metric, receivers, **options).run(progress)
+    return path_patch_chunks(model, clean, corrupted, metric, receivers, **options).run(progress)
 
 
-def path_patch_chunks(model: Transformer, clean_tokens, corrupt_tokens, metric: Callable, receivers, *,
-                      direction: str = "noise", attention_mask=None, metric_positions=None,
-                      freeze_mlps: bool = False, mesh=None) -> Chunks:
+RESIDUAL_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+
+
+def path_patch_chunks(model, clean, corrupted, metric: Callable, receivers, *, direction: str = "denoise",
+                      attention_mask=None, logit_positions=None, freeze_mlps: bool = False, mesh=None) -> Chunks:
     """``path_patch`` as ``Chunks`` (same arguments), one chunk per sender layer."""
-    choose(direction, DIRECTIONS, "patching direction")
-    clean_tokens, corrupt_tokens = _pair(model, clean_tokens, corrupt_tokens, attention_mask)
-    base, other = (clean_tokens, corrupt_tokens) if direction == "noise" else (corrupt_tokens, clean_tokens)
-    receivers = [_receiver(model.cfg, r) for r in receivers]
-    model, base, other, attention_mask = _on_mesh(mesh, model, base, other, attention_mask)
+    base, source = pair(model, clean, corrupted, direction, attention_mask=attention_mask)
+    cfg = model.cfg
+    receivers = [_receiver(model.site_specs(base), r) for r in receivers]
+    if mesh is not None:
+        mesh = sharding.check_mesh(mesh)
+        model, base, source, attention_mask = (sharding.replicate(model, mesh), *(
+            None if t is None else sharding.put(t, mesh) for t in (base, source, attention_mask)))
     frozen_kinds = ["attn.z"] + (["mlp_out"] if freeze_mlps else [])
     base_logits, base_cache = run(model, base, capture=[f"blocks.*.{k}" for k in frozen_kinds + ["resid_pre"]],
-                                  attention_mask=attention_mask, logit_positions=metric_positions)
-    _, other_cache = run(model, other, capture="blocks.*.attn.z", attention_mask=attention_mask)
-    senders = np.stack(np.meshgrid(np.arange(model.cfg.n_layers), np.arange(model.cfg.n_heads), indexing="ij"), -1)
+                                  attention_mask=attention_mask, logit_positions=logit_positions)
+    _, source_cache = run(model, source, capture="blocks.*.attn.z", attention_mask=attention_mask)
+    senders = np.stack(np.meshgrid(np.arange(cfg.n_layers), np.arange(cfg.n_heads), indexing="ij"), -1)
     senders = senders.reshape(-1, 2).astype(np.int32)
-    chunks = np.array_split(np.arange(len(senders)), model.cfg.n_layers)  # chunk c: the heads of layer c
+    chunks = np.array_split(np.arange(len(senders)), cfg.n_layers)  # chunk c: the heads of layer c
     # A head at layer l reaches q/k/v and resid_pre of later layers only, the other sites from its own layer on.
     reach = max(layer + (kind not in ("attn.q", "attn.k", "attn.v", "resid_pre")) for kind, layer, _ in receivers)
     resume = min(layer for _, layer, _ in receivers)  # the second run recomputes from this layer on
@@ -355,33 +424,34 @@ def path_patch_chunks(model: Transformer, clean_tokens, corrupt_tokens, metric: 
         if c >= reach:
             return jnp.full(len(chunks[c]), metric(base_logits))
         chunk = chunks[c][np.minimum(np.arange(sharding.pad_to(len(chunks[c]), mesh)), len(chunks[c]) - 1)]
-        return _path_chunk(model, tuple(receivers), tuple(frozen_kinds), metric, _patches(senders[chunk], mesh), base,
-                           attention_mask, metric_positions, base_cache, other_cache, resume, mesh)[:len(chunks[c])]
+        return _path_chunk(model, tuple(receivers), tuple(frozen_kinds), metric, _on_device({"s": senders[chunk]},
+                           mesh)["s"], base, attention_mask, logit_positions, base_cache, source_cache, resume,
+                           mesh)[:len(chunks[c])]
 
     def assemble(results):
-        return jnp.asarray(np.concatenate([sharding.to_host(r) for r in results]).reshape(model.cfg.n_layers,
-                                                                                          model.cfg.n_heads))
+        return jnp.asarray(np.concatenate([sharding.to_host(r) for r in results]).reshape(cfg.n_layers, cfg.n_heads))
 
     return Chunks(len(chunks), compute, assemble, f"Path patching ({len(senders)} senders)")
 
 
-def _receiver(cfg, receiver) -> tuple[str, int, tuple[int, ...] | None]:
-    site, heads = receiver if isinstance(receiver, tuple) else (receiver, None)
+def _receiver(specs: Specs, receiver) -> tuple[str, int, tuple[int, ...] | None]:
+    site, heads = receiver if isinstance(receiver, tuple) and not isinstance(receiver[1], int) else (receiver, None)
     if not isinstance(site, str):
         raise TypeError(f"A receiver is a site name or (site name, heads), got {receiver!r}")
-    parsed = S.resolve(cfg, site)
-    if not isinstance(parsed.layer, int):
+    parsed = match(specs, site)
+    spec = specs[parsed[0]]
+    if len(parsed) != 1 or spec.layer is None:
         raise ValueError(f"Receiver {site!r} must name one layer (e.g. 'blocks.9.attn.q')")
     allowed = ("attn.q", "attn.k", "attn.v") + RESIDUAL_SITES
-    choose(parsed.kind, allowed, "receiver site kind")
-    if heads is not None and parsed.kind not in ("attn.q", "attn.k", "attn.v"):
+    choose(spec.kind, allowed, "receiver site kind")
+    if heads is not None and spec.kind not in ("attn.q", "attn.k", "attn.v"):
         raise ValueError(f"Receiver {site!r}: heads only apply to q/k/v receivers")
-    return parsed.kind, parsed.layer, None if heads is None else tuple(int(h) for h in heads)
+    return spec.kind, spec.layer, None if heads is None else tuple(int(h) for h in heads)
 
 
 @jit
-def _path_chunk(model, receivers, frozen_kinds, metric, senders, tokens, attention_mask, metric_positions,
-                base_cache, other_cache, resume, mesh):
+def _path_chunk(model, receivers, frozen_kinds, metric, senders, tokens, attention_mask, logit_positions,
+                base_cache, source_cache, resume, mesh):
     freeze = tuple(Replace(f"blocks.*.{k}", base_cache.stack(k), per_layer=True) for k in frozen_kinds)
     layers_by_kind = {}
     for kind, layer, _ in receivers:
@@ -389,15 +459,15 @@ def _path_chunk(model, receivers, frozen_kinds, metric, senders, tokens, attenti
     capture = tuple(Capture(kind, sorted(layers)) for kind, layers in layers_by_kind.items())
 
     def one(sender):
-        sender_edit = Replace("attn.z", other_cache.stack("attn.z"), per_layer=True, layers=sender[0][None],
+        sender_edit = Replace("attn.z", source_cache.stack("attn.z"), per_layer=True, layers=sender[0][None],
                               heads=sender[1][None])
-        _, cache = _run(model, tokens, freeze + (sender_edit,) + capture, attention_mask, None,
-                        logit_positions=jnp.zeros(0, jnp.int32))
+        _, cache = apply(model, tokens, freeze + (sender_edit,) + capture, attention_mask=attention_mask,
+                         logit_positions=jnp.zeros(0, jnp.int32))
         patches = tuple(Replace(f"blocks.{layer}.{kind}", cache[f"blocks.{layer}.{kind}"], heads=heads)
                         for kind, layer, heads in receivers)
         start = (resume, base_cache[f"blocks.{resume}.resid_pre"])  # nothing before the receivers changes
-        logits = model.forward(tokens, patches, attention_mask, start=start, logit_positions=metric_positions)[0]
+        logits = apply(model, tokens, patches, attention_mask=attention_mask, start=start,
+                       logit_positions=logit_positions)[0]
         return metric(logits)
 
     return sharding.constrain(jax.vmap(one)(senders), mesh)
-

@@ -27,7 +27,7 @@ import optax
 from jaxtyping import Array, Float, Int
 
 from jinterp._compile import jit
-from jinterp.collection import collect, site_names  # noqa: F401  (probes.collect is jinterp.collect)
+from jinterp.collection import collect  # noqa: F401  (probes.collect is jinterp.collect)
 from jinterp.train import shuffled_batches, train
 
 

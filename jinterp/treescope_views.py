@@ -22,7 +22,7 @@ import numpy as np
 import treescope
 from treescope import rendering_parts
 
-from jinterp import names as S
+from jinterp.models import declaration
 
 
 def parameter_counts(model) -> dict[str, int]:
@@ -51,12 +51,13 @@ def render_model(model, path, subtree_renderer):
     counts = parameter_counts(model)
     total = sum(counts.values())
     per_part = ", ".join(f"{name} {n:,}" for name, n in counts.items())
-    top, block = S.site_kinds(model.cfg)
-    shape = lambda kind: "[" + ", ".join(map(str, S.site_shape(model.cfg, kind))) + "]"  # noqa: E731
+    found = declaration.kinds(model.cfg)
+    top, block = found.top, found.block
+    shape = lambda kind: "[" + ", ".join(map(str, declaration.shape(model.cfg, kind))) + "]"  # noqa: E731
     site_lines = [f"blocks.{{0..{model.cfg.n_layers - 1}}}.{kind}: {shape(kind)}" for kind in block]
     site_lines += [f"{kind}: {shape(kind)}" for kind in top]
     sites = rendering_parts.build_custom_foldable_tree_node(
-        label=_comment(f"# {len(top) + len(block)} site kinds, {len(S.site_names(model.cfg))} sites "
+        label=_comment(f"# {len(top) + len(block)} site kinds, {len(model.site_specs())} sites "
                        "(jinterp.sites(model) lists each with its shape)"),
         contents=rendering_parts.fold_condition(expanded=rendering_parts.indented_children(
             [_comment(f"#   {line}") for line in site_lines])),

@@ -32,7 +32,7 @@ from safetensors.numpy import load_file, save_file
 
 from jinterp._compile import jit
 from jinterp.cache import Cache
-from jinterp.cache import run as run_model
+from jinterp.core import run as run_model
 from jinterp.lens import accumulated_resid, readout
 from jinterp.models.transformer import Transformer
 from jinterp.train import Trained, shuffled_batches, train

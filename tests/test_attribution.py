@@ -48,8 +48,8 @@ def test_correlates_with_patching_on_smollm2_ioi(named):
     corrupt = np.array([tokenizer.encode(f"When{a} and{b} went to the store,{a} gave a drink to") for a, b in pairs])
     answers = np.array([(tokenizer.encode(a)[0], tokenizer.encode(b)[0]) for a, b in pairs])
     score = answer_metric(answers)
-    estimate = attribution.attribution_patching(model, clean, corrupt, score, "z", metric_positions=[-1])
-    swept = patching.sweep(model, clean, corrupt, score, "z", metric_positions=[-1], progress=False)
+    estimate = attribution.attribution_patching(model, clean, corrupt, score, "z", logit_positions=[-1])
+    swept = patching.sweep(model, clean, corrupt, score, "z", logit_positions=[-1], progress=False)
     base = float(score(model(corrupt)))
     correlation = np.corrcoef(np.asarray(estimate).ravel(), np.asarray(swept).ravel() - base)[0, 1]
     print(f"attribution vs activation patching, heads (z), SmolLM2 IOI: r = {correlation:.3f}")
@@ -71,9 +71,9 @@ def test_integrated_gradients_completeness(named):
     baseline = np.full_like(tokens, tokenizer.encode(" the")[0])
     baseline[:, 0] = tokens[:, 0]
     ig = attribution.integrated_gradients(model, tokens, logit_diff, baseline_tokens=baseline, steps=64,
-                                          metric_positions=[-1])
+                                          logit_positions=[-1])
     total, difference = attribution.completeness(model, tokens, logit_diff, ig, baseline_tokens=baseline,
-                                                 metric_positions=[-1])
+                                                 logit_positions=[-1])
     assert ig.shape == tokens.shape
     assert abs(total - difference) <= 0.01 * abs(difference), (total, difference)
 

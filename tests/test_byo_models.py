@@ -62,6 +62,10 @@ def mlp():
     return model
 
 
+def shapes(specs) -> dict:
+    return {name: spec.shape for name, spec in specs.items()}
+
+
 def _hidden(model, x):
     W, b = np.asarray(model.hidden.weight), np.asarray(model.hidden.bias)
     return np.maximum(np.asarray(x) @ W.T + b, 0)
@@ -81,7 +85,7 @@ CORRUPT_X = CLEAN_X * jnp.asarray([1.0, -1.0])
 
 def test_equinox_capture_and_edits(mlp):
     wrapped = byo.wrap(mlp)
-    assert jinterp.sites(wrapped, CLEAN_X) == {"hidden": (3, 16)}
+    assert shapes(jinterp.sites(wrapped, CLEAN_X)) == {"hidden": (3, 16)}
     out, cache = jinterp.run(wrapped, CLEAN_X, capture="hidden")
     h = _hidden(mlp, CLEAN_X)
     np.testing.assert_allclose(cache["hidden"], h, rtol=1e-5, atol=1e-6)
@@ -146,9 +150,9 @@ def test_equinox_errors(mlp):
     np.testing.assert_allclose(out, _readout(mlp, h), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"Add vector at 'hidden' has shape \(3,\).*\(3, 16\)"):
         jinterp.run(wrapped, CLEAN_X, edits=jinterp.Add("hidden", jnp.ones(3)))
-    with pytest.raises(TypeError, match="attention_mask apply to jinterp transformers only"):
+    with pytest.raises(TypeError, match="attention_mask: options this Equinox model does not take"):
         jinterp.run(wrapped, CLEAN_X, attention_mask=jnp.ones((3, 2)))
-    with pytest.raises(TypeError, match="mesh apply to jinterp transformers only"):
+    with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
         patching.sweep(wrapped, CLEAN_X, CLEAN_X, jnp.sum, "hidden", mesh=object())
     with pytest.raises(TypeError, match="Cannot wrap a function"):
         byo.wrap(lambda x: x)
@@ -188,7 +192,7 @@ def test_linen_capture_equals_capture_intermediates(cnn):
     model, variables = cnn
     wrapped = byo.wrap(model, variables)
     x = _spots(3, 5)[0]
-    assert jinterp.sites(wrapped, x) == {"Conv_0": (3, 6, 6, 4), "Conv_1": (3, 6, 6, 4), "Dense_0": (3, 2)}
+    assert shapes(jinterp.sites(wrapped, x)) == {"Conv_0": (3, 6, 6, 4), "Conv_1": (3, 6, 6, 4), "Dense_0": (3, 2)}
     out, cache = jinterp.run(wrapped, x, capture="all")
     expected_out, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
     np.testing.assert_allclose(out, expected_out, rtol=1e-6)
@@ -307,7 +311,7 @@ def test_nnx_sites_and_capture(transformer):
     found = jinterp.sites(wrapped, TOKENS_CLEAN)
     assert list(found)[:6] == ["embed", "blocks.0.ln1", "blocks.0.attn.qkv", "blocks.0.attn.out", "blocks.0.attn",
                                "blocks.0.ln2"]
-    assert found["blocks.1.attn"] == (2, SEQ, D) and found["unembed"] == (2, SEQ, VOCAB)
+    assert found["blocks.1.attn"].shape == (2, SEQ, D) and found["unembed"].shape == (2, SEQ, VOCAB)
     logits, cache = jinterp.run(wrapped, TOKENS_CLEAN, capture=["blocks.*.attn", "embed"])
     np.testing.assert_allclose(logits, transformer(TOKENS_CLEAN), rtol=1e-5, atol=1e-6)
     outputs, = _attn_outputs(transformer, TOKENS_CLEAN)
@@ -402,7 +406,7 @@ def test_site_naming():
     x = jnp.asarray([[0.5, -1.0, 2.0], [1.0, 0.0, -0.5]])
     growing = Growing(nnx.Rngs(0))
     wrapped = byo.wrap(growing)
-    assert jinterp.sites(wrapped, x) == {"layers.0": (2, 4), "layers.1": (2, 5)}
+    assert shapes(jinterp.sites(wrapped, x)) == {"layers.0": (2, 4), "layers.1": (2, 5)}
     # "layers.*" with layers=[1]: a value of layer 1's shape never meets layer 0's.
     out, cache = jinterp.run(wrapped, x, capture="layers.*", edits=jinterp.Replace("layers.*", jnp.ones(5), layers=[1]))
     kernel, bias = np.asarray(growing.layers[0].kernel[...]), np.asarray(growing.layers[0].bias[...])

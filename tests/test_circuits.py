@@ -86,8 +86,8 @@ def test_ioi_circuit_on_smollm2(named):
     corrupt = np.array([tokenizer.encode(f"When{a} and{b} went to the store,{a} gave a drink to") for a, b in pairs])
     answers = np.array([(tokenizer.encode(a)[0], tokenizer.encode(b)[0]) for a, b in pairs])
     score = answer_metric(answers)
-    scores, graph = circuits.edge_attribution(model, clean, corrupt, score, metric_positions=[-1], progress=False)
+    scores, graph = circuits.edge_attribution(model, clean, corrupt, score, logit_positions=[-1], progress=False)
     result = circuits.faithfulness(model, circuits.prune(scores, graph, n_edges=3000), clean, corrupt, score,
-                                   metric_positions=[-1])
+                                   logit_positions=[-1])
     print(f"SmolLM2 IOI: 3000 of {graph.n_edges} edges recover {result['normalized']:.2f} of the logit difference")
     assert result["normalized"] > 0.8

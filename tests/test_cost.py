@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from conftest import random_tokens
 
 import jinterp
-from jinterp.cache import _run
+from jinterp.core import apply
 
 CFG = jinterp.Config(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_head=16, d_mlp=128, d_vocab=101, n_ctx=32,
                      norm="rms", positional="rotary", act="silu", gated_mlp=True)
@@ -27,7 +27,7 @@ def flops(fn, model, tokens) -> float:
 def test_capturing_nothing_compiles_to_the_plain_forward():
     model = jinterp.Transformer.init(CFG, jax.random.key(0))
     plain = compiled(lambda m, t: m.forward(t)[0], model, TOKENS).as_text()
-    via_run = compiled(lambda m, t: _run(m, t, (), None, None)[0], model, TOKENS).as_text()
+    via_run = compiled(lambda m, t: apply(m, t, ())[0], model, TOKENS).as_text()
     assert operations(plain) == operations(via_run)
 
 
@@ -39,7 +39,8 @@ def operations(hlo: str) -> list[str]:
 
 def test_capturing_every_site_adds_no_arithmetic():
     model = jinterp.Transformer.init(CFG, jax.random.key(0))
-    captures = jinterp.cache.captures(model, "all")
+    specs = model.site_specs(TOKENS)
+    captures = model.plan_captures(specs, jinterp.specs.match(specs, "all"), frozenset())[0]
     base = flops(lambda m, t: m.forward(t)[0], model, TOKENS)
-    everything = flops(lambda m, t: _run(m, t, captures, None, None), model, TOKENS)
+    everything = flops(lambda m, t: apply(m, t, captures), model, TOKENS)
     assert everything <= 1.1 * base, (everything, base)

@@ -26,7 +26,7 @@ TOO_LONG = np.zeros((1, 30), np.int32)
 
 def audit(toy):
     """(call, error type, message pattern) for each wrong use."""
-    _, cache = jinterp.run(toy, TOKENS, capture=lens.sites(toy))
+    _, cache = jinterp.run(toy, TOKENS, capture=lens.site_names(toy))
     stack, _ = lens.decompose_resid(toy, cache)
     sweep = lambda *args, **kw: patching.sweep(toy, *args, progress=False, **kw)  # noqa: E731
     return [
@@ -34,7 +34,7 @@ def audit(toy):
         (lambda: jinterp.run(toy, TOKENS, capture=["blocks.0.resid_pr"]), ValueError,
          r"Unknown site 'blocks.0.resid_pr'.*Closest valid names: blocks.0.resid_pre"),
         (lambda: jinterp.run(toy, TOKENS, capture=["blocks.9.resid_pre"]), ValueError,
-         r"layer 9 is out of range; this model has 3 layers \(0..2\)"),
+         r"layer 9 is out of range; this model has 3 layers of 'resid_pre' \(0..2\)"),
         (lambda: sweep(TOKENS, TOKENS, toy_metric, "resid_pr"), ValueError,
          r"Unknown sweep site 'resid_pr'; valid choices: 'resid_pre'.*Did you mean 'resid_pre'"),
         (lambda: attribution.attribution_patching(toy, TOKENS, TOKENS, toy_metric, "mlp_outt"), ValueError,

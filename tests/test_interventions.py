@@ -11,7 +11,6 @@ import pytest
 from conftest import TOY, random_tokens
 
 import jinterp
-from jinterp import names as S
 
 TOKENS = random_tokens(TOY.d_vocab, (2, 9))
 
@@ -25,7 +24,7 @@ def test_edit_at_layer_leaves_earlier_sites_bit_identical(toy):
     _, clean = all_sites(toy)
     vector = jax.random.normal(jax.random.key(1), (TOY.d_model,))
     _, edited = all_sites(toy, edits=jinterp.Add("blocks.1.resid_mid", vector))
-    order = S.site_names(TOY)
+    order = list(jinterp.sites(toy))
     edit_index = order.index("blocks.1.resid_mid")
     for name in order[:edit_index]:
         assert np.array_equal(clean[name], edited[name]), f"{name} precedes the edit but changed"

@@ -17,7 +17,7 @@ GPT2ISH = jinterp.Config(d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=64, 
 def test_decomposition_and_direct_logit_attribution(cfg):
     model = jinterp.Transformer.init(cfg, jax.random.key(0), std=0.3)
     tokens = random_tokens(cfg.d_vocab, (2, 6))
-    logits, cache = jinterp.run(model, tokens, capture=lens.sites(model))
+    logits, cache = jinterp.run(model, tokens, capture=lens.site_names(model))
     parts, labels = lens.decompose_resid(model, cache)
     assert labels[0] == "embed" and labels[-1] == f"{cfg.n_layers - 1}_mlp_out"
     if cfg.out_bias:  # output biases write a constant the components leave out
@@ -35,7 +35,7 @@ def test_decomposition_and_direct_logit_attribution(cfg):
 
 def test_head_results_sum_to_attn_out(toy):
     tokens = random_tokens(TOY.d_vocab, (2, 6))
-    _, cache = jinterp.run(toy, tokens, capture=lens.sites(toy))
+    _, cache = jinterp.run(toy, tokens, capture=lens.site_names(toy))
     heads, labels = lens.stack_head_results(toy, cache)
     assert heads.shape == (TOY.n_layers * TOY.n_heads, 2, 6, TOY.d_model) and labels[7] == "L1H1"
     per_layer = heads.reshape(TOY.n_layers, TOY.n_heads, 2, 6, -1).sum(1)
@@ -44,7 +44,7 @@ def test_head_results_sum_to_attn_out(toy):
 
 def test_logit_lens_ends_at_the_logits(toy):
     tokens = random_tokens(TOY.d_vocab, (2, 6))
-    logits, cache = jinterp.run(toy, tokens, capture=lens.sites(toy))
+    logits, cache = jinterp.run(toy, tokens, capture=lens.site_names(toy))
     lensed = lens.logit_lens(toy, cache)
     assert lensed.shape == (TOY.n_layers + 1, 2, TOY.d_vocab)
     np.testing.assert_allclose(np.asarray(lensed[-1]), np.asarray(logits[:, -1]), atol=1e-4)
@@ -54,7 +54,7 @@ def test_logit_lens_ends_at_the_logits(toy):
 
 def test_missing_sites_and_unsuitable_models(toy):
     _, cache = jinterp.run(toy, random_tokens(TOY.d_vocab, (1, 4)), capture=["embed"])
-    with pytest.raises(KeyError, match=r"lacks 'blocks.0.attn_out'; run with capture=jinterp.lens.sites\(model\)"):
+    with pytest.raises(KeyError, match=r"lacks 'blocks.0.attn_out'; run with capture=jinterp.lens.site_names\(model\)"):
         lens.decompose_resid(toy, cache)
     bert = jinterp.Transformer.init(jinterp.Config(d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=16, d_vocab=9,
                                                    n_ctx=8, norm_placement="post", unembed=False, causal=False),

@@ -25,22 +25,31 @@ def close(actual, expected):
     np.testing.assert_allclose(actual, expected, atol=1e-5 * max(1.0, float(np.abs(expected).max())), rtol=0)
 
 
-def toy_sequence_bytes(seq: int, resid_post_layers: int = 0) -> int:
-    """TOY's estimate written out by hand (float32): one layer's working set, a resid_post capture
-    (its [n_layers, ...] buffer, plus the gathered copy when only some layers are captured), no logits."""
-    working = seq * (10 * 36 + 4 * 44 + 3 * 6 * (7 + seq))
+def toy_sequence_bytes(seq: int, resid_post_layers: int = 0, n_logits: int = 0) -> int:
+    """TOY's estimate written out by hand (float32, one sequence): the sites the forward computes outside
+    the blocks (embed, ln_final's scale and output, the logits) and in one block (8 residual-sized, 2
+    scales, q, rot_q and z of 6 heads, k, v and rot_k of 2 kv heads, scores and pattern, 3 MLP-sized; not
+    attn.result or the per-head inputs, computed only on demand), and a resid_post capture (its [n_layers,
+    ...] buffer, plus the gathered copy when only some layers are captured)."""
+    top = seq * (36 + 1 + 36) + n_logits * 53
+    block = seq * (8 * 36 + 2 + 3 * 6 * 7 + 3 * 2 * 7 + 2 * 6 * seq + 3 * 44)
     captured = 0 if not resid_post_layers else seq * 36 * (3 + (resid_post_layers if resid_post_layers < 3 else 0))
-    return 4 * (working + captured)
+    return 4 * (top + block + captured)
+
+
+def specs_of(cfg, seq: int, n_logits: int | None = 0):
+    return jinterp.models.declaration.site_specs(cfg, 1, seq, n_logits)
 
 
 def test_the_estimate_counts_the_working_set_captures_and_logits():
-    assert memory.sequence_bytes(TOY, 7, (), 0) == toy_sequence_bytes(7)
-    assert memory.sequence_bytes(TOY, 7, [f"blocks.{i}.resid_post" for i in range(3)], 0) == toy_sequence_bytes(7, 3)
-    assert memory.sequence_bytes(TOY, 7, ["blocks.1.resid_post"], 0) == toy_sequence_bytes(7, 1)
-    assert memory.sequence_bytes(TOY, 7, (), 2) == toy_sequence_bytes(7) + 4 * 2 * 53
-    assert memory.values_bytes(TOY, ["blocks.1.resid_post", "blocks.2.attn.pattern"], 7) == 4 * (7 * 36 + 6 * 7 * 7)
-    half = TOY.replace(dtype="bfloat16")
-    assert memory.sequence_bytes(half, 7, (), 0) == toy_sequence_bytes(7) // 2
+    specs = specs_of(TOY, 7)
+    assert memory.run_bytes(specs) == toy_sequence_bytes(7)
+    assert memory.run_bytes(specs, [f"blocks.{i}.resid_post" for i in range(3)]) == toy_sequence_bytes(7, 3)
+    assert memory.run_bytes(specs, ["blocks.1.resid_post"]) == toy_sequence_bytes(7, 1)
+    assert memory.run_bytes(specs_of(TOY, 7, 2)) == toy_sequence_bytes(7, n_logits=2)
+    assert memory.values_bytes(specs, ["blocks.1.resid_post", "blocks.2.attn.pattern"]) == 4 * (7 * 36 + 6 * 7 * 7)
+    half = specs_of(TOY.replace(dtype="bfloat16"), 7)  # norm statistics stay float32: 2 bytes more per scale
+    assert memory.run_bytes(half) == toy_sequence_bytes(7) // 2 + 2 * 7 * (1 + 36 + 2 + 2 * 36)
 
 
 def chunks_seen(monkeypatch) -> list[int]:
@@ -64,7 +73,8 @@ def test_collect_every_position_equals_one_run_on_the_whole_batch(toy, monkeypat
     sites = ["embed", "blocks.*.resid_post", "blocks.1.attn.pattern", "blocks.2.attn.result", "logits"]
     names = ["embed", *(f"blocks.{i}.resid_post" for i in range(3)), "blocks.1.attn.pattern", "blocks.2.attn.result",
              "logits"]
-    each = memory.sequence_bytes(TOY, 7, names, 7) + memory.values_bytes(TOY, names, 7)  # and the values returned
+    specs = specs_of(TOY, 7, None)
+    each = memory.run_bytes(specs, names) + memory.values_bytes(specs, names)  # and the values returned
     sizes = chunks_seen(monkeypatch)
     got = collect(toy, tokens, sites, attention_mask=mask, memory_budget=2.5 * each, progress=False)
     assert sizes == [2, 2, 2]  # two sequences fit; the last chunk is padded with a copy of the last sequence
@@ -94,11 +104,11 @@ def test_the_batch_size_shrinks_with_the_budget(toy, monkeypatch):
 
 def test_a_budget_too_small_for_one_sequence_says_what_to_change(toy):
     tokens = random_tokens(TOY.d_vocab, (2, 7))
-    with pytest.raises(ValueError, match=r"memory_budget=1,000 bytes .* too small: one sequence of 7 tokens "
+    with pytest.raises(ValueError, match=r"memory_budget=1,000 bytes .* too small: one input "
                                          r"capturing 3 site\(s\) needs about [\d,]+ bytes .* capture fewer sites"):
         collect(toy, tokens, "blocks.*.resid_post", memory_budget=1000, progress=False)
     clean, corrupt = corrupted_pair(0)
-    with pytest.raises(ValueError, match=r"one patch \(3 prompts x 7 tokens\) needs about .* fewer or shorter prompts"):
+    with pytest.raises(ValueError, match=r"one patch \(a run of the 3 inputs\) needs about .* fewer or shorter inputs"):
         patching.sweep(toy, clean, corrupt, toy_metric, memory_budget=1000, progress=False)
     with pytest.raises(ValueError, match=r"too small: after [\d,]+ bytes for the copy of the 2 layers' weights run, "
                                          "one sequence of 6 tokens"):
@@ -116,7 +126,7 @@ def test_streamed_activations_are_the_same_under_a_small_budget(toy):
     two_layers = toy.first_layers(2)  # the layers run; the budget holds a copy of their weights too
     weights = sum(a.nbytes for a in jax.tree.leaves(two_layers.blocks))
     small = ModelActivations(toy, tokens, site, sequences_per_batch=5, skip=1,
-                             memory_budget=weights + 2.5 * memory.sequence_bytes(two_layers.cfg, 6, [site], 0))
+                             memory_budget=weights + 2.5 * memory.run_bytes(specs_of(two_layers.cfg, 6), [site]))
     assert small.sequences_per_forward(5) == 2
     # The same rows bit for bit: each sequence's forward does not depend on the others in its batch.
     np.testing.assert_array_equal(small(jnp.int32(3)), free(jnp.int32(3)))

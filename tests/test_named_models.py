@@ -106,7 +106,7 @@ def test_processed_weights_give_the_same_probabilities(named, name):
 
 
 def test_models_lists_what_is_registered_and_installed():
-    listed = {m["name"]: m for m in jinterp.models()}
+    listed = {m["name"]: m for m in jinterp.named_models()}
     assert set(listed) == {"smollm2-135m", "gemma3-270m", "minilm-l6"}
     assert listed["smollm2-135m"]["default"] and "Gemma" in listed["gemma3-270m"]["license"]
     assert all(isinstance(m["installed"], bool) for m in listed.values())

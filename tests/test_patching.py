@@ -9,25 +9,31 @@ from conftest import TOY, corrupted_pair
 from conftest import toy_metric as metric
 
 import jinterp
+from jinterp import names as S
 from jinterp import patching
 
 CLEAN, CORRUPT = corrupted_pair(0)
 RNG = np.random.default_rng(0)
 
 
+PER = {"position": ("pos",), "layer": (), "head": ("head",), "head_position": ("head", "pos")}
+
+
 def single_patches(model, kind, per, direction="denoise"):
-    """The reference: one jinterp.run per patch, in a Python loop."""
+    """The reference: one jinterp.run per patch, in a Python loop over layers and per-axis indices."""
     base, source = (CORRUPT, CLEAN) if direction == "denoise" else (CLEAN, CORRUPT)
     _, cache = jinterp.run(model, source, capture=f"blocks.*.{kind}")
-    columns, shape = patching.patch_grid(model.cfg, kind, per, base.shape[1], None)
+    spec = jinterp.sites(model, base)[f"blocks.0.{kind}"]
+    sizes = [next(size for axis, size in zip(spec.axes, spec.shape) if S.role(axis) == role) for role in PER[per]]
     out = []
-    for i in range(len(columns["layer"])):
-        layer = int(columns["layer"][i])
-        edit = jinterp.Replace(f"blocks.{layer}.{kind}", cache[f"blocks.{layer}.{kind}"],
-                               positions=[int(columns["position"][i])] if "position" in columns else None,
-                               heads=[int(columns["head"][i])] if "head" in columns else None)
-        out.append(metric(jinterp.run(model, base, edits=edit)[0]))
-    return np.asarray(out).reshape(shape)
+    for layer in range(model.cfg.n_layers):
+        for index in np.ndindex(*sizes):
+            at = dict(zip(PER[per], index))
+            edit = jinterp.Replace(f"blocks.{layer}.{kind}", cache[f"blocks.{layer}.{kind}"],
+                                   positions=[at["pos"]] if "pos" in at else None,
+                                   heads=[at["head"]] if "head" in at else None)
+            out.append(metric(jinterp.run(model, base, edits=edit)[0]))
+    return np.asarray(out).reshape(model.cfg.n_layers, *sizes)
 
 
 @pytest.mark.parametrize("site, per, shape", [
@@ -35,7 +41,7 @@ def single_patches(model, kind, per, direction="denoise"):
     ("mlp_out", "layer", (3,)), ("z", "head", (3, 6)), ("q", "head_position", (3, 6, 7)), ("k", "head", (3, 2)),
     ("v", "head_position", (3, 2, 7)), ("pattern", "head", (3, 6))])
 def test_exact_sweep_equals_a_loop_of_single_patches_bit_for_bit(toy, site, per, shape):
-    kind = patching.sweep_kind(toy, site)
+    kind = patching.SHORT_NAMES.get(site, site)
     swept = patching.sweep(toy, CLEAN, CORRUPT, metric, site, per=per, exact=True, chunk_size=4, progress=False)
     assert swept.shape == shape
     assert np.array_equal(np.asarray(swept), single_patches(toy, kind, per))
@@ -47,7 +53,7 @@ def test_exact_sweep_equals_a_loop_of_single_patches_bit_for_bit(toy, site, per,
 def test_vmapped_sweep_matches_to_float32_rounding_whatever_the_chunking(toy, site, per):
     """The default sweep skips patches that change nothing and runs only the positions from the
     first differing token on (2 here), attending to cached keys and values before it."""
-    kind = patching.sweep_kind(toy, site)
+    kind = patching.SHORT_NAMES.get(site, site)
     reference = single_patches(toy, kind, per)
     for chunk in (None, 5, 1000):
         swept = patching.sweep(toy, CLEAN, CORRUPT, metric, site, per=per, chunk_size=chunk, progress=False)
@@ -126,19 +132,22 @@ def test_patches_that_change_nothing_are_not_computed(toy):
     assert patching.sweep_chunks(toy, CLEAN, CORRUPT, metric, "z", chunk_size=1).n == 3 * 6  # z: all positions
 
 
-def test_metric_positions_limits_the_unembedding(toy):
+def test_logit_positions_limits_the_unembedding(toy):
     full = patching.sweep(toy, CLEAN, CORRUPT, metric, "z", progress=False)
-    last = patching.sweep(toy, CLEAN, CORRUPT, metric, "z", metric_positions=[-1], progress=False)
+    last = patching.sweep(toy, CLEAN, CORRUPT, metric, "z", logit_positions=[-1], progress=False)
     np.testing.assert_allclose(np.asarray(last), np.asarray(full), atol=1e-5)
 
 
 def test_sweep_errors(toy):
     with pytest.raises(ValueError, match="must have the same shape"):
         patching.sweep(toy, CLEAN, CORRUPT[:, :5], metric)
-    with pytest.raises(ValueError, match=r"Unknown sweep site 'resid_pr'.*Did you mean 'resid_pre'"):
+    with pytest.raises(ValueError, match=r"Unknown site 'resid_pr'.*Closest valid names: blocks.0.resid_pre"):
         patching.sweep(toy, CLEAN, CORRUPT, metric, "resid_pr")
-    with pytest.raises(ValueError, match="Unknown per for 'attn.z' 'position'; valid choices: 'head', 'head_position'"):
-        patching.sweep(toy, CLEAN, CORRUPT, metric, "z", per="position")
+    with pytest.raises(ValueError, match="Unknown per axis 'channel' for site 'blocks.0.attn.z' .*valid choices: "
+                                         "'pos', 'head', 'd_head'"):
+        patching.sweep(toy, CLEAN, CORRUPT, metric, "z", per="channel")
+    with pytest.raises(ValueError, match=r"layer 5 is not among the swept sites' layers \(0, 1, 2\)"):
+        patching.sweep(toy, CLEAN, CORRUPT, metric, "z", layers=[5])
     with pytest.raises(ValueError, match="Unknown patching direction 'backwards'"):
         patching.sweep(toy, CLEAN, CORRUPT, metric, direction="backwards")
 
@@ -146,7 +155,7 @@ def test_sweep_errors(toy):
 def test_path_patching_matches_a_hand_written_reference(toy):
     """Sender (l, h) -> receiver q of layer 2, heads 1 and 4, noising direction."""
     receivers = [("blocks.2.attn.q", [1, 4])]
-    result = patching.path_patch(toy, CLEAN, CORRUPT, metric, receivers, progress=False)
+    result = patching.path_patch(toy, CLEAN, CORRUPT, metric, receivers, direction="noise", progress=False)
     _, clean = jinterp.run(toy, CLEAN, capture="blocks.*.attn.z")
     _, corrupt = jinterp.run(toy, CORRUPT, capture="blocks.*.attn.z")
     expected = np.zeros((TOY.n_layers, TOY.n_heads))
@@ -164,7 +173,8 @@ def test_path_patching_matches_a_hand_written_reference(toy):
 
 
 def test_path_patching_to_the_final_residual(toy):
-    result = patching.path_patch(toy, CLEAN, CORRUPT, metric, ["blocks.2.resid_post"], progress=False)
+    result = patching.path_patch(toy, CLEAN, CORRUPT, metric, ["blocks.2.resid_post"], direction="noise",
+                                 progress=False)
     assert result.shape == (TOY.n_layers, TOY.n_heads) and np.isfinite(np.asarray(result)).all()
     with pytest.raises(ValueError, match="must name one layer"):
         patching.path_patch(toy, CLEAN, CORRUPT, metric, ["blocks.*.resid_post"])

@@ -11,14 +11,16 @@ TOKENS = random_tokens(TOY.d_vocab, (2, 5))
 
 
 def test_sites_lists_every_site_with_the_shape_it_captures(toy):
-    listed = jinterp.sites(toy, batch=2, seq=5)
+    listed = jinterp.sites(toy, TOKENS)
     _, cache = jinterp.run(toy, TOKENS, capture="all")
     assert set(listed) == set(cache)
-    for name, shape in listed.items():
-        assert cache[name].shape == shape, name
+    for name, spec in listed.items():
+        assert cache[name].shape == spec.shape and cache[name].dtype == spec.dtype, name
+        assert len(spec.axes) == len(spec.shape) and S.site_name(spec.kind, spec.layer) == name
     symbolic = jinterp.sites(toy)
-    assert symbolic["blocks.0.attn.pattern"] == ("batch", TOY.n_heads, "pos", "pos")
-    assert symbolic["blocks.0.attn.k"] == ("batch", "pos", TOY.n_kv_heads, TOY.d_head)
+    assert symbolic["blocks.0.attn.pattern"].shape == ("batch", TOY.n_heads, "pos", "pos")
+    assert symbolic["blocks.0.attn.k"].shape == ("batch", "pos", TOY.n_kv_heads, TOY.d_head)
+    assert symbolic["blocks.0.attn.k"].axes == ("batch", "pos", "kv_head", "d_head")
 
 
 @pytest.mark.parametrize("alias, canonical", [
@@ -41,7 +43,7 @@ def test_sites_lists_every_site_with_the_shape_it_captures(toy):
     ("scale2ln1", "blocks.2.ln1.scale"),
 ])
 def test_aliases_resolve_to_the_same_values(toy, alias, canonical):
-    assert S.resolve(TOY, alias).name == canonical
+    assert jinterp.specs.lookup(jinterp.sites(toy), alias).name == canonical
     _, by_alias = jinterp.run(toy, TOKENS, capture=[alias])
     _, by_name = jinterp.run(toy, TOKENS, capture=[canonical])
     assert np.array_equal(np.asarray(by_alias[alias]), np.asarray(by_name[canonical]))

@@ -59,7 +59,7 @@ def kl(final_logits, lens_logits):
 def test_untrained_tuned_lens_is_the_logit_lens():
     model = random_model()
     tokens = np.random.default_rng(1).integers(0, SMALL.d_vocab, (2, 9)).astype(np.int32)
-    logits, cache = jinterp.run(model, tokens, capture=lens.sites(model))
+    logits, cache = jinterp.run(model, tokens, capture=lens.site_names(model))
     tuned = tl.TunedLens.init(model)
     for position in (-1, 4):
         expected = lens.logit_lens(model, cache, position)
@@ -78,7 +78,7 @@ def test_untrained_tuned_lens_is_the_logit_lens():
 def test_layer_kl_is_the_mean_kl_to_the_output_over_real_positions():
     model = random_model()
     tokens = np.random.default_rng(2).integers(0, SMALL.d_vocab, (2, 9)).astype(np.int32)
-    logits, cache = jinterp.run(model, tokens, capture=lens.sites(model))
+    logits, cache = jinterp.run(model, tokens, capture=lens.site_names(model))
     per_position = np.stack([kl(logits[None, :, p], lens.logit_lens(model, cache, p)[:-1]) for p in range(9)], -1)
     tuned = tl.TunedLens.init(model)
     np.testing.assert_allclose(tl.layer_kl(tuned, model, tokens), per_position.mean((1, 2)), rtol=1e-4, atol=1e-6)
@@ -116,7 +116,7 @@ def test_training_reduces_held_out_kl():
 
 
 def per_layer_logit_lens_kl(model, tokens):
-    logits, cache = jinterp.run(model, tokens, capture=lens.sites(model))
+    logits, cache = jinterp.run(model, tokens, capture=lens.site_names(model))
     return np.stack([kl(logits[None, :, p], lens.logit_lens(model, cache, p)[:-1])
                      for p in range(tokens.shape[1])], -1).mean((1, 2))
 

@@ -1,13 +1,14 @@
 """Bring your own model: Equinox, Flax linen and Flax nnx networks get jinterp's sites.
 
-``wrap`` turns a model into a ``Wrapped`` model; ``jinterp.run``, ``jinterp.sites``,
-``patching.sweep`` and ``attribution.attribution_patching`` then take it like a ``Transformer``,
-with the same interventions, applied through the same mechanism (``jinterp.byo.hook``).
+``wrap`` adapts a model to the site protocol (``jinterp.protocol.Model``): ``jinterp.run``,
+``jinterp.sites``, ``jinterp.collect``, ``patching.sweep`` and ``attribution.attribution_patching``
+then take it like a ``Transformer``, with the same interventions, applied by the same ``SiteHook``.
+This package holds only the adapters.
 """
 
 from __future__ import annotations
 
-from jinterp.byo.hook import Hook, Wrapped, scope, site
+from jinterp.byo.wrapped import Wrapped, scope, site
 
 
 def wrap(model, variables=None, *, axes=None, call=None, **apply_kwargs) -> Wrapped:
@@ -62,4 +63,4 @@ def _no_extra(model, **given) -> None:
         raise TypeError(f"wrap() of a {type(model).__name__}: {', '.join(extra)} do not apply to this kind of model")
 
 
-__all__ = ["Hook", "Wrapped", "scope", "site", "wrap"]
+__all__ = ["Wrapped", "scope", "site", "wrap"]

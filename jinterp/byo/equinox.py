@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import equinox as eqx
 
-from jinterp.byo.hook import Wrapped
+from jinterp.byo.wrapped import Wrapped
 
 
 def _call_with_hook(module, inputs, hook):

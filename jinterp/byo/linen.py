@@ -10,7 +10,7 @@ import equinox as eqx
 import flax.linen as nn
 import jax
 
-from jinterp.byo.hook import Wrapped
+from jinterp.byo.wrapped import Wrapped
 
 
 class Linen(Wrapped):

@@ -14,7 +14,7 @@ import equinox as eqx
 import jax
 from flax import nnx
 
-from jinterp.byo.hook import Wrapped
+from jinterp.byo.wrapped import Wrapped
 
 
 class NNX(Wrapped):

@@ -10,7 +10,7 @@ from jinterp.loading import registry, store
 from jinterp.loading.errors import LoadError
 from jinterp.loading.gguf import read_gguf
 from jinterp.loading.hf import read_hf_dir
-from jinterp.loading.registry import models
+from jinterp.loading.registry import named_models
 from jinterp.loading.tokenizer import Batch, Tokenizer
 from jinterp.models import flat
 from jinterp.models.config import DTYPES, check_x64
@@ -20,7 +20,7 @@ from jinterp.models.transformer import Transformer
 def load(source=registry.DEFAULT, dtype=None, *, progress: bool = True) -> tuple[Transformer, Tokenizer | None]:
     """Load a model and its tokenizer: ``model, tokenizer = jinterp.load(source, dtype=None)``.
 
-    ``source`` is a registered name (``jinterp.models()`` lists them; default ``smollm2-135m``),
+    ``source`` is a registered name (``jinterp.named_models()`` lists them; default ``smollm2-135m``),
     a path to a ``.gguf`` file (Llama and Gemma 3 architectures), or a path to an HF-format
     directory (``config.json`` + ``model.safetensors`` or a sharded index). GGUF weights are
     dequantised once and cached as float32 safetensors (see ``jinterp.loading.store``).
@@ -73,4 +73,4 @@ def _from_entry(entry: Path, dtype):
     return _build(cfg, arrays, dtype, entry), tokenizer
 
 
-__all__ = ["Batch", "LoadError", "Tokenizer", "load", "models"]
+__all__ = ["Batch", "LoadError", "Tokenizer", "load", "named_models"]

@@ -78,7 +78,7 @@ def installed(model: NamedModel) -> bool:
         return False
 
 
-def models() -> list[dict]:
+def named_models() -> list[dict]:
     """Registered models: name, whether installed, licence, package and what it is."""
     return [dict(name=m.name, installed=installed(m), license=m.license, package=m.package,
                  description=m.description, default=m.name == DEFAULT) for m in MODELS.values()]

@@ -1,13 +1,16 @@
 """The shared layers every family is assembled from: norms, rotary, attention, MLP, block.
 
 Each layer is a parameter module plus a pure function of (parameters, input, config, hook).
-``hook(kind, value)`` is called at every site and returns the value the forward continues
-with; that single call is how capture and every edit reach the computation.
+``hook(kind, value)`` (an ``interventions.SiteHook``) is called at every site and returns the value
+the forward continues with; that single call is how capture and every edit reach the computation,
+and the sites a config has are the ones these functions reach (``models.declaration`` traces them).
+The few formulas a captured site can be recomputed with (``centred``, ``pattern_of``, ``mlp_post``,
+``head_results``, ``per_head``) are functions here, shared by the forward and the ``Cache``.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import equinox as eqx
 import jax
@@ -16,10 +19,8 @@ from jaxtyping import Array, Bool, Float
 
 from jinterp.models.config import Config
 
-
-class Hook(Protocol):
-    def __call__(self, kind: str, value: Array) -> Array: ...
-    def wants(self, kind: str) -> bool: ...
+if TYPE_CHECKING:
+    from jinterp.interventions import SiteHook as Hook
 
 
 class Norm(eqx.Module):
@@ -86,15 +87,19 @@ def normalize(ln: Norm | None, x: Float[Array, "... d"], cfg: Config, hook: Hook
     """
     if ln is None:
         return x
-    h = x.astype(accurate(x.dtype))
-    if cfg.norm == "layer":
-        h = h - h.mean(-1, keepdims=True)
+    h = centred(x, cfg)
     scale = hook(f"{name}.scale", jnp.sqrt(jnp.mean(h * h, -1, keepdims=True) + cfg.norm_eps))
     normalized = hook(f"{name}.normalized", h / scale)
     out = normalized * ln.w.astype(h.dtype)
     if ln.b is not None:
         out = out + ln.b.astype(h.dtype)
     return out.astype(x.dtype)
+
+
+def centred(x: Float[Array, "... d"], cfg: Config) -> Array:
+    """A norm's input in its computing dtype, minus its mean for LayerNorm: ``normalized = centred / scale``."""
+    h = x.astype(accurate(x.dtype))
+    return h - h.mean(-1, keepdims=True) if cfg.norm == "layer" else h
 
 
 def rms_head_norm(ln: Norm, x: Float[Array, "... d_head"], eps: float) -> Array:
@@ -150,19 +155,39 @@ def _silent(kind: str, value: Array) -> Array:
 _silent.wants = lambda kind: False
 
 
+def per_head(resid: Float[Array, "batch pos d_model"], heads: int) -> Float[Array, "batch pos heads d_model"]:
+    """The residual stream once per head (what ``attn.q_input``/``k_input``/``v_input`` hold)."""
+    return jnp.broadcast_to(resid[:, :, None], (*resid.shape[:2], heads, resid.shape[-1]))
+
+
+def pattern_of(scores: Float[Array, "batch heads pos key_pos"]) -> Array:
+    """softmax over keys, in float32 at least, back in the scores' dtype."""
+    return jax.nn.softmax(scores.astype(accurate(scores.dtype)), axis=-1).astype(scores.dtype)
+
+
+def head_results(z: Float[Array, "batch pos heads d_head"], W_O: Float[Array, "heads d_head d_model"]) -> Array:
+    """Each head's write into the residual stream, ``z_h @ W_O[h]``: ``[batch, pos, heads, d_model]``."""
+    return jnp.einsum("bqhe,hed->bqhd", z, W_O)
+
+
+def mlp_post(cfg: Config, pre: Array, pre_linear: Array | None = None) -> Array:
+    """act(pre), times pre_linear in a gated MLP."""
+    post = activation(cfg.act, pre)
+    return post if pre_linear is None else post * pre_linear
+
+
 def attention_inputs(p: Block, resid_pre: Float[Array, "batch pos d_model"], cfg: Config, hook: Hook):
     """What q, k and v read: ln1(resid_pre), shared by every head; or, when an intervention asks
     for ``attn.q_input`` / ``k_input`` / ``v_input`` (edge-level circuit work), a copy of the
     residual stream per head, each normalised on its own."""
     shared = normalize(p.ln1, resid_pre, cfg, hook, "ln1")
-    if not any(hook.wants(f"attn.{n}_input") for n in "qkv"):
+    if not any([hook.wants(f"attn.{n}_input") for n in "qkv"]):  # (asks about all three: the declaration notes them)
         return shared, shared, shared
 
-    def per_head(name: str, heads: int):
-        copies = jnp.broadcast_to(resid_pre[:, :, None], (*resid_pre.shape[:2], heads, resid_pre.shape[-1]))
-        return normalize(p.ln1, hook(f"attn.{name}_input", copies), cfg, _silent, "ln1")
+    def normed(name: str, heads: int):
+        return normalize(p.ln1, hook(f"attn.{name}_input", per_head(resid_pre, heads)), cfg, _silent, "ln1")
 
-    return per_head("q", cfg.n_heads), per_head("k", cfg.n_kv_heads), per_head("v", cfg.n_kv_heads)
+    return normed("q", cfg.n_heads), normed("k", cfg.n_kv_heads), normed("v", cfg.n_kv_heads)
 
 
 def attention(
@@ -202,15 +227,14 @@ def attention(
 
     batch, seq, _, d_head = q.shape
     scores = hook("attn.scores", attention_scores(q, k, mask, cfg))
-    pattern = jax.nn.softmax(scores.astype(accurate(scores.dtype)), axis=-1).astype(v.dtype)
-    pattern = hook("attn.pattern", pattern)
+    pattern = hook("attn.pattern", pattern_of(scores).astype(v.dtype))
 
     pattern_grouped = pattern.reshape(batch, cfg.n_kv_heads, cfg.group_size * seq, -1)
     z = jnp.einsum("bkxs,bske->bkxe", pattern_grouped, v).reshape(batch, cfg.n_kv_heads, cfg.group_size, seq, d_head)
     z = z.transpose(0, 3, 1, 2, 4).reshape(batch, seq, cfg.n_heads, d_head)
     z = hook("attn.z", z)
     if hook.wants("attn.result"):
-        out = hook("attn.result", jnp.einsum("bqhe,hed->bqhd", z, p.W_O)).sum(2)
+        out = hook("attn.result", head_results(z, p.W_O)).sum(2)
     else:
         out = jnp.einsum("bqhe,hed->bqd", z, p.W_O)
     return (out if p.b_O is None else out + p.b_O), new
@@ -240,10 +264,9 @@ def mlp(p: MLP, x: Float[Array, "batch pos d_model"], cfg: Config, hook: Hook) -
 
     if p.W_gate is not None:
         pre = hook("mlp.pre", linear(p.W_gate, None))
-        pre_linear = hook("mlp.pre_linear", linear(p.W_in, p.b_in))
-        post = activation(cfg.act, pre) * pre_linear
+        post = mlp_post(cfg, pre, hook("mlp.pre_linear", linear(p.W_in, p.b_in)))
     else:
-        post = activation(cfg.act, hook("mlp.pre", linear(p.W_in, p.b_in)))
+        post = mlp_post(cfg, hook("mlp.pre", linear(p.W_in, p.b_in)))
     post = hook("mlp.post", post)
     out = post @ p.W_out
     return out if p.b_out is None else out + p.b_out

@@ -16,12 +16,21 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jinterp import interventions as iv
 from jinterp._compile import jit
+from jinterp.cache import Cache, from_records
+from jinterp.models import declaration
 from jinterp.models.config import Config
+from jinterp.models.declaration import site_specs
 from jinterp.models.layers import MLP, Attention, Block, Norm, block, normalize, rope_frequencies, rope_tables
+from jinterp.protocol import Model
 
 
-class Transformer(eqx.Module):
-    """A pure transformer. Block parameters are stacked along a leading ``n_layers`` axis."""
+class Transformer(Model):
+    """A pure transformer. Block parameters are stacked along a leading ``n_layers`` axis.
+
+    It implements the site protocol (``jinterp.protocol.Model``): its inputs are token ids
+    ``[batch, seq]``, with the options ``attention_mask``, ``token_type_ids`` and ``logit_positions``
+    (and ``start`` / ``prefix``, which sweeps use to resume a patched forward, see ``forward``).
+    """
 
     cfg: Config = eqx.field(static=True)
     W_E: Float[Array, "d_vocab d_model"]
@@ -50,13 +59,109 @@ class Transformer(eqx.Module):
 
         return render_model(self, path, subtree_renderer)
 
+    # --- the site protocol -------------------------------------------------------------------------
+
+    def site_specs(self, tokens=None, *, attention_mask=None, token_type_ids=None, logit_positions=None, start=None,
+                   prefix=None) -> dict:
+        """Every site in forward order, with its shape for ``tokens`` (symbolic sizes without them)."""
+        batch, seq = ("batch", "pos") if tokens is None else np.shape(tokens)
+        n_logits = None if logit_positions is None else np.shape(logit_positions)[-1]
+        return site_specs(self.cfg, batch, seq, n_logits)
+
+    def apply(self, tokens, interventions=(), *, attention_mask=None, token_type_ids=None, logit_positions=None,
+              start=None, prefix=None) -> tuple[Array, Cache]:
+        """The output (logits, or an encoder's hidden states) and a ``Cache`` of what the ``Capture``
+        interventions recorded (see ``forward`` for the options). ``prefix=(keys, values, logits)``: the
+        first positions as already computed; their logits (None when ``logit_positions`` picks which
+        to unembed) lead the output."""
+        interventions = iv.flatten(interventions)
+        output, top, blocks = self.forward(tokens, interventions, attention_mask, token_type_ids, start=start,
+                                           logit_positions=logit_positions, prefix=prefix and prefix[:2])
+        if prefix is not None and prefix[2] is not None:
+            output = jnp.concatenate([prefix[2], output], 1)
+        return output, from_records(interventions, top, blocks, self.cfg.n_layers)
+
+    def check_inputs(self, tokens, *, attention_mask=None, token_type_ids=None, logit_positions=None, start=None,
+                     prefix=None) -> None:
+        check_inputs(self.cfg, tokens, attention_mask, token_type_ids)
+
+    def plan_captures(self, specs, names, edited):
+        """Leaves out the sites the ``Cache`` can derive on access (``models.declaration.plan``); the
+        captured logits are the output itself, not recorded a second time."""
+        wanted = iv.captures(specs, names)
+        captures, derived = declaration.plan(self.cfg, wanted, frozenset(edited))
+        logits = self.cfg.unembed and any(c.site == "logits" for c in captures)
+        return tuple(c for c in captures if not (logits and c.site == "logits")), (derived, logits)
+
+    def capture_only(self, names, **options) -> dict:
+        """No unembedding at all (zero logit positions) unless the logits are captured."""
+        wanted = any(name == "logits" for name in names) or not self.cfg.unembed
+        return options if wanted else dict(options, logit_positions=np.zeros(0, np.int32))
+
+    def complete(self, cache: Cache, plan, output, tokens, *, attention_mask=None, **options) -> Cache:
+        derived, logits = plan
+        if logits:
+            cache = dataclasses.replace(cache, stacked={**cache.stacked, "logits": output})
+        if derived:
+            masks = None
+            if any(kind == "attn.scores" for kind, *_ in derived):
+                valid = jnp.asarray(np.ones(np.shape(tokens), bool) if attention_mask is None else attention_mask, bool)
+                masks = attention_masks(self.cfg, valid, real_positions(valid))
+            cache = dataclasses.replace(cache, derived=derived, formula=declaration.Formulas(self.cfg),
+                                        extras=(self.blocks.attn.W_O, masks))
+        return cache
+
+    def on_mesh(self, mesh, tokens, *, attention_mask=None, token_type_ids=None, logit_positions=None, **options):
+        from jinterp import sharding
+
+        model, tokens, attention_mask, token_type_ids, logit_positions = sharding.split_batch(
+            mesh, self, tokens, attention_mask, token_type_ids, logit_positions)
+        return model, tokens, dict(attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                   logit_positions=logit_positions, **options)
+
+    def reusable_prefix(self, clean, corrupted, *, logit_positions=None, **options) -> int:
+        """How many leading positions every patched run shares with the base run: up to the first token
+        where the inputs differ (causal models; 0 if the logits read include an earlier position)."""
+        cfg = self.cfg
+        differs = np.asarray((np.asarray(clean) != np.asarray(corrupted)).any(0))
+        if not cfg.causal or not differs.any() or (cfg.qk_norm and cfg.positional != "rotary"):
+            return 0  # (cached keys are taken after q/k norm from attn.rot_k)
+        first = int(np.argmax(differs))
+        read = None if logit_positions is None else np.asarray(logit_positions)
+        if read is not None and ((read >= 0) & (read < first)).any():
+            return 0
+        return first
+
+    def resume_sites(self, first: int = 0) -> tuple[str, ...]:
+        """What ``resumed`` reads from the base run: the residual stream, and the keys and values of a prefix."""
+        keys = "blocks.*.attn.rot_k" if self.cfg.positional == "rotary" else "blocks.*.attn.k"
+        return ("blocks.*.resid_pre",) + ((keys, "blocks.*.attn.v") if first else ())
+
+    def resumed(self, tokens, base_cache: Cache, base_output, layer, first: int = 0, *, logit_positions=None,
+                **options) -> dict:
+        """Options for ``apply`` that recompute only what a patch at ``layer`` or later, at positions
+        ``first`` on, can change: the forward starts from the base run's residual stream at ``layer``
+        and takes the first positions' keys, values and logits from the base run."""
+        resid = base_cache.stack("resid_pre")[:, :, first:]
+        found = dict(options, logit_positions=logit_positions)
+        if layer is not None:
+            found["start"] = (layer, resid[layer])
+        if first:
+            keys = base_cache.stack(self.resume_sites(first)[1])[:, :, :first]
+            before = base_output[:, :first] if logit_positions is None else None
+            found["prefix"] = (keys, base_cache.stack("attn.v")[:, :, :first], before)
+            if logit_positions is not None:
+                positions = np.asarray(logit_positions)
+                found["logit_positions"] = np.where(positions < 0, positions, positions - first)
+        return found
+
     @property
     def W_unembed(self) -> Float[Array, "d_model d_vocab"]:
         return self.W_E.T if self.W_U is None else self.W_U
 
     def forward(self, tokens, interventions=(), attention_mask=None, token_type_ids=None, start=None,
-                logit_positions=None, prefix=None, cache=None):
-        """The forward pass with interventions at its sites.
+                logit_positions=None, prefix=None, cache=None, hook=None):
+        """The forward pass with interventions at its sites (or ``hook``, a ``SiteHook``-like object, instead).
 
         ``start=(layer, resid_pre)`` resumes from a cached residual stream: blocks before
         ``layer`` are skipped (their sites are not recorded) and the embeddings are not
@@ -73,8 +178,6 @@ class Transformer(eqx.Module):
         validated here; ``jinterp.run`` and ``__call__`` do.
         """
         cfg = self.cfg
-        interventions = iv.flatten(interventions)
-        grouped = iv.by_kind(interventions)
         valid = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
         if (prefix is not None or cache is not None) and not cfg.causal:
             raise ValueError("prefix= or cache= (cached keys and values) needs a causal model: in this "
@@ -99,8 +202,8 @@ class Transformer(eqx.Module):
             masks = attention_masks(cfg, filled, slot_positions, cache.index, seq)
         # Global and local (sliding-window) layers differ only in mask and rotary base.
         ropes = rope_pair(cfg, positions)
-        states = iv.initial_states(interventions, cfg, batch, seq)
-        top = iv.SiteHook(grouped, None, states)
+        top = hook or iv.SiteHook.of(iv.flatten(interventions), site_specs(cfg, batch, seq))
+        top.offset = 0 if cache is None else cache.index  # where this call's positions start (edits index all)
         if start is None:
             x, start_layer = self.embed(tokens, positions, token_type_ids, top), None
         else:
@@ -111,10 +214,10 @@ class Transformer(eqx.Module):
 
         def run(carry, inputs):
             (x, states), (params, index, local, slab) = carry, inputs
-            hook = iv.SiteHook(grouped, index, dict(states))
+            layer_hook = top.at_layer(index, dict(states))
             mask, rope = pick(local, masks), ropes and pick(local, ropes)
-            x, kv = block(params, x, mask, rope, cfg, hook, None if slab is None else (*slab, cache.index))
-            return (x, hook.states), (hook.records, kv)
+            x, kv = block(params, x, mask, rope, cfg, layer_hook, None if slab is None else (*slab, cache.index))
+            return (x, layer_hook.states), (layer_hook.records, kv)
 
         layers = (self.blocks, jnp.arange(cfg.n_layers), is_local, slabs)
         one_layer = jax.tree.map(lambda a: a[0], layers)
@@ -332,14 +435,14 @@ def check_inputs(cfg: Config, tokens, attention_mask=None, token_type_ids=None) 
             raise ValueError(f"{name} has shape {tuple(extra.shape)}, tokens have {tuple(shape)}; they must match")
     if token_type_ids is not None and not cfg.n_token_types:
         raise ValueError("token_type_ids given, but this model has no token-type embeddings")
-    if iv._concrete(tokens):
+    if iv.concrete(tokens):
         ids = np.asarray(tokens)
         bad = np.argwhere((ids < 0) | (ids >= cfg.d_vocab))
         if bad.size:
             b, p = bad[0]
             raise ValueError(f"Token id {int(ids[b, p])} at [batch {b}, position {p}] is outside the "
                              f"vocabulary (valid ids 0..{cfg.d_vocab - 1})")
-    if token_type_ids is not None and iv._concrete(token_type_ids):
+    if token_type_ids is not None and iv.concrete(token_type_ids):
         types = np.asarray(token_type_ids)
         if types.size and (types.min() < 0 or types.max() >= cfg.n_token_types):
             raise ValueError(f"token_type_ids must be in 0..{cfg.n_token_types - 1}, got {types.min()}..{types.max()}")

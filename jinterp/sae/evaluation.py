@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from jinterp import interventions as iv
 from jinterp._compile import jit
-from jinterp.cache import run
+from jinterp.core import run
 from jinterp.sae.autoencoder import SAE
 from jinterp.sae.splice import SAESplice
 

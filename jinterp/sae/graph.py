@@ -44,8 +44,9 @@ import numpy as np
 
 from jinterp import names as S
 from jinterp._compile import jit
-from jinterp.cache import _run, run
+from jinterp.core import apply, run
 from jinterp.interventions import Add, Capture, Replace
+from jinterp.models.declaration import kinds
 from jinterp.sae.autoencoder import SAE
 
 
@@ -124,8 +125,8 @@ def attribution_graph(model: eqx.Module, tokens, transcoders: list[SAE], *, max_
     seq = tokens.shape[1]
 
     # The prompt's own values: what is frozen, what nodes write, what features read.
-    freeze_kinds = [k for k in S.site_kinds(cfg)[1] if k == "attn.pattern" or k.endswith(".scale")]
-    top_scales = [k for k in S.site_kinds(cfg)[0] if k.endswith(".scale")]
+    freeze_kinds = [k for k in kinds(cfg).block if k == "attn.pattern" or k.endswith(".scale")]
+    top_scales = [k for k in kinds(cfg).top if k.endswith(".scale")]
     capture = [f"blocks.*.{k}" for k in (*freeze_kinds, "mlp_out", reads)] + top_scales + ["blocks.0.resid_pre"]
     logits, cache = run(model, tokens, capture=capture)
     frozen = {k: cache.stack(k) for k in freeze_kinds} | {k: cache[k] for k in top_scales}
@@ -182,7 +183,7 @@ def _check_transcoders(cfg, transcoders) -> str:
         if read is None or write != S.Site("mlp_out", layer) or read.layer != layer:
             raise ValueError(f"transcoders[{layer}] must read a site of block {layer} and predict "
                              f"'blocks.{layer}.mlp_out'; it reads {tc.site!r} and predicts {tc.target_site!r}")
-        block = S.site_kinds(cfg)[1]
+        block = kinds(cfg).block
         before = read.kind in block and block.index(read.kind) < block.index("mlp_out")
         if not before or S.SITE_AXES[read.kind] != S.RESID:
             raise ValueError(f"transcoders[{layer}] reads {tc.site!r}; it must read a residual-stream-shaped site "
@@ -226,7 +227,7 @@ def _pullback(model, tokens, frozen, mlp_out, reads, cotangents, logit_cotangent
         edits = freeze + (Replace("blocks.*.mlp_out", mlp_out[:, None], per_layer=True),  # no path through MLPs
                           Add("blocks.*.mlp_out", at_mlp[:, None], per_layer=True),
                           Add("blocks.0.resid_pre", at_embedding[None]), Capture(f"blocks.*.{reads}"))
-        logits, cache = _run(model, tokens, edits, None, None, jnp.array([seq - 1]))
+        logits, cache = apply(model, tokens, edits, logit_positions=jnp.array([seq - 1]))
         return cache.stack(reads)[:, 0].astype(jnp.float32), logits[0, 0].astype(jnp.float32)
 
     zeros = (jnp.zeros((seq, d), mlp_out.dtype), jnp.zeros_like(mlp_out))

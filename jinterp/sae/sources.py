@@ -25,7 +25,9 @@ from jaxtyping import Array, Float, Int
 from jinterp import memory
 from jinterp import names as S
 from jinterp._compile import jit
-from jinterp.cache import run
+from jinterp.core import run
+from jinterp.models.declaration import site_specs
+from jinterp.specs import canonical, lookup
 
 
 class ArrayActivations(eqx.Module):
@@ -95,9 +97,11 @@ class ModelActivations(eqx.Module):
 
     def __check_init__(self):
         for name in (self.site, self.target_site):
-            site = S.resolve(self.model.cfg, name) if name is not None else None
-            if site is not None and not isinstance(site.layer, int) and site.kind in S.BLOCK_KINDS:
+            if name is not None and (S.site_key(name).layer == "*" or S.site_key(name).layer is None
+                                     and S.site_key(name).kind in S.BLOCK_KINDS):
                 raise ValueError(f"ModelActivations reads one site; name its layer, got {name!r}")
+            if name is not None:
+                lookup(self.model.site_specs(), name)
         if self.tokens.ndim != 2 or not 0 <= self.skip < self.tokens.shape[1]:
             raise ValueError(f"tokens must be [n_seq, seq] with seq > skip={self.skip}, got {self.tokens.shape}")
         if not 0 < self.sequences_per_batch <= self.tokens.shape[0]:
@@ -108,12 +112,12 @@ class ModelActivations(eqx.Module):
 
     @property
     def d_in(self) -> int:
-        return math.prod(S.site_shape(self.model.cfg, S.parse(self.site).kind)[2:])
+        return math.prod(lookup(self.model.site_specs(), self.site).shape[2:])
 
     @property
     def d_out(self) -> int:
         site = self.site if self.target_site is None else self.target_site
-        return math.prod(S.site_shape(self.model.cfg, S.parse(site).kind)[2:])
+        return math.prod(lookup(self.model.site_specs(), site).shape[2:])
 
     @property
     def batch_size(self) -> int:
@@ -124,7 +128,7 @@ class ModelActivations(eqx.Module):
 
     def _layers_run(self) -> int:
         """Only the blocks up to the deepest site read run (every block if a site is outside them)."""
-        layers = [S.parse(site).layer for site in self._sites()]
+        layers = [S.site_key(site).layer for site in self._sites()]
         return max(layers) + 1 if all(isinstance(layer, int) for layer in layers) else self.model.cfg.n_layers
 
     def _cut(self) -> ModelActivations:
@@ -142,9 +146,8 @@ class ModelActivations(eqx.Module):
             return wanted
         n, full, seq = self._layers_run(), self.model.cfg.n_layers, self.tokens.shape[1]
         cfg = self.model.cfg.replace(n_layers=n, layer_types=self.model.cfg.layer_types[:n])
-        sites = self._sites()
-        names = [S.resolve(cfg, site).name for site in sites]
-        each = memory.sequence_bytes(cfg, seq, names, seq if "logits" in names else 0)
+        names = [canonical(site) for site in self._sites()]
+        each = memory.run_bytes(site_specs(cfg, 1, seq, seq if "logits" in names else 0), names)
         weights = 0 if n == full else sum(a.nbytes for a in jax.tree.leaves(self.model.blocks)) * n // full
         fits = memory.how_many_fit(self.memory_budget, each, unit=f"sequence of {seq} tokens",
                                    hint="use shorter sequences", reserved=weights,
@@ -153,7 +156,7 @@ class ModelActivations(eqx.Module):
 
     def _activations(self, tokens) -> Float[Array, "n d_in"]:
         sites, model = self._sites(), self._cut().model
-        unembed = any(S.parse(site).kind == "logits" for site in sites)  # nothing unembedded unless logits are read
+        unembed = any(S.site_key(site).kind == "logits" for site in sites)  # nothing unembedded unless logits are read
         _, cache = run(model, tokens, capture=sites,  # traceable: its checks skip traced values
                        logit_positions=None if unembed else np.zeros(0, np.int32))
         values = [cache[site][:, self.skip:].reshape(-1, width) for site, width in zip(sites, (self.d_in, self.d_out))]
@@ -192,6 +195,9 @@ class ModelActivations(eqx.Module):
         return self._in_chunks(np.arange(self.tokens.shape[0]))
 
     def __call__(self, step) -> Float[Array, "batch d_in"]:
+        return _compiled_step(self, step)  # compiled on its own when called outside a training step
+
+    def _step(self, step) -> Float[Array, "batch d_in"]:
         key = jax.random.fold_in(jax.random.key(self.seed), step)
         rows = jax.random.randint(key, (self.sequences_per_batch,), 0, self.tokens.shape[0])
         return self._activations_in_parts(self.tokens[rows])
@@ -206,6 +212,11 @@ class ModelActivations(eqx.Module):
 @jit
 def _compiled_activations(source: ModelActivations, tokens):
     return source._activations(tokens)  # one compiled program per chunk shape
+
+
+@jit
+def _compiled_step(source: ModelActivations, step):
+    return source._step(step)
 
 
 class Refill(NamedTuple):

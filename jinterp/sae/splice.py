@@ -107,10 +107,11 @@ class SAESplice(iv.Edit):
     def kinds(self) -> tuple[str, ...]:
         return (self.site,) if self.reads is None else (self.reads, self.site)
 
-    def initial_state(self, cfg, batch: int, seq: int):
+    def initial_state(self, specs):
         if self.reads is None:
             return None
-        return jnp.zeros((batch, seq, self.sae.d_in), self.sae.W_enc.dtype)
+        read = next(spec for spec in specs.values() if spec.kind == self.reads)
+        return jnp.zeros((*read.shape[:2], self.sae.d_in), self.sae.W_enc.dtype)
 
     def __call__(self, value: Array, at: iv.At) -> Array:
         if at.kind == self.reads:  # a transcoder's input: held for the site it writes, later in this block
@@ -128,18 +129,18 @@ class SAESplice(iv.Edit):
             out = out + jax.lax.stop_gradient(here - self.sae.decode(latents))
         return out.reshape(value.shape).astype(value.dtype)
 
-    def check(self, cfg, seq_len: int) -> None:
-        super().check(cfg, seq_len)
+    def check(self, specs) -> None:
+        super().check([spec for spec in specs if spec.kind == self.site])
         widths = {self.site: ("reads d_in", self.sae.d_in)} if self.reads is None else {
             self.reads: ("reads d_in", self.sae.d_in), self.site: ("writes d_out", self.sae.d_out)}
         for kind, (what, expected) in widths.items():
-            width = math.prod(S.site_shape(cfg, kind)[2:])
+            width = math.prod(next(spec for spec in specs if spec.kind == kind).shape[2:])
             if width != expected:
                 raise ValueError(f"SAESplice at {kind!r}: the site's values have {width} features per position, "
                                  f"the SAE {what}={expected}")
         if self.reads is not None:
-            block = S.site_kinds(cfg)[1]
-            if block.index(self.reads) > block.index(self.site):
+            order = [spec.kind for spec in specs if spec.layer == specs[0].layer]  # forward order in one block
+            if order.index(self.reads) > order.index(self.site):
                 raise ValueError(f"SAESplice reads {self.reads!r} and writes {self.site!r}, which comes before it in "
                                  f"a block of this model; a transcoder reads a site before the one it writes")
 

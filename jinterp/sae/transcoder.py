@@ -23,7 +23,7 @@ from __future__ import annotations
 import equinox as eqx
 from jaxtyping import Array, Int
 
-from jinterp import names as S
+from jinterp.models.declaration import kinds
 from jinterp.sae.sources import ModelActivations
 
 
@@ -35,7 +35,7 @@ def mlp_sites(cfg, layer: int) -> tuple[str, str]:
     if not isinstance(layer, int) or not 0 <= layer < cfg.n_layers:
         raise ValueError(f"layer must be an int in [0, {cfg.n_layers - 1}] for this {cfg.n_layers}-layer model, "
                          f"got {layer!r}")
-    block = S.site_kinds(cfg)[1]
+    block = kinds(cfg).block
     # Post-norm blocks (BERT) feed the MLP ln1's output; pre-norm ones ln2's.
     norm = "ln1.normalized" if cfg.norm_placement == "post" else "ln2.normalized"
     reads = norm if norm in block else "mlp_in"
