@@ -1,9 +1,9 @@
 """Peak memory of loading SmolLM2-135M, converting and from the cache, in fresh processes.
 
 Peaks are measured above a fresh process that only imports jax and jinterp, as multiples of the
-float32 parameter bytes (538 MB). Measured on the 2-core CI machine (VmHWM, >= 5 runs each): the
-bare import 193 MB (spread 0.3 MB); a cached load 886 MB, 1.29x (spread 0.2 MB); converting the
-GGUF 1041 MB, 1.58x (spread 3 MB). The bounds sit 114 MB and 227 MB above those, over 30x the spread.
+float32 parameter bytes (538 MB). Measured on a 2-core x86-64 Linux machine (VmHWM, 11-12 runs each):
+the bare import 193 MB (spread 0.3 MB); a cached load 886 MB, 1.29x (spread 0.4 MB); converting the
+GGUF 1041 MB, 1.58x (spread 3.3 MB). The bounds sit 114 MB and 228 MB above those, over 30x the spread.
 """
 
 import json
