@@ -16,13 +16,15 @@ Trials:
     corrupt   kill as above, then damage the newest sealed checkpoint (flipped bytes in one of its
               files), resume, compare
     disk-full run in a tmpfs too small to hold the checkpoints (``mount -t tmpfs -o size=...``, needs
-              root; falls back to RLIMIT_FSIZE), expect a clean OSError, enlarge, resume, compare
+              root; falls back to RLIMIT_FSIZE), expect ``jinterp.runs.DiskError`` naming the run's
+              directory (nothing else counts as a clean failure), enlarge, resume, compare
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import random
 import resource
@@ -103,12 +105,17 @@ def _train(run):
 
 
 def child(kind: str, directory: Path) -> None:
-    """Run (or resume) ``kind`` in ``directory``; print the sha256 of its results."""
+    """Run (or resume) ``kind`` in ``directory``; print the sha256 of its results, or the error it raised."""
     from jinterp import runs
 
     experiment = runs.Experiment(f"fault-{kind}", kind, Config, {"sweep": _sweep, "train": _train}[kind],
                                  lambda config, results, directory, info: None)
-    results = runs.execute(experiment, Config(), directory, quiet=True)
+    try:
+        results = runs.execute(experiment, Config(), directory, quiet=True)
+    except Exception as error:  # the parent judges the error by its type, errno and message
+        name = f"{type(error).__module__}.{type(error).__qualname__}"
+        print(json.dumps({"error": name, "errno": getattr(error, "errno", None), "message": str(error)}), flush=True)
+        raise
     print(json.dumps({"digest": runs._digest(runs._to_numpy(results))}), flush=True)
 
 
@@ -124,12 +131,22 @@ def start(kind: str, directory: Path, fsize: int | None = None) -> subprocess.Po
                             stderr=subprocess.PIPE, text=True, preexec_fn=limit)
 
 
-def finish(kind: str, directory: Path, fsize: int | None = None) -> tuple[str | None, str]:
+def finish(kind: str, directory: Path, fsize: int | None = None) -> tuple[str | None, dict]:
+    """(digest, {}) of a finished run, or (None, the error: type, errno and message)."""
     process = start(kind, directory, fsize)
     out, err = process.communicate()
-    if process.returncode:
-        return None, err.strip().splitlines()[-1] if err.strip() else f"exit code {process.returncode}"
-    return json.loads(out.strip().splitlines()[-1])["digest"], ""
+    lines = out.strip().splitlines()
+    result = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+    if process.returncode == 0 and "digest" in result:
+        return result["digest"], {}
+    if "error" in result:
+        return None, result
+    return None, {"error": "crash", "errno": None, "message": err.strip().splitlines()[-1] if err.strip()
+                  else f"exit code {process.returncode}"}
+
+
+def describe(error: dict) -> str:
+    return f"{error['error']}: {error['message']}" if error else ""
 
 
 def sealed(directory: Path) -> list[Path]:
@@ -193,9 +210,12 @@ def disk_full(kind: str, root: Path, reference: str, size_kb: int) -> dict:
         if mounted:
             subprocess.run(["mount", "-o", "remount,size=256m", str(mount)], check=True)
         resumed, resume_error = finish(kind, directory)
-        return {"kind": kind, "method": method, "size_kb": size_kb, "first_error": error,
-                "failed_cleanly": digest is None and ("No space left" in error or "too large" in error.lower()),
-                "resumed_identical": resumed == reference, "resume_error": resume_error}
+        # Clean: jinterp's DiskError with the full disk's errno, naming the run's directory.
+        clean = (digest is None and error.get("error") == "jinterp.runs.DiskError"
+                 and error.get("errno") in (errno.ENOSPC, errno.EFBIG) and str(directory) in error.get("message", ""))
+        return {"kind": kind, "method": method, "size_kb": size_kb, "first_error": describe(error),
+                "failed_cleanly": clean, "resumed_identical": resumed == reference,
+                "resume_error": describe(resume_error)}
     finally:
         if mounted:
             subprocess.run(["umount", str(mount)], check=False)
@@ -225,7 +245,7 @@ def main(argv=None) -> int:
         reference, error = finish(kind, root / f"{kind}-reference")
         seconds = time.perf_counter() - began
         if reference is None:
-            raise SystemExit(f"the uninterrupted {kind} run failed: {error}")
+            raise SystemExit(f"the uninterrupted {kind} run failed: {describe(error)}")
         print(f"{kind}: uninterrupted run {seconds:.1f}s, {len(sealed(root / f'{kind}-reference'))} sealed checkpoints")
         plan = ["kill"] * args.kills + ["corrupt"] * args.corruptions
         for i, trial in enumerate(tqdm(plan, desc=f"{kind} trials", unit="trial")):
@@ -235,9 +255,9 @@ def main(argv=None) -> int:
                 notes.append(corrupt_newest(directory, rng))
             digest, error = finish(kind, directory)
             summary["trials"].append({"kind": kind, "trial": trial, "notes": notes, "identical": digest == reference,
-                                      "error": error})
+                                      "error": describe(error)})
             tqdm.write(f"{kind} {trial} {i}: {'; '.join(notes)} -> "
-                       f"{'bit-identical' if digest == reference else 'DIFFERENT ' + error}")
+                       f"{'bit-identical' if digest == reference else 'DIFFERENT ' + describe(error)}")
         # Half the space the finished run takes: the run fails part way, after some checkpoints.
         size_kb = args.disk_kb or sum(p.stat().st_size for p in (root / f"{kind}-reference").rglob("*")) // 2048
         if not args.no_disk_full:
@@ -253,7 +273,7 @@ def main(argv=None) -> int:
                   f"not bit-identical {sum(not t['identical'] for t in rows)}")
     for d in summary["disk_full"]:
         print(f"{d['kind']:<6} disk-full ({d['method']}, {d['size_kb']} KiB): failed cleanly {d['failed_cleanly']} "
-              f"({d['first_error'][:120]}); resumed bit-identical {d['resumed_identical']}")
+              f"({d['first_error'][:300]}); resumed bit-identical {d['resumed_identical']}")
     print(f"{len(failures)} failures")
     for failure in failures:
         print("  ", failure)

@@ -104,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from jinterp.loading import LoadError
-    from jinterp.runs import ConfigMismatch
+    from jinterp.runs import ConfigMismatch, DiskError
 
     cli = parser()
     # key=value overrides may come before or after options, which argparse's positionals cannot express.
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         args.handler(args)
-    except (ValueError, LoadError, ConfigMismatch, FileNotFoundError) as error:
+    except (ValueError, LoadError, ConfigMismatch, FileNotFoundError, DiskError) as error:
         print(f"jinterp: error: {error}", file=sys.stderr)
         return 2
     return 0

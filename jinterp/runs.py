@@ -18,7 +18,9 @@ checkpoint into place, so a run killed at any moment resumes from the last compl
 chunk. A checkpoint that is unsealed, unreadable or whose values no longer match its seal is
 reported, deleted and recomputed. Restored values are the saved bytes, and recomputed ones come
 from the same code on the same inputs, so a resumed run's results are bit-identical to an
-uninterrupted one (on CPU). A directory holding a run of a different config is refused.
+uninterrupted one (on CPU). A directory holding a run of a different config is refused. A full or
+read-only disk stops the run with one ``DiskError`` (an ``OSError`` keeping the errno) naming the
+directory; once there is room, running it again resumes from its last sealed checkpoint.
 
 Several processes (``jinterp.sharding.initialize``) run the same experiment together: every
 process takes every step (the computations are collective, over ``Run.mesh``), the checkpoints
@@ -29,12 +31,15 @@ logs and the report.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -58,6 +63,18 @@ PACKAGES = ("jinterp", "jax", "jaxlib", "equinox", "numpy", "orbax-checkpoint", 
 
 class ConfigMismatch(RuntimeError):
     """The output directory holds a run of a different experiment or config."""
+
+
+class DiskError(OSError):
+    """A run's file could not be written: its disk is full or read-only. ``errno`` is the cause's
+    (ENOSPC, EDQUOT, EFBIG, EROFS, EACCES or EPERM), ``filename`` the directory. Free space (or make
+    the directory writable) and run again: the run resumes from its last sealed checkpoint."""
+
+    def __init__(self, code: int, message: str, directory):
+        super().__init__(code, message, str(directory))
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,11 +173,103 @@ def _to_numpy(tree):
 
 def _write_atomically(path: Path, text: str) -> None:
     staging = path.with_name(path.name + ".tmp")
-    with open(staging, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(staging, path)
+    remove = lambda: staging.unlink(missing_ok=True)  # noqa: E731
+    with writing(path.parent, f"write {path.name}", len(text.encode()), cleanup=remove):
+        with open(staging, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(staging, path)
+
+
+# A full or read-only disk: every write of a run's files goes through ``writing``, which turns it into
+# one DiskError however it surfaced (orbax writes from its own threads and event loops).
+
+FULL = {errno.ENOSPC: ("no space is left on the device", "Free some space"),
+        errno.EDQUOT: ("the disk quota is exhausted", "Free some space"),
+        errno.EFBIG: ("a file would exceed the file-size limit", "Raise the limit (ulimit -f)")}
+METADATA = 64 * 1024  # room a checkpoint takes beyond its arrays: orbax's dozen small files, a block each
+READ_ONLY = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission to write is denied",
+             errno.EPERM: "writing is not permitted"}
+
+
+@contextlib.contextmanager
+def writing(directory, what: str, needed: int | None = None, cleanup: Callable[[], None] | None = None):
+    """Write ``what`` (``needed`` bytes, if known) under ``directory``; a full or read-only disk
+    raises DiskError. ``cleanup`` runs after any failure (removing a partial write)."""
+    try:
+        yield
+    except Exception as error:
+        if cleanup is not None:
+            with contextlib.suppress(OSError):
+                cleanup()
+        if isinstance(error, DiskError):
+            raise
+        code = _disk_errno(error) or _disk_state(Path(directory), needed)
+        if code is None:
+            raise
+        raise DiskError(code, _disk_message(Path(directory), what, needed, code), directory) from error
+
+
+def _disk_errno(error: BaseException) -> int | None:
+    """The disk errno behind ``error``: an OSError in its causes, contexts or exception groups, or
+    tensorstore's ``[os_error_code='28']`` in a message (orbax re-raises those as ValueError)."""
+    seen, pending = set(), [error]
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, OSError) and (error.errno in FULL or error.errno in READ_ONLY):
+            return error.errno
+        code = re.search(r"os_error_code='?(\d+)", str(error))
+        if code and (int(code[1]) in FULL or int(code[1]) in READ_ONLY):
+            return int(code[1])
+        pending += [error.__cause__, error.__context__]
+        if isinstance(error, BaseExceptionGroup):
+            pending += error.exceptions
+    return None
+
+
+def _disk_state(directory: Path, needed: int | None) -> int | None:
+    """The disk's state, for an error that lost its cause ("Event loop is closed"): read-only, not
+    writable, or with less room than the write needs."""
+    try:
+        where = _existing(directory)
+        if os.statvfs(where).f_flag & os.ST_RDONLY:
+            return errno.EROFS
+        if not os.access(where, os.W_OK):
+            return errno.EACCES
+        if needed is not None and _free(where) < needed:
+            return errno.ENOSPC
+    except OSError:  # the directory cannot be examined: the original error stands
+        pass
+    return None
+
+
+def _existing(directory: Path) -> Path:
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    return directory
+
+
+def _free(directory: Path) -> int:
+    stat = os.statvfs(_existing(directory))
+    return stat.f_bavail * stat.f_frsize
+
+
+def _disk_message(directory: Path, what: str, needed: int | None, code: int) -> str:
+    reason, fix = FULL.get(code) or (READ_ONLY[code], "Make the directory writable")
+    reason += f" ({errno.errorcode.get(code, code)})"
+    if code in FULL:
+        reason += f"; {f'about {_size(needed)} needed, ' if needed is not None else ''}{_size(_free(directory))} free"
+    return (f"Cannot {what} in {directory}: {reason}. {fix} and run again: "
+            "the run resumes from its last sealed checkpoint.")
+
+
+def _size(n: int) -> str:
+    power = min(len(str(int(n))) - 1, 12) // 3
+    return f"{n / 1000 ** power:.3g} {('bytes', 'kB', 'MB', 'GB', 'TB')[power]}"
 
 
 class Store:
@@ -172,7 +281,8 @@ class Store:
         self.directory = directory
         self.log = log
         self._checkpointer = ocp.PyTreeCheckpointer()
-        directory.mkdir(parents=True, exist_ok=True)
+        with writing(directory, "create the checkpoint directory"):
+            directory.mkdir(parents=True, exist_ok=True)
         if sharding.is_main_process():
             for leftover in directory.rglob("*.orbax-checkpoint-tmp*"):
                 self.log(f"Removing a half-written checkpoint {leftover.relative_to(directory)}")
@@ -208,11 +318,15 @@ class Store:
         return None
 
     def save(self, name: str, values, seconds: float):
-        """Writes and seals ``values``; returns them as they read back (numpy arrays)."""
+        """Writes and seals ``values``; returns them as they read back (numpy arrays). A full or
+        read-only disk raises DiskError, the partial write removed."""
         path, seal_path = self._paths(name)
-        self.delete(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._checkpointer.save(path.resolve(), _to_numpy(values))  # with several processes, all of them
+        values = _to_numpy(values)
+        needed = METADATA + sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(values))
+        with writing(self.directory, f"write checkpoint {name!r}", needed, cleanup=lambda: self._discard(path)):
+            self.delete(name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._checkpointer.save(path.resolve(), values)  # with several processes, all of them
         restored = self._checkpointer.restore(path.resolve())
         if sharding.is_main_process():
             _write_atomically(seal_path, json.dumps({"sha256": _digest(restored), "seconds": seconds}))
@@ -223,9 +337,16 @@ class Store:
         path, seal_path = self._paths(name)
         sharding.barrier(f"jinterp deleting {name}")  # no process still reads it
         if sharding.is_main_process():
-            seal_path.unlink(missing_ok=True)  # unseal first: a half-deleted checkpoint is then incomplete
+            with writing(self.directory, f"delete checkpoint {name!r}"):
+                seal_path.unlink(missing_ok=True)  # unseal first: a half-deleted checkpoint is then incomplete
             shutil.rmtree(path, ignore_errors=True)
         sharding.barrier(f"jinterp deleted {name}")
+
+    def _discard(self, path: Path) -> None:
+        """Removes what a failed save left (orbax's temporary directory), freeing its space."""
+        if sharding.is_main_process():
+            for partial in path.parent.glob(f"{path.name}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
 
 
 class Run:
@@ -326,11 +447,12 @@ def execute(experiment: Experiment, config, directory, *, fresh: bool = False, q
         earlier_steps = {name: {**t, "restored": True} for name, t in info.get("steps", {}).items()}
     main = sharding.is_main_process()  # with several processes, process 0 alone writes files
     sharding.barrier("jinterp run checked")  # every process read run.json before it changes
-    if fresh and directory.exists() and main:
-        for owned in (RUN_FILE, "checkpoints"):
-            path = directory / owned
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    directory.mkdir(parents=True, exist_ok=True)
+    with writing(directory, "start the run"):
+        if fresh and directory.exists() and main:
+            for owned in (RUN_FILE, "checkpoints"):
+                path = directory / owned
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        directory.mkdir(parents=True, exist_ok=True)
     info = {"experiment": experiment.name, "config": config_dict(config), "config_hash": digest,
             "command": sys.argv, "environment": environment(), "status": "running",
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -345,7 +467,8 @@ def execute(experiment: Experiment, config, directory, *, fresh: bool = False, q
     if main:
         _write_atomically(previous, json.dumps(info, indent=2))
         report_start = time.perf_counter()
-        experiment.report(config, results, directory, info)
+        with writing(directory, "write the report"):
+            experiment.report(config, results, directory, info)
         info["report_seconds"] = time.perf_counter() - report_start
         _write_atomically(previous, json.dumps(info, indent=2))
     sharding.barrier("jinterp run reported")
@@ -375,7 +498,8 @@ def rebuild_report(experiment: Experiment, directory) -> None:
     if found is None:
         raise FileNotFoundError(f"{directory}: the run has not completed (no saved results); "
                                 f"finish it with `jinterp run {experiment.name} --out {directory}`")
-    experiment.report(config, found[0], directory, info)
+    with writing(directory, "write the report"):
+        experiment.report(config, found[0], directory, info)
 
 
 def by_name(experiments: dict[str, Experiment], name: str) -> Experiment:

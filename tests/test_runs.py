@@ -1,15 +1,22 @@
 """Checkpointed runs: configs, resuming, refusing a changed config, corrupt checkpoints."""
 
+import contextlib
 import dataclasses
+import errno
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 from conftest import TOY
+from test_train import assert_same_bits, fit
 
 from jinterp import patching, runs
+from jinterp.models import flat as flat_params
 
 RNG = np.random.default_rng(0)
 CLEAN = RNG.integers(0, TOY.d_vocab, (2, 6)).astype(np.int32)
@@ -176,3 +183,184 @@ def test_report_is_rebuilt_from_saved_results(toy, tmp_path):
     (tmp_path / "metrics.json").unlink()
     runs.rebuild_report(experiment, tmp_path)
     assert (tmp_path / "metrics.json").read_text() == expected
+
+
+# A full or read-only disk: one DiskError naming the directory, then a resume as if nothing happened.
+
+def numpy_toy():
+    """TOY with numpy-drawn weights: the same model in every process, built without compiling."""
+    rng = np.random.default_rng(0)
+    return flat_params.from_flat(TOY, {name: (rng.normal(0, 0.3, shape) + name.endswith(".w")).astype(np.float32)
+                                       for name, shape in flat_params.shapes(TOY).items()})
+
+
+# Run in a child process: RLIMIT_FSIZE makes every later write past 64 bytes fail with EFBIG, as a
+# full disk fails them with ENOSPC, without root or a small file system.
+CHILD = """
+import dataclasses, json, resource, signal, sys
+sys.path.insert(0, {tests!r})
+from jinterp import runs
+
+def fill_the_disk():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+try:
+{body}
+except runs.DiskError as error:
+    print(json.dumps({{"errno": error.errno, "filename": error.filename, "message": str(error)}}))
+"""
+
+SWEEP = """
+    from test_runs import CLEAN, CORRUPT, metric, numpy_toy
+    from jinterp import patching
+    chunks = patching.sweep_chunks(numpy_toy(), CLEAN, CORRUPT, metric, "resid_pre")
+    def compute(i):
+        if i == 1:  # chunk 0 is sealed; chunk 1's checkpoint meets a full disk
+            fill_the_disk()
+        return chunks.compute(i)
+    runs.Run({directory!r}, None, quiet=True).chunked("sweep", dataclasses.replace(chunks, compute=compute))
+"""
+
+TRAIN = """
+    from test_train import fit
+    evaluations = []
+    def evaluate(params):
+        evaluations.append(1)
+        if len(evaluations) == 3:  # steps 0, 50, 100: the checkpoint at 50 is sealed, the one at 100 fails
+            fill_the_disk()
+        return {{}}
+    fit(runs.Run({directory!r}, None, quiet=True), evaluate=evaluate)
+"""
+
+
+def _disk_fills_in_a_child(body: str, directory) -> dict:
+    body = body.format(directory=str(directory))
+    script = CHILD.format(tests=os.path.dirname(__file__), body=body.strip("\n"))
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0 and child.stdout.strip(), f"no DiskError: {child.stderr[-3000:]}"
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def _assert_clear(error: dict, checkpoints, name: str):
+    assert error["errno"] == errno.EFBIG and error["filename"] == str(checkpoints)
+    assert error["message"].startswith(f"Cannot write checkpoint {name!r} in {checkpoints}: a file would exceed "
+                                       "the file-size limit (EFBIG); about "), error["message"]
+    assert error["message"].endswith("and run again: the run resumes from its last sealed checkpoint.")
+    assert not list(checkpoints.rglob("*orbax-checkpoint-tmp*")), "the partial checkpoint was left behind"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+def test_a_full_disk_while_saving_a_sweep_chunk_is_one_clear_error_and_the_sweep_resumes(tmp_path):
+    error = _disk_fills_in_a_child(SWEEP, tmp_path / "run")
+    _assert_clear(error, tmp_path / "run" / "checkpoints", "sweep.chunks/00001")
+    chunks = patching.sweep_chunks(numpy_toy(), CLEAN, CORRUPT, metric, "resid_pre")
+    calls = []
+    counting = dataclasses.replace(chunks, compute=lambda i: (calls.append(i), chunks.compute(i))[1])
+    resumed = runs.Run(tmp_path / "run", None, quiet=True).chunked("sweep", counting)
+    assert calls == [1, 2]  # chunk 0 was restored
+    uninterrupted = runs.Run(tmp_path / "uninterrupted", None, quiet=True).chunked("sweep", chunks)
+    assert resumed.dtype == uninterrupted.dtype and resumed.tobytes() == uninterrupted.tobytes()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+def test_a_full_disk_while_saving_a_training_checkpoint_is_one_clear_error_and_training_resumes(tmp_path):
+    error = _disk_fills_in_a_child(TRAIN, tmp_path)
+    _assert_clear(error, tmp_path / "checkpoints", "train/000000100")
+    sealed = sorted(p.name for p in (tmp_path / "checkpoints" / "train").glob("*.json"))
+    assert sealed == ["000000050.json"]
+    resumed, uninterrupted = fit(runs.Run(tmp_path, None, quiet=True)), fit()
+    assert_same_bits(resumed.params, uninterrupted.params)
+    assert_same_bits(resumed.history, uninterrupted.history)
+
+
+@contextlib.contextmanager
+def read_only(directory):
+    """``directory`` read-only: a read-only bind mount as root (root writes past permissions), else chmod."""
+    if os.geteuid() != 0:
+        folders = [directory, *(p for p in directory.rglob("*") if p.is_dir())]
+        for folder in folders:
+            folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            for folder in folders:
+                folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "--bind", directory, directory], capture_output=True).returncode:
+        pytest.skip("root here cannot bind-mount (no mount privilege), so cannot make a read-only directory")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", directory], check=True, capture_output=True)
+        yield
+    finally:
+        subprocess.run(["umount", directory], check=True)
+
+
+def test_a_read_only_run_directory_is_one_clear_error_and_the_run_resumes(toy, tmp_path):
+    calls = []
+    experiment = make_experiment(toy, calls)
+    first = runs.execute(experiment, Settings(), tmp_path / "a", quiet=True)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    store = runs.Store(tmp_path / "b" / "checkpoints", print)
+    store.delete("results")
+    store.delete("sweep.chunks/00001")
+    fix = "Make the directory writable and run again: the run resumes from its last sealed checkpoint."
+    with read_only(tmp_path / "b"):
+        with pytest.raises(runs.DiskError) as started:
+            runs.execute(experiment, Settings(), tmp_path / "b", quiet=True)
+        assert started.value.errno in (errno.EROFS, errno.EACCES) and started.value.filename == str(tmp_path / "b")
+        assert str(started.value).startswith(f"Cannot write run.json in {tmp_path / 'b'}: ")
+        assert str(started.value).endswith(fix)
+        with pytest.raises(runs.DiskError, match=r"Cannot (write|delete) checkpoint 'sweep.chunks/00001' in "
+                                                 rf"{tmp_path / 'b' / 'checkpoints'}: .*\(E(ROFS|ACCES)\)\. {fix}"):
+            experiment.compute(runs.Run(tmp_path / "b", Settings(), quiet=True))
+    calls.clear()
+    resumed = runs.execute(experiment, Settings(), tmp_path / "b", quiet=True)
+    assert calls == ["chunk1"]  # the rest was restored
+    assert_identical(first, resumed)
+
+
+def _raised(outer: BaseException, inner: BaseException, cause: bool = False) -> BaseException:
+    """``outer`` as raised while handling ``inner`` (its context), or ``from inner`` (its cause)."""
+    try:
+        try:
+            raise inner
+        except BaseException as handled:
+            if cause:
+                raise outer from handled
+            raise outer  # noqa: B904 (the implicit context is what this builds)
+    except BaseException as error:
+        return error
+
+
+TENSORSTORE = ('RESOURCE_EXHAUSTED: Error writing "x/0" in OCDBT database at local file "/run/checkpoints/x/": '
+               "Failed to write 344919 bytes to file 14: No space left on device [os_error_code='{}']")
+
+
+@pytest.mark.parametrize("error, code", [
+    (OSError(errno.ENOSPC, "No space left on device"), errno.ENOSPC),
+    (_raised(RuntimeError("Event loop is closed"), OSError(errno.EROFS, "Read-only file system")), errno.EROFS),
+    (_raised(RuntimeError("Save failed"), PermissionError(errno.EACCES, "Permission denied"), cause=True),
+     errno.EACCES),
+    (ExceptionGroup("tasks", [ValueError("other"), OSError(errno.EDQUOT, "Disk quota exceeded")]), errno.EDQUOT),
+    (ValueError(TENSORSTORE.format(28)), errno.ENOSPC),
+    (_raised(RuntimeError("Event loop is closed"), ValueError(TENSORSTORE.format(27))), errno.EFBIG),
+], ids=["OSError", "context", "cause", "exception group", "tensorstore message", "tensorstore in a context"])
+def test_disk_errors_are_found_however_they_are_wrapped(tmp_path, error, code):
+    with pytest.raises(runs.DiskError) as caught, runs.writing(tmp_path, "write checkpoint 'x'", 1000):
+        raise error
+    assert isinstance(caught.value, OSError) and caught.value.errno == code and caught.value.__cause__ is error
+    assert str(caught.value).startswith(f"Cannot write checkpoint 'x' in {tmp_path}: ")
+
+
+def test_an_error_that_lost_its_cause_on_a_full_disk_is_a_disk_error(tmp_path, monkeypatch):
+    with pytest.raises(KeyError), runs.writing(tmp_path, "write checkpoint 'x'", 1000):
+        raise KeyError("unrelated, on a disk with room")
+    real = os.statvfs(tmp_path)
+    full = os.statvfs_result((real.f_bsize, real.f_frsize, real.f_blocks, 0, 0, real.f_files, real.f_ffree,
+                              real.f_favail, real.f_flag, real.f_namemax))
+    monkeypatch.setattr(os, "statvfs", lambda path: full)
+    with pytest.raises(runs.DiskError, match=r"no space is left on the device \(ENOSPC\); about 1 kB needed, "
+                                             r"0 bytes free\. Free some space and run again"):
+        with runs.writing(tmp_path, "write checkpoint 'x'", 1000):
+            raise RuntimeError("Event loop is closed")

@@ -62,21 +62,36 @@ class GGUFFile:
 
     def tensor(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """A dequantised tensor, shaped like the HF weight ``(out_features, in_features)``."""
-        import gguf
-
         if name not in self.tensors:
             raise LoadError(self.path, f"missing tensor {name!r}")
         tensor = self.tensors[name]
         try:
-            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            array = _dequantize(tensor.data, tensor.tensor_type)
         except Exception as error:
             raise LoadError(self.path, f"cannot dequantise tensor {name!r} ({type(error).__name__}: {error})") from None
-        array = np.asarray(array, np.float32)
         if array.shape != shape:
             if array.size != np.prod(shape):
                 raise LoadError(self.path, f"tensor {name!r} has shape {array.shape}, metadata implies {shape}")
             array = array.reshape(shape)
         return array
+
+
+ROWS = 4096  # rows dequantised at a time
+
+
+def _dequantize(data: np.ndarray, qtype) -> np.ndarray:
+    """``gguf.quants.dequantize`` a block of rows at a time into one float32 array: its temporaries
+    (several per value) would otherwise be a few times the size of the embedding matrix."""
+    import gguf
+
+    if data.ndim < 2 or len(data) <= ROWS:
+        return np.asarray(gguf.quants.dequantize(data, qtype), np.float32)
+    first = gguf.quants.dequantize(data[:ROWS], qtype)
+    out = np.empty((len(data), *first.shape[1:]), np.float32)
+    out[:ROWS] = first
+    for start in range(ROWS, len(data), ROWS):
+        out[start:start + ROWS] = gguf.quants.dequantize(data[start:start + ROWS], qtype)
+    return out
 
 
 @functools.cache
@@ -189,11 +204,12 @@ def read_gguf(path, progress: bool = True) -> tuple[Config, dict[str, np.ndarray
         out["blocks.mlp.W_gate"][i] = get("ffn_gate", (M, D)).T
         out["blocks.mlp.W_in"][i] = get("ffn_up", (M, D)).T
         out["blocks.mlp.W_out"][i] = get("ffn_down", (D, M)).T
+    del out["W_E"]  # dropped before the embedding is read, so placeholder and embedding never coexist
     out["W_E"] = file.tensor("token_embd.weight", (cfg.d_vocab, D))
     out["ln_final.w"] = file.tensor("output_norm.weight", (D,))
     if not cfg.tied_embeddings:
         out["W_U"] = file.tensor("output.weight", (cfg.d_vocab, D)).T
     for name, array in out.items():  # checked here, before the arrays are cached under the file's hash
-        if not np.isfinite(array).all():
+        if not flat.all_finite(array):
             raise LoadError(file.path, f"parameter {name!r} has NaN or infinite values")
     return cfg, out, tokenizer

@@ -110,7 +110,7 @@ class Tensors:
             if not path.exists():
                 raise LoadError(path, "shard listed in the index is missing")
             try:
-                handle = safe_open(str(path), framework="numpy")
+                handle = safe_open(str(path), framework="numpy", backend="pread")  # see store.LazyTensors
             except Exception as error:  # safetensors raises its own error types for bad headers
                 raise LoadError(path, f"not a readable safetensors file ({error})") from None
             self.handles[path] = handle

@@ -109,7 +109,9 @@ class LazyTensors(Mapping):
     def __init__(self, path: Path):
         from safetensors import safe_open
 
-        self.handle = safe_open(str(path), framework="numpy")
+        # pread, not mmap: pages of a mapped file count in the process's RSS until the map closes,
+        # so a mapped read would hold a second copy of the weights beside the device arrays.
+        self.handle = safe_open(str(path), framework="numpy", backend="pread")
         self.names = list(self.handle.keys())
 
     def __getitem__(self, name: str) -> np.ndarray:
