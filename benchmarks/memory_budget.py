@@ -38,6 +38,7 @@ from experiments import ioi
 from experiments.stdlib_text import stdlib_documents, windows
 from jinterp import memory, patching
 from jinterp.collection import collect  # jinterp.collect once exported
+from jinterp.models.declaration import site_specs
 from jinterp.sae import ModelActivations
 
 CASES = ("sweep", "collect", "collect-unbudgeted", "sae")
@@ -137,7 +138,8 @@ def report(case: str, work, args, result_bytes, unbudgeted_bytes: int, detail: s
 def collect_case(model, tokenizer, args, budgeted: bool = True) -> None:
     tokens = text_windows(tokenizer, args)
     names = [f"blocks.{layer}.resid_post" for layer in range(model.cfg.n_layers)]
-    each = memory.sequence_bytes(model.cfg, args.seq, names, 0) + memory.values_bytes(model.cfg, names, args.seq)
+    specs = site_specs(model.cfg, 1, args.seq, 0)
+    each = memory.run_bytes(specs, names) + memory.values_bytes(specs, names)
     budget = args.activation_budget_mb * 2**20
     size = min(len(tokens), int(budget // each)) if budgeted else len(tokens)
     work = lambda: collect(model, tokens, "blocks.*.resid_post", memory_budget=budget,  # noqa: E731
@@ -152,7 +154,7 @@ def sae(model, tokenizer, args) -> None:
     source = ModelActivations(model, tokens, "blocks.15.resid_post", sequences_per_batch=8, skip=1,
                               memory_budget=args.activation_budget_mb * 2**20)
     cfg = model.cfg.replace(n_layers=16, layer_types=model.cfg.layer_types[:16])  # the layers run
-    each = memory.sequence_bytes(cfg, args.seq, ["blocks.15.resid_post"], 0)
+    each = memory.run_bytes(site_specs(cfg, 1, args.seq, 0), ["blocks.15.resid_post"])
     report("sae", source.all, args, lambda result: result.nbytes, len(tokens) * each,
            f"ModelActivations.all() at blocks.15.resid_post, {len(tokens)} x {args.seq} tokens, "
            f"{source.sequences_per_forward(len(tokens))} sequences per forward")

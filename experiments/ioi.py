@@ -173,8 +173,8 @@ def compute(run: Run) -> dict:
     n = min(cfg.path_prompts, cfg.n_prompts)
     receivers = [(f"blocks.{layer}.attn.q", [head]) for layer, head in movers]
     path = run.chunked("path_to_name_movers", patching.path_patch_chunks(
-        model, clean[:n], corrupt[:n], logit_diff_metric(io[:n], s[:n]), receivers, logit_positions=end,
-        mesh=run.mesh))
+        model, clean[:n], corrupt[:n], logit_diff_metric(io[:n], s[:n]), receivers, direction="noise",
+        logit_positions=end, mesh=run.mesh))
     path_base = run.step("path_baseline", lambda: {
         "clean": metric_of(model, clean[:n], io[:n], s[:n]), "corrupt": metric_of(model, corrupt[:n], io[:n], s[:n])})
 

@@ -36,13 +36,10 @@ def sites(model: Model, inputs=None, **options) -> Specs:
 def validate(specs: Specs, interventions: Sequence[iv.Intervention]) -> None:
     """A clear error for an intervention at a site the model lacks or that does not fit its sites."""
     for intervention in interventions:
-        at = []
         for kind in intervention.kinds():
-            found = of_kind(specs, kind)
-            if not found:
+            if not of_kind(specs, kind):
                 raise unknown_site(_spelled(intervention, kind), specs)
-            at += found
-        intervention.check(at)
+        intervention.check([spec for spec in specs.values() if spec.kind in intervention.kinds()])  # forward order
 
 
 def run(model: Model, inputs, *, capture=(), edits=(), mesh=None, check: bool = False, **options):

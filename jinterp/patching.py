@@ -150,7 +150,8 @@ def _per_axes(per, axes: tuple[str, ...], site: str) -> tuple[int, ...]:
     for name in per:
         axis = axis_of(axes, name)
         if axis is None or axes[axis] == "batch":
-            valid = [a for a in axes if a != "batch"] + [p for p in PER_PRESETS if p not in ("layer", "site")]
+            presets = [p for p, named in PER_PRESETS.items() if all(axis_of(axes, n) is not None for n in named)]
+            valid = [a for a in axes if a != "batch"] + presets
             raise ValueError(f"Unknown per axis {name!r} for site {site!r} (axes {axes}); valid choices: "
                              f"{', '.join(map(repr, valid))}")
         found.append(axis)

@@ -174,7 +174,7 @@ def _check_transcoders(cfg, transcoders) -> str:
         raise ValueError("attribution_graph needs a model with MLPs to replace by transcoders")
     if len(transcoders) != cfg.n_layers:
         raise ValueError(f"attribution_graph needs one transcoder per layer ({cfg.n_layers}), got {len(transcoders)}")
-    kinds = set()
+    read_kinds = set()
     for layer, tc in enumerate(transcoders):
         if not isinstance(tc, SAE):
             raise TypeError(f"transcoders[{layer}] must be a jinterp.sae.SAE, got {type(tc).__name__}")
@@ -188,10 +188,10 @@ def _check_transcoders(cfg, transcoders) -> str:
         if not before or S.SITE_AXES[read.kind] != S.RESID:
             raise ValueError(f"transcoders[{layer}] reads {tc.site!r}; it must read a residual-stream-shaped site "
                              f"before mlp_out in a block of this model (e.g. ln2.normalized or mlp_in)")
-        kinds.add(read.kind)
-    if len(kinds) != 1:
-        raise ValueError(f"the transcoders read different site kinds {sorted(kinds)}; one kind for every layer")
-    return kinds.pop()
+        read_kinds.add(read.kind)
+    if len(read_kinds) != 1:
+        raise ValueError(f"the transcoders read different site kinds {sorted(read_kinds)}; one kind for every layer")
+    return read_kinds.pop()
 
 
 def _gradients(model, tokens, frozen, mlp_out, reads, targets, logit_tokens, d_in, batch_size):

@@ -1,6 +1,8 @@
-"""jinterp.reuse_freed_memory: on glibc, large blocks then come from the reused arena, not from fresh
-``mmap``s that are returned to the kernel on free (so a repeated forward does not fault its output pages
-in again; the time that saves is in benchmarks/forward_and_capture.py). Importing jinterp changes nothing."""
+"""Importing jinterp changes nothing outside it, and no public name shadows a module.
+
+``jinterp.reuse_freed_memory()`` is an explicit call: on glibc, large blocks then come from the reused
+arena, not from fresh ``mmap``s that are returned to the kernel on free (so a repeated forward does not
+fault its output pages in again; the time that saves is in benchmarks/forward_and_capture.py)."""
 
 import os
 import platform
@@ -52,3 +54,18 @@ def test_import_changes_nothing_outside_jinterp():
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | ({"XLA_FLAGS": flags} if flags else {})
         out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True, env=env)
         assert out.stdout.strip() == str(flags)
+
+
+def test_no_public_name_shadows_a_module():
+    """jinterp.models is the subpackage (the model list is jinterp.named_models); every public name
+    that is also a submodule's name is that submodule."""
+    import importlib
+    import pkgutil
+
+    import jinterp
+
+    modules = {info.name for info in pkgutil.iter_modules(jinterp.__path__)}
+    for name in jinterp.__all__:
+        if name in modules:
+            assert getattr(jinterp, name) is importlib.import_module(f"jinterp.{name}"), name
+    assert jinterp.models.Transformer is jinterp.Transformer
