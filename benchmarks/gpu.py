@@ -1,5 +1,5 @@
 """jinterp's main workloads on one GPU, float32 and bfloat16, against the same workloads in PyTorch
-(transformers, TransformerLens, SAELens) where those are installed with CUDA. Under 5 minutes on
+(transformers, TransformerLens, SAELens) where those are installed with CUDA. Under 10 minutes on
 one GPU:
 
     PYTHONPATH=. python benchmarks/gpu.py [--repeats 10]
@@ -11,15 +11,20 @@ to check that the script works where there is no GPU.
 Model: SmolLM2-135M (its weights when the package is installed, else random weights of its shapes:
 timing depends on shapes only; the PyTorch side needs the weights). Workloads:
 
-- forward: tokens/s on a batch of 32 x 256 random tokens;
-- sweep: activation patching of ``resid_pre`` at every layer and position on 8 IOI prompts of 14
-  tokens (random 16-token ones without the weights), patches/s (TransformerLens:
-  ``get_act_patch_resid_pre``, one forward per patch);
+- forward: tokens/s at 8 x 14, 4 x 64, 2 x 256, 1 x 1024 and 32 x 256 random tokens (transformers:
+  the same shapes);
+- sweeps: activation patching of ``resid_pre`` at every layer and position and of ``attn.z`` at every
+  layer and head, on 8 IOI prompts of 14 tokens (random 16-token ones without the weights), patches/s
+  (TransformerLens: ``get_act_patch_resid_pre`` and ``get_act_patch_attn_head_out_all_pos``, one
+  forward per patch);
 - attribution patching of ``resid_pre`` and ``attn.z`` on the same prompts, ms per call;
+- a long prompt (2,048 tokens, the last 8 of them corrupted): a run capturing every layer's
+  residual stream, a ``z`` sweep and ``z`` attribution patching, seconds and peak device memory;
 - SAE training: TopK (k 32, d_sae 16 x 576) on 65,536 cached random activations, 20 steps of
   batch 4,096 per timed call, tokens/s (SAELens: ``SAETrainer`` on the same array).
 
-Medians over ``--repeats`` timed calls after one untimed call (compilation).
+Medians over ``--repeats`` timed calls after one untimed call (compilation); the long-prompt
+workloads are timed once after their compilation.
 """
 
 from __future__ import annotations
@@ -88,26 +93,36 @@ def logit_difference(answers):
     return metric
 
 
+FORWARD_SHAPES = ((8, 14), (4, 64), (2, 256), (1, 1024), (32, 256))
+
+
+def random_tokens(d_vocab: int, shape, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, d_vocab, shape, dtype=np.int32)
+
+
 def jinterp_rows(model, tokenizer, repeats: int, small: bool) -> list[tuple[str, str, str, float, str]]:
     """(workload, library, dtype, value, unit) rows."""
-    batch, seq = (4, 32) if small else (32, 256)
-    tokens = jax.device_put(np.random.default_rng(1).integers(0, model.cfg.d_vocab, (batch, seq), dtype=np.int32))
+    shapes = ((2, 8), (1, 64)) if small else FORWARD_SHAPES
     clean, corrupt, answers = prompts(tokenizer, model.cfg.d_vocab)
     metric = logit_difference(answers)
     rows = []
     for dtype in ("float32", "bfloat16"):
         typed = model.astype(dtype)
-        seconds = timed(lambda typed=typed: jax.block_until_ready(typed(tokens)), repeats)
-        rows.append(("forward", "jinterp", dtype, batch * seq / seconds, "tokens/s"))
-        sweep = lambda typed=typed: jax.block_until_ready(  # noqa: E731
-            patching.sweep(typed, clean, corrupt, metric, "resid_pre", logit_positions=[-1], progress=False))
-        n_patches = model.cfg.n_layers * clean.shape[1]
-        rows.append(("sweep resid_pre", "jinterp", dtype, n_patches / timed(sweep, repeats), "patches/s"))
+        for batch, seq in shapes:
+            tokens = jax.device_put(random_tokens(model.cfg.d_vocab, (batch, seq)))
+            seconds = timed(lambda typed=typed, tokens=tokens: jax.block_until_ready(typed(tokens)), repeats)
+            rows.append((f"forward {batch}x{seq}", "jinterp", dtype, batch * seq / seconds, "tokens/s"))
+        for site, per_site in (("resid_pre", clean.shape[1]), ("z", model.cfg.n_heads)):
+            sweep = lambda typed=typed, site=site: jax.block_until_ready(  # noqa: E731
+                patching.sweep(typed, clean, corrupt, metric, site, logit_positions=[-1], progress=False))
+            n_patches = model.cfg.n_layers * per_site
+            rows.append((f"sweep {site}", "jinterp", dtype, n_patches / timed(sweep, repeats), "patches/s"))
         for site in ("resid_pre", "z"):
             attribute = lambda typed=typed, site=site: jax.block_until_ready(  # noqa: E731
                 attribution.attribution_patching(typed, clean, corrupt, metric, site, logit_positions=[-1]))
             rows.append((f"attribution {site}", "jinterp", dtype, 1e3 * timed(attribute, repeats), "ms"))
         print(f"  jinterp {dtype} done", flush=True)
+    rows += long_prompt_rows(model, 128 if small else 2048)
     n_tokens, steps, sae_batch = (8192, 5, 1024) if small else (65536, 20, 4096)
     data = jax.device_put(np.random.default_rng(2).standard_normal((n_tokens, model.cfg.d_model), dtype=np.float32))
     train = lambda: jax.block_until_ready(jinterp.sae.train_sae(  # noqa: E731
@@ -115,6 +130,30 @@ def jinterp_rows(model, tokenizer, repeats: int, small: bool) -> list[tuple[str,
         eval_every=steps, progress=False).sae)
     rows.append(("SAE training TopK", "jinterp", "float32", steps * sae_batch / timed(train, repeats),
                  "tokens/s"))
+    return rows
+
+
+def long_prompt_rows(model, seq: int) -> list[tuple[str, str, str, float, str]]:
+    """A run with every layer's residual stream captured, a z sweep and z attribution patching on one
+    prompt of ``seq`` tokens whose last 8 are corrupted: seconds (after compiling) and peak memory."""
+    clean = random_tokens(model.cfg.d_vocab, (1, seq), seed=3)
+    corrupt = clean.copy()
+    corrupt[:, -8:] = (corrupt[:, -8:] + 1) % model.cfg.d_vocab
+    metric = lambda logits: logits[:, -1, :2].astype(jnp.float32).sum()  # noqa: E731
+    workloads = {
+        "run + capture resid": lambda: jinterp.run(model, clean, capture="blocks.*.resid_pre"),
+        "sweep z": lambda: patching.sweep(model, clean, corrupt, metric, "z", logit_positions=[-1], progress=False),
+        "attribution z": lambda: attribution.attribution_patching(model, clean, corrupt, metric, "z",
+                                                                  logit_positions=[-1]),
+    }
+    rows = []
+    for name, work in workloads.items():
+        jax.block_until_ready(work())
+        rows.append((f"{seq} tokens: {name}", "jinterp", "float32", timed(lambda w=work: jax.block_until_ready(w()),
+                                                                          1, warmup=0), "s"))
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        rows.append((f"{seq} tokens: peak memory", "jinterp", "float32", stats["peak_bytes_in_use"] / 2**30, "GiB"))
     return rows
 
 
@@ -142,7 +181,7 @@ def torch_rows(repeats: int, clean, corrupt, answers) -> tuple[list, str]:
         with torch.no_grad():
             return tokens.numel() / cuda_seconds(lambda: hf(tokens))
 
-    def tl_sweep(hf):
+    def tl_sweeps(hf):
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from hf_models import build_tl
         from transformer_lens import patching as tl_patching
@@ -156,19 +195,23 @@ def torch_rows(repeats: int, clean, corrupt, answers) -> tuple[list, str]:
 
         with torch.no_grad():
             _, cache = tl.run_with_cache(tc)
-            return tl.cfg.n_layers * clean.shape[1] / cuda_seconds(
-                lambda: tl_patching.get_act_patch_resid_pre(tl, tk, cache, metric))
+            for site, sweep, per_site in (("resid_pre", tl_patching.get_act_patch_resid_pre, clean.shape[1]),
+                                          ("z", tl_patching.get_act_patch_attn_head_out_all_pos, tl.cfg.n_heads)):
+                patches = tl.cfg.n_layers * per_site
+                yield (f"sweep {site}", "TransformerLens", "float32",
+                       patches / cuda_seconds(lambda sweep=sweep: sweep(tl, tk, cache, metric)), "patches/s")
 
-    tokens = torch.randint(0, 49152, (32, 256), device="cuda")
     for dtype in ("float32", "bfloat16"):
         hf = transformers.AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name,
                                                                dtype=getattr(torch, dtype)).cuda().eval()
-        rows.append(("forward", "transformers", dtype, forward(hf, tokens), "tokens/s"))
+        for batch, seq in FORWARD_SHAPES:
+            tokens = torch.randint(0, 49152, (batch, seq), device="cuda")
+            rows.append((f"forward {batch}x{seq}", "transformers", dtype, forward(hf, tokens), "tokens/s"))
         if dtype == "float32":
             try:
-                rows.append(("sweep resid_pre", "TransformerLens", dtype, tl_sweep(hf), "patches/s"))
+                rows += list(tl_sweeps(hf))
             except ImportError as error:
-                skipped.append(f"TransformerLens sweep skipped: {error}")
+                skipped.append(f"TransformerLens sweeps skipped: {error}")
     try:
         from sae_lens.config import SAETrainerConfig
         from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
@@ -213,9 +256,9 @@ def main():
     if not small:
         theirs, extra = torch_rows(args.repeats, *prompts(tokenizer, model.cfg.d_vocab))
         rows += theirs
-    print(f"\n{'workload':<22} {'library':<16} {'dtype':<9} {'value':>12}  unit")
+    print(f"\n{'workload':<32} {'library':<16} {'dtype':<9} {'value':>12}  unit")
     for name, library, dtype, value, unit in rows:
-        print(f"{name:<22} {library:<16} {dtype:<9} {value:12.1f}  {unit}")
+        print(f"{name:<32} {library:<16} {dtype:<9} {value:12.2f}  {unit}")
     ours = {(name, dtype): value for name, library, dtype, value, _ in rows if library == "jinterp"}
     for name, library, dtype, value, _ in rows:
         if library != "jinterp" and (name, dtype) in ours:

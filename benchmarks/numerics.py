@@ -5,8 +5,8 @@ weights. Prints, per model and dtype, the worst and median logit error of each l
 
 The referee is jinterp's own forward in float64 (``jax.enable_x64``) on the dequantised weights both
 libraries read (transformers keeps GGUF weights in float32 even when asked for float64). Each prompt
-runs in three layouts, since a kernel's rounding depends on the shapes it gets: alone (no padding),
-in one right-padded batch and in one left-padded batch (with the attention mask); an error is the
+runs in right-padded batches and in left-padded batches (with the attention mask), and the first 16
+alone (no padding), since a kernel's rounding depends on the shapes it gets; an error is the
 largest |logit - float64 logit| over a prompt's real positions. ``--prompts`` takes a file of
 held-out prompts, one per line (``\\n`` inside a line is a newline).
 """
@@ -48,8 +48,7 @@ PROMPTS = [
 LAYOUTS = ("alone", "right-padded", "left-padded")
 
 
-def padded(rows: list[list[int]], pad: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
-    length = max(map(len, rows))
+def padded(rows: list[list[int]], pad: int, left: bool, length: int) -> tuple[np.ndarray, np.ndarray]:
     tokens, mask = np.full((len(rows), length), pad, np.int32), np.zeros((len(rows), length), bool)
     for i, row in enumerate(rows):
         at = slice(length - len(row), length) if left else slice(0, len(row))
@@ -57,11 +56,17 @@ def padded(rows: list[list[int]], pad: int, left: bool) -> tuple[np.ndarray, np.
     return tokens, mask
 
 
-def batches(rows: list[list[int]], pad: int, layout: str):
-    """(tokens, mask) batches of one layout."""
+ALONE = 16  # prompts run alone: every length is a compilation of each model and dtype
+
+
+def batches(rows: list[list[int]], pad: int, layout: str, size: int = 8):
+    """(tokens, mask) batches of one layout: each of the first ``ALONE`` prompts alone, or batches of
+    ``size`` prompts padded to the longest prompt (a vocabulary of 262,144 makes one batch of every
+    prompt's float64 logits large)."""
     if layout == "alone":
-        return [(np.asarray([row], np.int32), np.ones((1, len(row)), bool)) for row in rows]
-    return [padded(rows, pad, left=layout == "left-padded")]
+        return [(np.asarray([row], np.int32), np.ones((1, len(row)), bool)) for row in rows[:ALONE]]
+    length = max(map(len, rows))
+    return [padded(rows[i:i + size], pad, layout == "left-padded", length) for i in range(0, len(rows), size)]
 
 
 def errors(logits, referee, mask) -> list[float]:
@@ -94,6 +99,7 @@ def measure(name: str, prompts: list[str], dtypes: list[str]) -> list[tuple]:
                                 attention_mask=torch.tensor(mask, dtype=torch.long)).logits.float().numpy()
                 j_err += errors(logits, referee, mask)
                 h_err += errors(theirs, referee, mask)
+                print(".", end="", flush=True)
             found.append((name, dtype, layout, j_err, h_err))
         del hf
     return found
@@ -117,7 +123,7 @@ def main():
             totals.setdefault((model, dtype), ([], []))
             totals[(model, dtype)][0].extend(ours)
             totals[(model, dtype)][1].extend(theirs)
-            print(row(model, dtype, layout, ours, theirs))
+            print("\r" + row(model, dtype, layout, ours, theirs))
     print("\nall layouts")
     for (model, dtype), (ours, theirs) in totals.items():
         print(row(model, dtype, "all", ours, theirs))

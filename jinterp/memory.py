@@ -7,7 +7,8 @@ streaming (``jinterp.sae.ModelActivations``). For a run at the inputs the specs 
 - the forward's transient working set: every site the plain forward computes outside the layers
   (embeddings, logits, ...) plus one layer's sites (jinterp's transformer runs its blocks one at a
   time with ``lax.scan``; a model without a scan frees each value once it is used): the residual
-  stream, queries, keys, values, attention scores and pattern, the MLP's activations;
+  stream, queries, keys, values, the MLP's activations, and the attention scores and pattern of
+  one chunk of queries (``SiteSpec.held``);
 - the captured sites: a kind captured at several layers is written into one ``[n_layers, ...]``
   buffer as the scan runs, plus, when only some layers are asked for, their gathered copy; sites
   the cache derives on access are counted at their full size, an upper bound.
@@ -32,13 +33,14 @@ def nbytes(spec: SiteSpec) -> int:
 
 
 def working_set_bytes(specs: Specs) -> int:
-    """The plain forward's transient working set: the sites outside the layers and one layer's."""
-    computed = [spec for spec in specs.values() if not spec.on_demand]
-    per_layer: dict[int, int] = {}
-    for spec in computed:
+    """The plain forward's transient working set: the sites outside the layers and one layer's, each
+    as much of it as the forward holds at once."""
+    per_layer: dict[int, float] = {}
+    for spec in specs.values():
         if spec.layer is not None:
-            per_layer[spec.layer] = per_layer.get(spec.layer, 0) + nbytes(spec)
-    return sum(nbytes(spec) for spec in computed if spec.layer is None) + max(per_layer.values(), default=0)
+            per_layer[spec.layer] = per_layer.get(spec.layer, 0) + nbytes(spec) * spec.held
+    top = sum(nbytes(spec) * spec.held for spec in specs.values() if spec.layer is None)
+    return math.ceil(top + max(per_layer.values(), default=0))
 
 
 def values_bytes(specs: Specs, names: Iterable[str]) -> int:

@@ -19,7 +19,9 @@ from jinterp import names as S
 class SiteSpec(NamedTuple):
     """One site: its full ``name``, its ``kind`` and ``layer`` (``names.site_key``), its value's
     ``shape`` and ``dtype``, and the names of its ``axes`` (``batch``, ``pos``, ``head``, ...).
-    ``on_demand``: computed only when an intervention asks for it (``attn.result``)."""
+    ``held``: the share of the value the plain forward holds at once (0: computed only when an
+    intervention asks for it, like ``attn.result``; a long sequence's attention scores: one chunk of
+    queries), for the memory estimate."""
 
     name: str
     kind: str
@@ -27,7 +29,7 @@ class SiteSpec(NamedTuple):
     shape: tuple
     dtype: Any
     axes: tuple[str, ...]
-    on_demand: bool = False
+    held: float = 1.0
 
 
 class Specs(Mapping):

@@ -81,7 +81,7 @@ def test_a_value_of_the_wrong_shape_at_a_site_is_caught_by_the_declaration():
 
 def test_the_memory_estimate_comes_from_the_declaration():
     specs = declaration.site_specs(TOY, 1, 5, 5)
-    per_layer = sum(np.prod(s.shape) * 4 for s in specs.values() if s.layer == 0 and not s.on_demand)
+    per_layer = sum(np.prod(s.shape) * 4 * s.held for s in specs.values() if s.layer == 0)
     top = sum(np.prod(s.shape) * 4 for s in specs.values() if s.layer is None)
     assert jinterp.memory.run_bytes(specs) == per_layer + top
     wider = dataclasses.replace(TOY, d_mlp=2 * TOY.d_mlp)  # three MLP-sized sites per layer grow with d_mlp

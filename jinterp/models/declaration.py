@@ -22,7 +22,7 @@ import numpy as np
 from jinterp import names as S
 from jinterp._compile import jit
 from jinterp.models.config import Config
-from jinterp.models.layers import attention_scores, centred, head_results, mlp_post, pattern_of, per_head
+from jinterp.models.layers import QUERY_CHUNK, attention_scores, centred, head_results, mlp_post, pattern_of, per_head
 from jinterp.specs import SiteSpec, Specs
 
 
@@ -59,11 +59,13 @@ class _Recorder:
         return value
 
     def wants(self, kind: str) -> bool:
-        self.on_demand.add(kind)
+        if kind not in CHUNKED:  # (the plain forward computes those too, a chunk of queries at a time)
+            self.on_demand.add(kind)
         return True
 
 
 TRACED = (1, 2)  # the (batch, seq) the declaration is traced at
+CHUNKED = ("attn.scores", "attn.pattern")
 
 
 @functools.lru_cache(maxsize=64)
@@ -96,11 +98,13 @@ def site_specs(cfg: Config, batch="batch", seq="pos", n_logits=None, keys=None) 
     """Every site of a model with this config, in forward order; ``n_logits``: the positions unembedded."""
     found = kinds(cfg)
     dtypes = dict(found.dtypes)
+    # The plain forward holds the scores and pattern of QUERY_CHUNK queries at a time.
+    chunk = min(1.0, QUERY_CHUNK / seq) if isinstance(seq, int) else 1.0
 
     def spec(kind, layer):
         size = shape(cfg, kind, batch, n_logits if kind == "logits" and n_logits is not None else seq, keys)
-        return SiteSpec(S.site_name(kind, layer), kind, layer, size, dtypes[kind], S.SITE_AXES[kind],
-                        kind in found.on_demand)
+        held = chunk if kind in CHUNKED else 0.0 if kind in found.on_demand else 1.0
+        return SiteSpec(S.site_name(kind, layer), kind, layer, size, dtypes[kind], S.SITE_AXES[kind], held)
 
     specs = [spec(kind, None) for kind in found.head]
     specs += [spec(kind, layer) for layer in range(cfg.n_layers) for kind in found.block]

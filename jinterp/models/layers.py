@@ -19,6 +19,8 @@ from jaxtyping import Array, Bool, Float
 
 from jinterp.models.config import Config
 
+QUERY_CHUNK = 512  # queries whose attention scores the plain forward holds at once
+
 if TYPE_CHECKING:
     from jinterp.interventions import SiteHook as Hook
 
@@ -225,19 +227,44 @@ def attention(
         k = jax.lax.dynamic_update_slice_in_dim(keys.astype(k.dtype), k, index, 1)
         v = jax.lax.dynamic_update_slice_in_dim(values.astype(v.dtype), v, index, 1)
 
-    batch, seq, _, d_head = q.shape
-    scores = hook("attn.scores", attention_scores(q, k, mask, cfg))
-    pattern = hook("attn.pattern", pattern_of(scores).astype(v.dtype))
-
-    pattern_grouped = pattern.reshape(batch, cfg.n_kv_heads, cfg.group_size * seq, -1)
-    z = jnp.einsum("bkxs,bske->bkxe", pattern_grouped, v).reshape(batch, cfg.n_kv_heads, cfg.group_size, seq, d_head)
-    z = z.transpose(0, 3, 1, 2, 4).reshape(batch, seq, cfg.n_heads, d_head)
+    if hook.wants("attn.scores") or hook.wants("attn.pattern"):  # edited or recorded: the whole [pos, key_pos]
+        scores = hook("attn.scores", attention_scores(q, k, mask, cfg))
+        z = weighted_values(hook("attn.pattern", pattern_of(scores).astype(v.dtype)), v, cfg)
+    else:
+        z = attend(q, k, v, mask, cfg)
     z = hook("attn.z", z)
     if hook.wants("attn.result"):
         out = hook("attn.result", head_results(z, p.W_O)).sum(2)
     else:
         out = jnp.einsum("bqhe,hed->bqd", z, p.W_O)
     return (out if p.b_O is None else out + p.b_O), new
+
+
+def weighted_values(pattern: Float[Array, "batch n_heads pos key_pos"], v: Float[Array, "batch key_pos n_kv d_head"],
+                    cfg: Config) -> Float[Array, "batch pos n_heads d_head"]:
+    """z = pattern . v per head; query head h reads kv head h // group."""
+    batch, _, seq, _ = pattern.shape
+    grouped = pattern.reshape(batch, cfg.n_kv_heads, cfg.group_size * seq, -1)
+    z = jnp.einsum("bkxs,bske->bkxe", grouped, v).reshape(batch, cfg.n_kv_heads, cfg.group_size, seq, v.shape[-1])
+    return z.transpose(0, 3, 1, 2, 4).reshape(batch, seq, cfg.n_heads, v.shape[-1])
+
+
+def attend(q, k, v, mask, cfg: Config) -> Float[Array, "batch pos n_heads d_head"]:
+    """z of every query, computed ``QUERY_CHUNK`` queries at a time, so that the scores held at once
+    grow linearly with the sequence, not quadratically. Each query's softmax and sum are its own:
+    chunking changes no value."""
+    batch, seq, heads, d_head = q.shape
+    def attend_chunk(q, mask):
+        return weighted_values(pattern_of(attention_scores(q, k, mask, cfg)).astype(v.dtype), v, cfg)
+
+    if seq <= QUERY_CHUNK:
+        return attend_chunk(q, mask)
+    n = -(-seq // QUERY_CHUNK)
+    pad = n * QUERY_CHUNK - seq
+    chunks = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)).reshape(  # noqa: E731
+        batch, n, QUERY_CHUNK, *a.shape[2:]).swapaxes(0, 1)
+    z = jax.lax.map(lambda args: attend_chunk(*args), (chunks(q), chunks(mask)))
+    return z.swapaxes(0, 1).reshape(batch, n * QUERY_CHUNK, heads, d_head)[:, :seq]
 
 
 def attention_scores(q: Float[Array, "batch pos n_heads d_head"], k: Float[Array, "batch key_pos n_kv_heads d_head"],

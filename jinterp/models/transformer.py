@@ -61,8 +61,7 @@ class Transformer(Model):
 
     # --- the site protocol -------------------------------------------------------------------------
 
-    def site_specs(self, tokens=None, *, attention_mask=None, token_type_ids=None, logit_positions=None, start=None,
-                   prefix=None) -> dict:
+    def site_specs(self, tokens=None, *, attention_mask=None, token_type_ids=None, logit_positions=None) -> dict:
         """Every site in forward order, with its shape for ``tokens`` (symbolic sizes without them)."""
         batch, seq = ("batch", "pos") if tokens is None else np.shape(tokens)
         n_logits = None if logit_positions is None else np.shape(logit_positions)[-1]
@@ -81,8 +80,7 @@ class Transformer(Model):
             output = jnp.concatenate([prefix[2], output], 1)
         return output, from_records(interventions, top, blocks, self.cfg.n_layers)
 
-    def check_inputs(self, tokens, *, attention_mask=None, token_type_ids=None, logit_positions=None, start=None,
-                     prefix=None) -> None:
+    def check_inputs(self, tokens, *, attention_mask=None, token_type_ids=None, logit_positions=None) -> None:
         check_inputs(self.cfg, tokens, attention_mask, token_type_ids)
 
     def plan_captures(self, specs, names, edited):
