@@ -61,7 +61,7 @@ def assert_refereed(ours, theirs, exact, *, bound: float, ratio: float | None = 
     ours_rms, theirs_rms = rms(ours - exact), max(rms(theirs - exact), EPS32 * rms(exact))
     if os.environ.get("JINTERP_TEST_MEASURE"):
         with open(os.environ["JINTERP_TEST_MEASURE"], "a") as log:
-            log.write(json.dumps({"what": what, "error": error, "bound": bound, "reference_error":
+            log.write(json.dumps({"what": what, "error": error, "bound": float(bound), "reference_error":
                                   max_error(theirs, exact), "rms_ratio": ours_rms / theirs_rms}) + "\n")
     assert error <= bound, f"{what}: float32 is {error:.3g} from the float64 run (bound {bound:.3g})"
     assert ratio is None or ours_rms <= ratio * theirs_rms, (
