@@ -48,14 +48,18 @@ def test_greedy_equals_transformers_and_cached_logits_equal_the_full_forward(ref
     np.testing.assert_array_equal(ours.tokens, theirs.sequences[:, prompt_len:].numpy())
     np.testing.assert_array_equal(ours.n_generated, [8, 8, 8])
     # float32 against transformers, and the cache against no cache: measured 1.6e-6 x the logits' scale (gemma3)
-    # and less; jinterp's float32 against its float64 run: measured 1.6e-6 x scale (gemma3).
+    # and less; jinterp's float32 against its float64 run: measured 2.3e-6 x scale (gemma3).
     steps = slice(prompt_len - 1, None)
     theirs = torch.stack(theirs.logits, 1).numpy()
-    close(ours.captures["logits"], theirs, atol=1e-5)
+    close(ours.captures["logits"], theirs, atol=2e-5)
     logits, _ = full_forward(model, ours)  # no cache
-    close(ours.captures["logits"], logits[:, steps], atol=1e-5)
+    close(ours.captures["logits"], logits[:, steps], atol=2e-5)
     exact, _ = full_forward(model, ours, run=run64)
-    assert_refereed(ours.captures["logits"], theirs, exact[:, steps], bound=1e-5 * np.abs(exact).max(), what=family)
+    # The RMS error of jinterp's cached logits equals that of its full forward and of transformers' full forward
+    # (measured); transformers' one-token decode steps round less than its own full forward: ratios up to 1.43
+    # measured (llama 1.36, neox 1.43), so a multiple of 3 here.
+    assert_refereed(ours.captures["logits"], theirs, exact[:, steps], bound=2e-5 * np.abs(exact).max(), ratio=3.0,
+                    what=family)
 
 
 def test_edits_and_captures_during_generation_equal_the_full_forward(toy):
