@@ -16,7 +16,8 @@ CORRUPT = random_tokens(TOY.d_vocab, (3, 6), seed=5)
 def test_patching_every_layer_from_a_cache_reproduces_that_run(toy):
     clean_logits, clean = jinterp.run(toy, CLEAN, capture="blocks.*.resid_post")
     patched, _ = jinterp.run(toy, CORRUPT, edits=ablation.patch(clean, "blocks.*.resid_post", layers=[2]))
-    np.testing.assert_allclose(np.asarray(patched), np.asarray(clean_logits), atol=1e-5)
+    # Bit-equal here (measured 0), but another program than the clean run's: 8 eps32 x the logits' scale (5.8).
+    np.testing.assert_allclose(np.asarray(patched), np.asarray(clean_logits), atol=5e-6, rtol=0)
     one_layer = ablation.patch(clean, "blocks.1.resid_post", positions=[3])
     assert not one_layer.per_layer
 
@@ -46,10 +47,11 @@ def test_mean_and_resample_ablation(toy):
                            edits=ablation.mean_ablate(reference, "blocks.*.mlp_out", layers=[1]))
     expected = np.asarray(reference["blocks.1.mlp_out"]).mean(0)
     np.testing.assert_allclose(np.asarray(cache["blocks.1.mlp_out"]), np.broadcast_to(expected, (3, 6, TOY.d_model)),
-                               atol=1e-6)
+                               atol=3e-6, rtol=0)  # measured 4.8e-7
     _, over_pos = jinterp.run(toy, CLEAN, capture="blocks.1.mlp_out",
                               edits=ablation.mean_ablate(reference, "blocks.1.mlp_out", over_positions=True))
-    np.testing.assert_allclose(np.asarray(over_pos["blocks.1.mlp_out"])[0, 0], expected.mean(0), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(over_pos["blocks.1.mlp_out"])[0, 0], expected.mean(0), atol=2e-6,
+                               rtol=0)  # measured 2.4e-7
     _, resampled = jinterp.run(toy, CLEAN, capture="blocks.1.mlp_out",
                                edits=ablation.resample_ablate(reference, "blocks.1.mlp_out", jax.random.key(0)))
     got, source = np.asarray(resampled["blocks.1.mlp_out"]), np.asarray(reference["blocks.1.mlp_out"])
@@ -65,10 +67,10 @@ def test_project_out_and_keep(toy):
                              edits=jinterp.Project("blocks.1.resid_pre", basis))
     _, plain = jinterp.run(toy, CLEAN, capture="blocks.1.resid_pre")
     k, r, x = (np.asarray(c["blocks.1.resid_pre"]) for c in (kept, removed, plain))
-    np.testing.assert_allclose(k + r, x, atol=1e-5)
+    np.testing.assert_allclose(k + r, x, atol=1e-5, rtol=0)  # measured 9.5e-7
     q = np.linalg.qr(np.asarray(basis))[0]
-    np.testing.assert_allclose(r @ q, 0, atol=1e-4)  # nothing left in the subspace
-    np.testing.assert_allclose(k, (x @ q) @ q.T, atol=1e-4)
+    np.testing.assert_allclose(r @ q, 0, atol=2e-5)  # nothing left in the subspace; measured 2.2e-6
+    np.testing.assert_allclose(k, (x @ q) @ q.T, atol=1e-5, rtol=0)  # measured 1.2e-6
     with pytest.raises(ValueError, match=r"Project basis at 'resid_pre' has shape \(35, 3\)"):
         jinterp.run(toy, CLEAN, edits=jinterp.Project("blocks.1.resid_pre", jnp.ones((35, 3))))
 
@@ -81,7 +83,7 @@ def test_interchange_in_a_rotated_subspace_is_learnable(toy):
     swapped = jinterp.Interchange("blocks.*.resid_pre", clean.stack("resid_pre"), full, per_layer=True, layers=[1])
     patched = jinterp.run(toy, CORRUPT, edits=swapped)[0]
     direct = jinterp.run(toy, CORRUPT, edits=ablation.patch(clean, "blocks.1.resid_pre"))[0]
-    np.testing.assert_allclose(np.asarray(patched), np.asarray(direct), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(patched), np.asarray(direct), atol=2e-5, rtol=0)  # measured 2.4e-6
 
     def loss(rotation):
         edit = jinterp.Interchange("blocks.1.resid_pre", clean["blocks.1.resid_pre"], rotation)
@@ -92,7 +94,8 @@ def test_interchange_in_a_rotated_subspace_is_learnable(toy):
     direction = jax.random.normal(jax.random.key(3), rotation.shape)
     eps = 1e-3
     finite = (loss(rotation + eps * direction) - loss(rotation - eps * direction)) / (2 * eps)
-    np.testing.assert_allclose(float((grad * direction).sum()), float(finite), rtol=5e-2, atol=1e-4)
+    # Central differences (eps 1e-3) in float32: measured 2.1e-3 relative.
+    np.testing.assert_allclose(float((grad * direction).sum()), float(finite), rtol=2e-2)
 
 
 def test_per_layer_values_must_cover_every_layer(toy):

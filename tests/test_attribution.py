@@ -28,8 +28,9 @@ def test_exact_for_a_linear_metric_on_a_site_feeding_the_unembedding():
     estimate = attribution.attribution_patching(model, clean, corrupt, metric, "resid_post")
     swept = patching.sweep(model, clean, corrupt, metric, "resid_post", progress=False)
     base = float(metric(model(corrupt)))
-    np.testing.assert_allclose(np.asarray(estimate[-1]), np.asarray(swept[-1]) - base, atol=1e-5)
-    assert np.abs(np.asarray(estimate[-1])).max() > 0.1
+    np.testing.assert_allclose(np.asarray(estimate[-1]), np.asarray(swept[-1]) - base, atol=2e-6,
+                               rtol=0)  # measured 2.6e-7
+    assert np.abs(np.asarray(estimate[-1])).max() > 0.02  # not a comparison of zeros: measured 0.11
 
 
 def test_noising_direction(toy):
@@ -53,7 +54,7 @@ def test_correlates_with_patching_on_smollm2_ioi(named):
     base = float(score(model(corrupt)))
     correlation = np.corrcoef(np.asarray(estimate).ravel(), np.asarray(swept).ravel() - base)[0, 1]
     print(f"attribution vs activation patching, heads (z), SmolLM2 IOI: r = {correlation:.3f}")
-    assert correlation > 0.8
+    assert correlation > 0.8  # measured 0.982
 
 
 def test_integrated_gradients_completeness(named):
@@ -75,7 +76,7 @@ def test_integrated_gradients_completeness(named):
     total, difference = attribution.completeness(model, tokens, logit_diff, ig, baseline_tokens=baseline,
                                                  logit_positions=[-1])
     assert ig.shape == tokens.shape
-    assert abs(total - difference) <= 0.01 * abs(difference), (total, difference)
+    assert abs(total - difference) <= 0.01 * abs(difference), (total, difference)  # measured 1.6e-3 relative
 
 
 def test_saliency_and_input_x_gradient(toy):

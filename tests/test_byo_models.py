@@ -58,7 +58,7 @@ def mlp():
     loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
     model = _train(loss, MLP(jax.random.key(1)), 200, lr=0.05)
     test_x, test_y = _xor(256, 2)
-    assert (model(test_x).argmax(-1) == test_y).mean() > 0.9  # it learned the task
+    assert (model(test_x).argmax(-1) == test_y).mean() > 0.9  # it learned the task: measured 0.98
     return model
 
 
@@ -88,21 +88,22 @@ def test_equinox_capture_and_edits(mlp):
     assert shapes(jinterp.sites(wrapped, CLEAN_X)) == {"hidden": (3, 16)}
     out, cache = jinterp.run(wrapped, CLEAN_X, capture="hidden")
     h = _hidden(mlp, CLEAN_X)
+    # numpy float32 against XLA float32: a few roundings. Measured 0 (cache) and 8e-8 relative (out).
     np.testing.assert_allclose(cache["hidden"], h, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out, mlp(CLEAN_X), rtol=1e-6)
     v = np.linspace(-1, 1, 16).astype(np.float32)
     out, cache = jinterp.run(wrapped, CLEAN_X, capture="hidden", edits=jinterp.Add("hidden", v, scale=0.5))
-    np.testing.assert_allclose(out, _readout(mlp, h + 0.5 * v), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(cache["hidden"], h + 0.5 * v, rtol=1e-5, atol=1e-6)  # after the edit
+    np.testing.assert_allclose(out, _readout(mlp, h + 0.5 * v), rtol=1e-5, atol=1e-5)  # measured 0
+    np.testing.assert_allclose(cache["hidden"], h + 0.5 * v, rtol=1e-5, atol=1e-6)  # after the edit; measured 0
     zeroed, _ = jinterp.run(wrapped, CLEAN_X, edits=jinterp.Zero("hidden"))
-    np.testing.assert_allclose(zeroed, np.broadcast_to(np.asarray(mlp.out.bias), (3, 2)), atol=1e-6)
+    np.testing.assert_array_equal(zeroed, np.broadcast_to(np.asarray(mlp.out.bias), (3, 2)))  # 0 @ W + b is b
     basis = np.random.default_rng(1).normal(size=(16, 2)).astype(np.float32)
     out, cache = jinterp.run(wrapped, CLEAN_X, capture="hidden", edits=jinterp.Project("hidden", basis))
     q = np.linalg.qr(basis)[0]
-    np.testing.assert_allclose(cache["hidden"], h - h @ q @ q.T, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(cache["hidden"], h - h @ q @ q.T, rtol=1e-5, atol=2e-6)  # measured 2.4e-7
     # A Capture listed before an edit records the value before it.
     _, cache = jinterp.run(wrapped, CLEAN_X, edits=[jinterp.Capture("hidden"), jinterp.Zero("hidden")])
-    np.testing.assert_allclose(cache["hidden"], h, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cache["hidden"], h, rtol=1e-5, atol=1e-6)  # measured 0
 
 
 def test_equinox_sweep_and_attribution(mlp):
@@ -114,14 +115,15 @@ def test_equinox_sweep_and_attribution(mlp):
         patched = corrupt.copy()
         patched[:, unit] = clean[:, unit]
         expected.append(_margin(_readout(mlp, patched)))
-    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(scores, expected, rtol=1e-6, atol=1e-6)  # measured 1.9e-6 at 29 (8.9e-8 relative)
     # The margin is linear in the hidden layer: gradient = W_out[1] - W_out[0] over the batch.
     grad = np.asarray(mlp.out.weight[1] - mlp.out.weight[0]) / len(clean)
     estimate = attribution.attribution_patching(wrapped, CLEAN_X, CORRUPT_X, _margin, "hidden")
-    np.testing.assert_allclose(estimate, ((clean - corrupt) * grad).sum(0), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(estimate, scores - _margin(_readout(mlp, corrupt)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(estimate, ((clean - corrupt) * grad).sum(0), rtol=1e-5, atol=1e-6)  # measured 1.9e-6
+    np.testing.assert_allclose(estimate, scores - _margin(_readout(mlp, corrupt)), rtol=1e-4,
+                               atol=1e-5)  # measured 4.1e-6 (2.2e-6 relative)
     whole = patching.sweep(wrapped, CLEAN_X, CORRUPT_X, _margin, "hidden", per=())  # the whole site at once
-    np.testing.assert_allclose(whole, _margin(_readout(mlp, clean)), rtol=1e-5)
+    np.testing.assert_allclose(whole, _margin(_readout(mlp, clean)), rtol=1e-6)  # measured 7.4e-8 relative
 
 
 def test_equinox_jit_vmap_grad_through_an_edit(mlp):
@@ -130,9 +132,10 @@ def test_equinox_jit_vmap_grad_through_an_edit(mlp):
     steered = jax.jit(lambda v: _margin(jinterp.run(wrapped, CLEAN_X, edits=jinterp.Add("hidden", v))[0]))
     vectors = np.random.default_rng(0).normal(size=(5, 16)).astype(np.float32)
     np.testing.assert_allclose(jax.vmap(steered)(vectors), [_margin(_readout(mlp, h + v)) for v in vectors],
-                               rtol=1e-5, atol=1e-5)
+                               rtol=1e-5, atol=1e-5)  # measured 3.8e-6 at 56 (2.4e-7 relative)
     grad = jax.grad(steered)(jnp.zeros(16))
-    np.testing.assert_allclose(grad, np.asarray(mlp.out.weight[1] - mlp.out.weight[0]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad, np.asarray(mlp.out.weight[1] - mlp.out.weight[0]), rtol=1e-6,
+                               atol=1e-6)  # measured 4.8e-7 (9e-8 relative)
 
 
 def test_equinox_errors(mlp):
@@ -147,7 +150,7 @@ def test_equinox_errors(mlp):
     out, _ = jinterp.run(named, CLEAN_X, edits=jinterp.Zero("hidden", positions=[0, -1]))
     h = _hidden(mlp, CLEAN_X)
     h[:, [0, -1]] = 0
-    np.testing.assert_allclose(out, _readout(mlp, h), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, _readout(mlp, h), rtol=1e-5, atol=1e-5)  # measured 0 (numpy vs XLA)
     with pytest.raises(ValueError, match=r"Add vector at 'hidden' has shape \(3,\).*\(3, 16\)"):
         jinterp.run(wrapped, CLEAN_X, edits=jinterp.Add("hidden", jnp.ones(3)))
     with pytest.raises(TypeError, match="attention_mask: options this Equinox model does not take"):
@@ -184,7 +187,7 @@ def cnn():
     loss = lambda v: optax.softmax_cross_entropy_with_integer_labels(model.apply(v, x), y).mean()
     variables = _train(loss, variables, 100)
     test_x, test_y = _spots(128, 1)
-    assert (model.apply(variables, test_x).argmax(-1) == test_y).mean() > 0.85
+    assert (model.apply(variables, test_x).argmax(-1) == test_y).mean() > 0.85  # measured 0.99
     return model, variables
 
 
@@ -195,6 +198,7 @@ def test_linen_capture_equals_capture_intermediates(cnn):
     assert shapes(jinterp.sites(wrapped, x)) == {"Conv_0": (3, 6, 6, 4), "Conv_1": (3, 6, 6, 4), "Dense_0": (3, 2)}
     out, cache = jinterp.run(wrapped, x, capture="all")
     expected_out, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+    # Another compiled program over the same Flax code: bit-equal here (measured 0), a few roundings allowed.
     np.testing.assert_allclose(out, expected_out, rtol=1e-6)
     for name in ("Conv_0", "Conv_1", "Dense_0"):
         np.testing.assert_allclose(cache[name], state["intermediates"][name]["__call__"][0], rtol=1e-5, atol=1e-6)
@@ -218,15 +222,16 @@ def test_linen_sweep_and_attribution_per_channel(cnn):
     h_clean, h_corrupt = conv0(clean), conv0(corrupt)
     rest = jax.jit(lambda h: metric(_cnn_after_conv0(variables, h)))
     expected = [rest(h_corrupt.at[..., c].set(h_clean[..., c])) for c in range(4)]
-    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)  # measured 0 (other programs)
     grad = jax.jit(jax.grad(rest))(h_corrupt)
     estimate = attribution.attribution_patching(wrapped, clean, corrupt, metric, "Conv_0", per="channel")
-    np.testing.assert_allclose(estimate, ((h_clean - h_corrupt) * grad).sum((0, 1, 2)), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(estimate, ((h_clean - h_corrupt) * grad).sum((0, 1, 2)), rtol=1e-5,
+                               atol=1e-6)  # measured 0 (another summation order: a few roundings of 8.4)
     # per (height, width): one patch per pixel of every channel
     grid = patching.sweep(wrapped, clean, corrupt, metric, "Conv_0", per=("height", "width"))
     assert grid.shape == (6, 6)
     patched = h_corrupt.at[:, 2, 4].set(h_clean[:, 2, 4])
-    np.testing.assert_allclose(grid[2, 4], rest(patched), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grid[2, 4], rest(patched), rtol=1e-5, atol=1e-5)  # measured 0 (other programs)
 
 
 # --- a small Flax nnx transformer ------------------------------------------------------------
@@ -313,11 +318,11 @@ def test_nnx_sites_and_capture(transformer):
                                "blocks.0.ln2"]
     assert found["blocks.1.attn"].shape == (2, SEQ, D) and found["unembed"].shape == (2, SEQ, VOCAB)
     logits, cache = jinterp.run(wrapped, TOKENS_CLEAN, capture=["blocks.*.attn", "embed"])
-    np.testing.assert_allclose(logits, transformer(TOKENS_CLEAN), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits, transformer(TOKENS_CLEAN), rtol=1e-5, atol=5e-6)  # measured 8.2e-7
     outputs, = _attn_outputs(transformer, TOKENS_CLEAN)
-    for layer in range(2):
-        np.testing.assert_allclose(cache[f"blocks.{layer}.attn"], outputs[layer], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(cache["embed"], transformer.embed(TOKENS_CLEAN), rtol=1e-6)
+    for layer in range(2):  # measured 6.6e-7
+        np.testing.assert_allclose(cache[f"blocks.{layer}.attn"], outputs[layer], rtol=1e-5, atol=5e-6)
+    np.testing.assert_array_equal(cache["embed"], transformer.embed(TOKENS_CLEAN))  # a lookup: the same bits
     assert sorted(cache) == ["blocks.0.attn", "blocks.1.attn", "embed"]
     with pytest.raises(ValueError, match=r"Unknown site 'blocks\.0\.atn'.*Closest valid names: blocks\.0\.attn"):
         jinterp.run(wrapped, TOKENS_CLEAN, edits=jinterp.Zero("blocks.0.atn"))
@@ -329,7 +334,7 @@ def test_nnx_edits_with_layers_positions_and_per_layer(transformer):
     logits, _ = jinterp.run(wrapped, TOKENS_CLEAN, edits=jinterp.Add("blocks.*.attn", v, positions=[-1], layers=[1]))
     expected = jax.jit(lambda: _manual_forward(transformer, TOKENS_CLEAN,
                                                lambda layer, a: a.at[:, -1].add(v) if layer == 1 else a))()
-    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)  # measured 8.3e-7
     # Patching every layer from another run's cache: a per-layer Replace, as for jinterp's transformers.
     _, corrupt_cache = jinterp.run(wrapped, TOKENS_CORRUPT, capture="blocks.*.attn")
     stacked = jnp.stack([corrupt_cache[f"blocks.{layer}.attn"] for layer in range(2)])
@@ -338,7 +343,7 @@ def test_nnx_edits_with_layers_positions_and_per_layer(transformer):
     outputs, = _attn_outputs(transformer, TOKENS_CORRUPT)
     expected = jax.jit(lambda: _manual_forward(transformer, TOKENS_CLEAN,
                                                lambda layer, a: a.at[:, 2].set(outputs[layer][:, 2])))()
-    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)  # measured 9.5e-7
 
 
 def test_nnx_sweep_attribution_and_vmap(transformer):
@@ -354,15 +359,16 @@ def test_nnx_sweep_attribution_and_vmap(transformer):
                                            lambda i, a: jnp.where(at(layer, p, i), clean[i], a)))
 
     expected = jax.jit(jax.vmap(patched))(layers, positions).reshape(2, SEQ)
-    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-5)
-    assert np.allclose(scores[:, 0], scores[0, 0])  # position 0 is the same in both runs: nothing changes
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-5)  # measured 8.5e-7
+    # Position 0 is the same in both runs: each layer's patch there changes nothing, in one compiled sweep.
+    np.testing.assert_array_equal(scores[:, 0], np.broadcast_to(scores[0, 0], (2,)))
 
     deltas = {layer: jnp.zeros_like(corrupt[layer]) for layer in range(2)}
     grads = jax.jit(jax.grad(lambda d: _logit_diff(_manual_forward(transformer, TOKENS_CORRUPT,
                                                                    lambda i, a: a + d[i]))))(deltas)
     estimate = attribution.attribution_patching(wrapped, TOKENS_CLEAN, TOKENS_CORRUPT, _logit_diff, "blocks.*.attn")
     expected = jnp.stack([((clean[layer] - corrupt[layer]) * grads[layer]).sum((0, 2)) for layer in range(2)])
-    np.testing.assert_allclose(estimate, expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(estimate, expected, rtol=1e-5, atol=1e-7)  # measured 6e-8
 
     # vmap over traced positions and layers: one compiled program ablating each (layer, position).
     ablate = lambda layer, p: _logit_diff(jinterp.run(wrapped, TOKENS_CLEAN, edits=jinterp.Zero(
@@ -370,7 +376,8 @@ def test_nnx_sweep_attribution_and_vmap(transformer):
     got = jax.jit(jax.vmap(ablate))(layers, positions)
     zeroed = lambda layer, p: _logit_diff(_manual_forward(transformer, TOKENS_CLEAN,
                                                           lambda i, a: jnp.where(at(layer, p, i), 0, a)))
-    np.testing.assert_allclose(got, jax.jit(jax.vmap(zeroed))(layers, positions), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got, jax.jit(jax.vmap(zeroed))(layers, positions), rtol=1e-5,
+                               atol=1e-6)  # measured 0 (other programs: a few roundings of 0.97)
 
 
 # --- site naming: layers of different shapes, shared modules, scoped Equinox submodules --------
@@ -410,17 +417,18 @@ def test_site_naming():
     # "layers.*" with layers=[1]: a value of layer 1's shape never meets layer 0's.
     out, cache = jinterp.run(wrapped, x, capture="layers.*", edits=jinterp.Replace("layers.*", jnp.ones(5), layers=[1]))
     kernel, bias = np.asarray(growing.layers[0].kernel[...]), np.asarray(growing.layers[0].bias[...])
-    np.testing.assert_allclose(cache["layers.0"], np.asarray(x) @ kernel + bias, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(out, np.ones((2, 5)))  # relu(1) after the replaced layer
+    np.testing.assert_allclose(cache["layers.0"], np.asarray(x) @ kernel + bias, rtol=1e-5, atol=1e-6)  # measured 0
+    np.testing.assert_array_equal(out, np.ones((2, 5)))  # relu(1) after the replaced layer
     assert "__call__" not in vars(nnx.List) and not hasattr(nnx.Linear.__call__, "__wrapped__")  # classes restored
     # Built inside vmap, an edit's layer is traced: it acts at the one layer whose shape it fits.
     values = jnp.arange(15.0).reshape(3, 5) - 7
     out = jax.vmap(lambda v: jinterp.run(wrapped, x, edits=jinterp.Replace("layers.1", v))[0])(values)
-    np.testing.assert_allclose(out, np.broadcast_to(np.maximum(values, 0)[:, None], (3, 2, 5)))
+    np.testing.assert_array_equal(out, np.broadcast_to(np.maximum(values, 0)[:, None], (3, 2, 5)))
     # Sweeps over layers of different shapes: each patched alone (a traced layer would meet both shapes).
     metric = lambda out: out.sum()
     clean_out = metric(growing(x))
-    np.testing.assert_allclose(patching.sweep(wrapped, x, -x, metric, "layers.*", per=()), [clean_out] * 2, rtol=1e-5)
+    np.testing.assert_allclose(patching.sweep(wrapped, x, -x, metric, "layers.*", per=()), [clean_out] * 2,
+                               rtol=1e-6)  # measured 0 (other programs: a few roundings)
     h_clean, h_corrupt = (np.asarray(x) @ kernel + bias), (-np.asarray(x) @ kernel + bias)
     kernel1, bias1 = np.asarray(growing.layers[1].kernel[...]), np.asarray(growing.layers[1].bias[...])
     expected = []
@@ -428,7 +436,8 @@ def test_site_naming():
         h = h_corrupt.copy()
         h[:, unit] = h_clean[:, unit]
         expected.append(np.maximum(np.maximum(h, 0) @ kernel1 + bias1, 0).sum())
-    np.testing.assert_allclose(patching.sweep(wrapped, x, -x, metric, "layers.0"), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(patching.sweep(wrapped, x, -x, metric, "layers.0"), expected, rtol=1e-6,
+                               atol=1e-6)  # measured 2.4e-7 at 6.9
 
     twice = Twice()
     variables = twice.init(jax.random.key(0), x)
@@ -436,15 +445,16 @@ def test_site_naming():
     assert list(jinterp.sites(shared, x)) == ["Dense_0", "Dense_0:1"]  # the second call of one module
     out, cache = jinterp.run(shared, x, capture="all", edits=jinterp.Scale("Dense_0", 2.0))
     dense = lambda h: nn.Dense(3).apply({"params": variables["params"]["Dense_0"]}, h)
-    np.testing.assert_allclose(cache["Dense_0"], 2 * dense(x), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(out, dense(jax.nn.relu(2 * dense(x))), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cache["Dense_0"], 2 * dense(x), rtol=1e-5, atol=1e-6)  # measured 0
+    np.testing.assert_allclose(out, dense(jax.nn.relu(2 * dense(x))), rtol=1e-5, atol=1e-6)  # measured 0
 
     keys = jax.random.split(jax.random.key(3), 2)
     stack = byo.wrap(Stack([eqx.nn.Linear(3, 3, key=k) for k in keys]))
     assert list(jinterp.sites(stack, x)) == ["blocks.0.out", "blocks.1.out"]
     out, cache = jinterp.run(stack, x, capture="blocks.*.out", edits=jinterp.Zero("blocks.*.out", layers=[0]))
-    np.testing.assert_allclose(cache["blocks.0.out"], 0)
-    np.testing.assert_allclose(out, np.tanh(np.asarray(jax.vmap(stack.module.blocks[1])(jnp.zeros((2, 3))))), rtol=1e-6)
+    np.testing.assert_array_equal(cache["blocks.0.out"], 0)
+    np.testing.assert_allclose(out, np.tanh(np.asarray(jax.vmap(stack.module.blocks[1])(jnp.zeros((2, 3))))),
+                               rtol=1e-6)  # measured 1.3e-7 relative (numpy tanh vs XLA)
 
 
 def test_a_probe_on_captured_equinox_activations_reads_what_the_inputs_do_not_show(mlp):
@@ -454,4 +464,4 @@ def test_a_probe_on_captured_equinox_activations_reads_what_the_inputs_do_not_sh
     _, cache = jinterp.run(byo.wrap(mlp), x, capture="hidden")
     on_hidden = jinterp.probes.train_probe(np.asarray(cache["hidden"]), np.asarray(y), steps=300, progress=False)
     on_inputs = jinterp.probes.train_probe(np.asarray(x), np.asarray(y), steps=300, progress=False)
-    assert on_hidden.held_out_accuracy > 0.9 and on_inputs.held_out_accuracy < 0.7
+    assert on_hidden.held_out_accuracy > 0.9 and on_inputs.held_out_accuracy < 0.7  # measured 0.98 and 0.51

@@ -30,10 +30,11 @@ def test_keeping_every_edge_is_the_clean_run_and_none_the_corrupted_run(toy):
     graph = circuits.Graph.of(TOY)
     full = circuits.faithfulness(toy, graph.valid, CLEAN, CORRUPT, metric)
     empty = circuits.faithfulness(toy, np.zeros_like(graph.valid), CLEAN, CORRUPT, metric)
-    assert full["circuit"] == pytest.approx(full["clean"], abs=1e-5)
-    assert full["normalized"] == pytest.approx(1, abs=1e-4)
-    assert empty["circuit"] == pytest.approx(empty["corrupted"], abs=1e-5)
-    assert empty["normalized"] == pytest.approx(0, abs=1e-4)
+    # Other programs than the plain runs: bit-equal here (measured 0 and 0); 8 eps32 x the metric (1.6) allowed.
+    assert full["circuit"] == pytest.approx(full["clean"], abs=2e-6)
+    assert full["normalized"] == pytest.approx(1, abs=1e-5)
+    assert empty["circuit"] == pytest.approx(empty["corrupted"], abs=1e-6)  # measured 6e-8
+    assert empty["normalized"] == pytest.approx(0, abs=1e-6)  # measured 7e-8
 
 
 def test_eap_is_exact_for_edges_into_a_linear_readout():
@@ -47,7 +48,7 @@ def test_eap_is_exact_for_edges_into_a_linear_readout():
         keep = graph.valid.copy()
         keep[u, -1] = False
         changed = circuits.faithfulness(model, keep, clean, corrupt, metric)["circuit"] - base
-        assert changed == pytest.approx(float(scores[u, -1]), abs=1e-5)
+        assert changed == pytest.approx(float(scores[u, -1]), abs=1e-5)  # measured 8.1e-7
 
 
 def test_eap_ig_with_one_step_at_the_midpoint_and_many_steps(toy):
@@ -90,4 +91,4 @@ def test_ioi_circuit_on_smollm2(named):
     result = circuits.faithfulness(model, circuits.prune(scores, graph, n_edges=3000), clean, corrupt, score,
                                    logit_positions=[-1])
     print(f"SmolLM2 IOI: 3000 of {graph.n_edges} edges recover {result['normalized']:.2f} of the logit difference")
-    assert result["normalized"] > 0.8
+    assert result["normalized"] > 0.8  # measured 0.94

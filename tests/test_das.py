@@ -74,22 +74,22 @@ def test_das_recovers_the_planted_direction(planted):
     model, u, fitted = planted
     alignment = fitted.params
     q = np.asarray(alignment.basis(), np.float64)
-    np.testing.assert_allclose(q.T @ q, np.eye(1), atol=1e-6)  # orthonormal, as QR guarantees
+    np.testing.assert_allclose(q.T @ q, np.eye(1), atol=2e-6)  # orthonormal, as float32 QR guarantees: measured 2.2e-7
     angle = np.degrees(np.arccos(min(1.0, abs(float(q[:, 0] @ u)))))  # the principal angle to span(u)
-    assert angle < 3, f"learned subspace is {angle:.1f} degrees from the planted direction"
+    assert angle < 3, f"learned subspace is {angle:.1f} degrees from the planted direction"  # measured 1.2
     # The loss cannot reach 0: logits +-4 against 0 for each of the 48 symbols.
-    assert fitted.history["loss"][-20:].mean() < 0.7 < 1.0 < fitted.history["loss"][:5].mean()
+    assert fitted.history["loss"][-20:].mean() < 0.7 < 1.0 < fitted.history["loss"][:5].mean()  # 4.8 at first
 
     base, source, labels = parity_pairs(2, 400)  # held out
     iia = das.accuracy(alignment, model, base, source, labels)
     assert iia == hand_iia(model, u, alignment.basis(), base, source, labels)
-    assert iia > 0.99
+    assert iia > 0.99  # measured 1.0
     # Identity ("change nothing") gets the pairs with equal parity only; a random direction does little better.
-    assert 0.4 < np.mean(labels == np.where(base[:, 0] % 2, TRUE, FALSE)) < 0.6
+    assert 0.4 < np.mean(labels == np.where(base[:, 0] % 2, TRUE, FALSE)) < 0.6  # measured 0.495
     random = das.Alignment.init(model, "blocks.0.resid_post", 1, [0], jax.random.key(7))
     random_iia = das.accuracy(random, model, base, source, labels)
     assert random_iia == hand_iia(model, u, random.basis(), base, source, labels)
-    assert random_iia < 0.75
+    assert random_iia < 0.75  # measured 0.495
     # Interchanging the whole space is patching the source's embedding: the source's own label.
     full = das.Alignment.init(model, "blocks.0.resid_post", D, [0], jax.random.key(8))
     assert das.accuracy(full, model, base, source, labels) == 1.0
@@ -105,7 +105,7 @@ def test_interchange_matches_the_formula(planted):
     s = np.asarray(model.W_E, np.float64)[source[:, 0]]
     expected = (h + (s - h) @ q @ q.T) @ np.asarray(model.W_U, np.float64)
     logits = alignment.logits(model, jnp.asarray(base), jnp.asarray(source))
-    np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=2e-5, rtol=0)  # float32 vs float64: measured 2.1e-6
 
 
 def test_save_and_load_round_trip(planted, tmp_path):
@@ -173,7 +173,7 @@ def test_the_experiments_causal_model():
     inputs = np.asarray(experiment.equality_inputs(jax.random.key(0), 4000, n))
     assert inputs.min() >= 0 and inputs.max() < n
     for first in (0, 2):
-        assert abs((inputs[:, first] == inputs[:, first + 1]).mean() - 0.5) < 0.03
+        assert abs((inputs[:, first] == inputs[:, first + 1]).mean() - 0.5) < 0.03  # 3.8 s.e.; measured 0.008
     roles = {(v, s, p): experiment.role(v, s, p, window=2) for v in ("left", "right")
              for s in ("blocks.0.resid_pre", "blocks.0.resid_post", "blocks.1.resid_mid") for p in (1, 3)}
     can = {key for key, role in roles.items() if role == experiment.CAN}

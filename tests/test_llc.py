@@ -33,7 +33,8 @@ def test_regular_linear_regression_gives_half_the_parameter_count():
                           chains=8, draws=2000, burnin=300)
     h = nbeta * np.linalg.eigvalsh(np.asarray(x, np.float64).T @ np.asarray(x, np.float64) / N_EXAMPLES)
     expected = float(np.sum(h / (2 * (h + gamma) * (1 - eps * (h + gamma) / 4))))
-    assert abs(expected - d / 2) < 0.03 * d / 2
+    assert abs(expected - d / 2) < 0.03 * d / 2  # measured 0.024 (of 0.06)
+    # Statistical bounds (fixed seeds): measured 0.46 standard errors here.
     assert abs(result.mean - expected) < 4 * result.standard_error, (result.mean, expected, result.standard_error)
     assert result.loss_trace.shape == (8, 2000) and result.per_chain.shape == (8,) and not result.warnings
     assert result.init_loss == pytest.approx(0.0, abs=1e-10)
@@ -53,8 +54,9 @@ def test_minimally_singular_product_gives_one_half():
                           draws=1500, burnin=300)
     t = nbeta * float(jnp.mean(x**2))
     expected = t / (2 * (t + gamma))
+    # Measured 0.065 (of 0.142).
     assert abs(result.mean - expected) < 4 * result.standard_error + 0.005, (result.mean, result.standard_error)
-    assert abs(result.mean - 1.0) > 0.3  # far from the regular answer d/2 = 1
+    assert abs(result.mean - 1.0) > 0.3  # far from the regular answer d/2 = 1: measured 0.57
 
 
 def aoyagi_watanabe(N: int, H: int, M: int, r: int) -> float:
@@ -99,8 +101,8 @@ def test_deep_linear_network_matches_aoyagi():
     result = llc.estimate(loss, w0, data, jax.random.key(3), step_size=eps, gamma=gamma, nbeta=1e4, chains=8,
                           draws=3000, burnin=500)
     expected = aoyagi_watanabe(N, H, M, r)
-    assert abs(result.mean - expected) < 0.1 * expected, (result.mean, result.standard_error, expected)
-    assert result.mean < 0.5 * H * (N + M) - 2
+    assert abs(result.mean - expected) < 0.1 * expected, (result.mean, result.standard_error, expected)  # 2.4%
+    assert result.mean < 0.5 * H * (N + M) - 2  # measured 3.9 (of 7)
 
 
 def test_restrict_samples_only_the_selected_weights():
@@ -116,7 +118,7 @@ def test_restrict_samples_only_the_selected_weights():
     by_leaf = llc.estimate(loss, w0, data, jax.random.key(1), restrict={"first": True, "rest": False}, **kwargs)
     by_mask = llc.estimate(loss, w0, data, jax.random.key(1), restrict={"first": jnp.array([True, True]),
                                                                           "rest": jnp.array([False, False])}, **kwargs)
-    assert abs(by_leaf.mean - 1.0) < 4 * by_leaf.standard_error + 0.03
+    assert abs(by_leaf.mean - 1.0) < 4 * by_leaf.standard_error + 0.03  # measured 0.031 (of 0.15)
     np.testing.assert_array_equal(by_leaf.loss_trace, by_mask.loss_trace)
     with pytest.raises(ValueError, match=r"shape \(3,\) does not match .* \(2,\)"):
         llc.estimate(loss, w0, data, jax.random.key(1), restrict={"first": jnp.ones(3, bool), "rest": False})
@@ -173,7 +175,7 @@ def test_warnings_for_divergence_and_instability():
     with pytest.warns(llc.LLCWarning, match="have not mixed: split R-hat"):
         rising = llc.estimate(loss, jnp.ones(d), regression, jax.random.key(1), step_size=2e-7, gamma=0.0, nbeta=1e4,
                               chains=4, draws=400, burnin=0)
-    assert rising.rhat > 1.5
+    assert rising.rhat > 1.5  # measured 1.97
     mixed = llc.estimate(loss, jnp.ones(d), regression, jax.random.key(1), step_size=1e-5, gamma=0.0, nbeta=1e4,
                          chains=4, draws=400, burnin=200, warn=False)
     assert mixed.warnings == () and mixed.rhat < 1.1
@@ -206,7 +208,7 @@ def devinterp_llc(loss_torch, w0, nbeta, gamma, eps, chains, draws, burnin):
 
 
 def test_agrees_with_devinterp_on_a_deep_linear_network():
-    """Same model, data, w0, nβ, γ and step size: the two means agree within 3 combined standard errors."""
+    """Same model, data, w0, nβ, γ and step size: the two means agree within 4 combined standard errors."""
     torch = pytest.importorskip("torch")
     loss, w0, (x, y) = deep_linear(2, 2, 2, 0, jax.random.key(2))
     x_t, y_t = torch.tensor(np.asarray(x)), torch.tensor(np.asarray(y))
@@ -221,7 +223,8 @@ def test_agrees_with_devinterp_on_a_deep_linear_network():
     finally:
         torch.set_num_threads(threads)
     combined = math.hypot(ours.standard_error, theirs.std() / math.sqrt(len(theirs)))
-    assert abs(ours.mean - theirs.mean()) < 3 * combined, (ours.mean, theirs.mean(), combined)
+    # Measured 2.5 combined standard errors apart (fixed seeds): 3 left almost no room; 4, as the other tests.
+    assert abs(ours.mean - theirs.mean()) < 4 * combined, (ours.mean, theirs.mean(), combined)
 
 
 def test_default_nbeta_and_equinox_modules():

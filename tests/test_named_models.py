@@ -4,6 +4,7 @@ MiniLM's safetensors directory): logits, residual stream, tokenizers, known comp
 import jax
 import numpy as np
 import pytest
+from numerics import assert_refereed, run64
 from texts import varied_strings
 
 import jinterp
@@ -24,6 +25,16 @@ def hf_run(hf, tokens, mask):
     return out
 
 
+# Measured on the padded batch of PROMPTS (float32; the float64 run is jinterp's own, on the same weights):
+#   logits, jinterp vs transformers: 1.10e-4 (SmolLM2), 9.7e-5 (Gemma 3): both libraries' float32 rounding,
+#     of the same size (against float64: jinterp 1.47e-4 and 6.6e-5, transformers 8.2e-5 and 7.2e-5), adds;
+#   residual stream, relative to each layer's largest value: 5.3e-6 (SmolLM2 layer 11, vs float64 4.2e-6),
+#     2.4e-7 (Gemma 3; vs float64 2.6e-7);
+#   RMS error against float64, jinterp's over transformers': at most 1.09 (logits) and 1.08 (residuals).
+LOGITS_ATOL = 8e-4
+RESID_REL = {"smollm2-135m": 3e-5, "gemma3-270m": 2e-6}
+
+
 @pytest.mark.parametrize("name", DECODERS)
 def test_logits_and_residual_stream_match_transformers(named, name):
     model, tokenizer, hf, _ = named(name)
@@ -31,13 +42,19 @@ def test_logits_and_residual_stream_match_transformers(named, name):
     out = hf_run(hf, batch.tokens, batch.attention_mask)
     logits, cache = jinterp.run(model, batch.tokens, attention_mask=batch.attention_mask,
                                 capture="blocks.*.resid_pre")
+    exact_logits, exact = run64(model, batch.tokens, attention_mask=batch.attention_mask,
+                                capture="blocks.*.resid_pre")
     real = batch.attention_mask
-    np.testing.assert_allclose(np.asarray(logits)[real], out.logits.numpy()[real], atol=1e-4, rtol=0)
+    ours, theirs = np.asarray(logits)[real], out.logits.numpy()[real]
+    np.testing.assert_allclose(ours, theirs, atol=LOGITS_ATOL, rtol=0)
+    assert_refereed(ours, theirs, exact_logits[real], bound=LOGITS_ATOL, what=f"{name} logits")
     for layer in range(model.cfg.n_layers):
-        ours, theirs = np.asarray(cache[f"blocks.{layer}.resid_pre"])[real], out.hidden_states[layer].numpy()[real]
-        # Residual norms grow to the hundreds in late layers: hold them to 1e-4 relative to their scale.
-        scale = max(1.0, float(np.abs(theirs).max()))
-        np.testing.assert_allclose(ours, theirs, atol=1e-4 * scale, rtol=0, err_msg=f"{name} resid_pre {layer}")
+        site = f"blocks.{layer}.resid_pre"
+        ours, theirs = np.asarray(cache[site])[real], out.hidden_states[layer].numpy()[real]
+        # Residual norms grow to 1e4 and more (massive activations): a bound relative to the layer's scale.
+        bound = RESID_REL[name] * max(1.0, float(np.abs(theirs).max()))
+        np.testing.assert_allclose(ours, theirs, atol=bound, rtol=0, err_msg=f"{name} resid_pre {layer}")
+        assert_refereed(ours, theirs, exact[site][real], bound=bound, what=f"{name} {site}")
 
 
 def top_token(model, tokenizer, prompt):
@@ -49,15 +66,15 @@ def top_token(model, tokenizer, prompt):
 def test_smollm2_knows_paris_and_the_ioi_answer(named):
     model, tokenizer, _, _ = named("smollm2-135m")
     token, p = top_token(model, tokenizer, "The capital of France is")
-    assert token == " Paris" and p > 0.5
+    assert token == " Paris" and p > 0.5  # measured p 0.77
     token, p = top_token(model, tokenizer, "When Mary and John went to the store, John gave a drink to")
-    assert token == " Mary" and p > 0.5
+    assert token == " Mary" and p > 0.5  # measured p 0.92
 
 
 def test_gemma3_ioi_answer(named):
     model, tokenizer, _, _ = named("gemma3-270m")
     token, p = top_token(model, tokenizer, "When Mary and John went to the store, John gave a drink to")
-    assert token == " Mary" and p > 0.5
+    assert token == " Mary" and p > 0.5  # measured p 0.85
 
 
 @pytest.mark.parametrize("name", DECODERS + ["minilm-l6"])
@@ -87,12 +104,15 @@ def test_minilm_embeddings_match_bertmodel(named):
     hidden = model(batch.tokens, attention_mask=batch.attention_mask)
     with torch.no_grad():
         ref = hf(**{k: torch.tensor(v) for k, v in hf_tokenizer(sentences, padding=True).items()}).last_hidden_state
+    exact, _ = run64(model, batch.tokens, attention_mask=batch.attention_mask)
     real = batch.attention_mask
-    np.testing.assert_allclose(np.asarray(hidden)[real], ref.numpy()[real], atol=1e-4, rtol=0)
+    ours, theirs = np.asarray(hidden)[real], ref.numpy()[real]
+    np.testing.assert_allclose(ours, theirs, atol=2e-5, rtol=0)  # measured 2.6e-6
+    assert_refereed(ours, theirs, exact[real], bound=2e-5, what="MiniLM hidden states")
     sentence = np.asarray(model.pool(hidden, batch.attention_mask, "mean"))
     mask = torch.tensor(real, dtype=torch.float32)[..., None]
     expected = ((ref * mask).sum(1) / mask.sum(1)).numpy()
-    np.testing.assert_allclose(sentence, expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(sentence, expected, atol=1e-5, rtol=0)  # measured 1.0e-6
 
 
 @pytest.mark.parametrize("name", DECODERS)
@@ -102,7 +122,8 @@ def test_processed_weights_give_the_same_probabilities(named, name):
     tokens = tokenizer(PROMPTS[:3]).tokens
     a = jax.nn.softmax(model(tokens), -1)
     b = jax.nn.softmax(processed(tokens), -1)
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=0)
+    # Folded and centred weights round differently over 18 to 30 layers: measured 7.6e-6 (SmolLM2), 4.7e-6.
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=4e-5, rtol=0)
 
 
 def test_models_lists_what_is_registered_and_installed():

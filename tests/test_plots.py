@@ -71,7 +71,7 @@ def test_grouped_bars_side_by_side_with_a_legend():
     heights = [b.get_height() for b in ax.patches]
     assert heights == [0.9, 0.5, 0.5, 0.4]
     centres = [b.get_x() + b.get_width() / 2 for b in ax.patches]
-    np.testing.assert_allclose(centres, [-0.2, 0.8, 0.2, 1.2])
+    np.testing.assert_allclose(centres, [-0.2, 0.8, 0.2, 1.2])  # float64 geometry, 1e-7 relative: measured 0
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["learned", "random"]
     assert tick_labels(ax.xaxis) == ["a at 2", "b at 3"] and ax.get_ylim() == (0, 1.2)
 
@@ -127,7 +127,7 @@ def test_estimates_over_training_with_error_bars_curves_beside_and_marks():
     np.testing.assert_array_equal(line.get_xdata(), steps)
     np.testing.assert_array_equal(line.get_ydata(), mean)
     bars = ax.collections[0].get_segments()  # one vertical segment per estimate: mean - std to mean + std
-    np.testing.assert_allclose([segment[:, 1] for segment in bars], [[0.9, 1.1], [4.5, 5.5], [1.8, 2.2]])
+    np.testing.assert_allclose([segment[:, 1] for segment in bars], [[0.9, 1.1], [4.5, 5.5], [1.8, 2.2]])  # 0
     twin = [other for other in ax.figure.axes if other is not ax][0]
     assert twin.get_yscale() == "log" and list(twin.lines[0].get_ydata()) == [4.0, 3.0, 1.0, 0.5, 0.4]
     marks = [line for line in ax.lines if line.get_label() == "phase change"]

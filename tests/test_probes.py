@@ -35,9 +35,9 @@ def test_a_planted_direction_is_recovered_through_standardisation():
     labels = (z @ planted > 0).astype(np.int32)
     fitted = probes.train_probe(features, labels, steps=300, progress=False)
 
-    assert fitted.held_out_accuracy > 0.97 and fitted.train_accuracy > 0.97
+    assert fitted.held_out_accuracy > 0.97 and fitted.train_accuracy > 0.97  # measured 0.985 and 0.990
     # In raw units the label is sign(x @ (planted / scale) + c): the probe must find that direction.
-    assert cosine(np.asarray(fitted.probe.direction()), planted / scale) > 0.99
+    assert cosine(np.asarray(fitted.probe.direction()), planted / scale) > 0.99  # measured 0.9996
     assert len(fitted.held_out_index) == 0.2 * N and len(fitted.train_index) == 0.8 * N
     assert set(fitted.train_index).isdisjoint(fitted.held_out_index)
     history = fitted.history
@@ -60,11 +60,11 @@ def test_a_planted_gaussian_mixture_gives_its_class_means_and_bayes_accuracy():
 
     held = fitted.held_out_index
     bayes = (np.argmax(features[held] @ means.T - 0.5 * (means**2).sum(1), 1) == labels[held]).mean()
-    assert 0.8 < bayes and abs(fitted.held_out_accuracy - bayes) < 0.03
+    assert 0.8 < bayes and abs(fitted.held_out_accuracy - bayes) < 0.03  # measured 0.84 and 0.006
     learned, centred = np.asarray(fitted.probe.directions()), (means - means.mean(0)).T
     for c in range(3):
-        assert cosine(learned[:, c], centred[:, c]) > 0.98
-        assert 0.8 < np.linalg.norm(learned[:, c]) / np.linalg.norm(centred[:, c]) < 1.25
+        assert cosine(learned[:, c], centred[:, c]) > 0.98  # measured 0.994 at least
+        assert 0.8 < np.linalg.norm(learned[:, c]) / np.linalg.norm(centred[:, c]) < 1.25  # 1.05 to 1.09
 
 
 def test_random_labels_stay_at_chance_on_held_out_data():
@@ -72,7 +72,7 @@ def test_random_labels_stay_at_chance_on_held_out_data():
     features = rng.standard_normal((N, D)).astype(np.float32)
     labels = rng.integers(0, 2, N)
     fitted = probes.train_probe(features, labels, steps=300, progress=False)
-    assert abs(fitted.held_out_accuracy - 0.5) < 0.075  # 400 held out: 3 standard errors
+    assert abs(fitted.held_out_accuracy - 0.5) < 0.075  # 400 held out: 3 standard errors; measured 0.0025
 
 
 def test_groups_are_held_out_whole():
@@ -120,8 +120,9 @@ def pad(rows, side: str, pad_id=0):
 
 
 def close(actual, expected):
-    """Equal up to float32 rounding of differently shaped computations."""
-    np.testing.assert_allclose(actual, expected, atol=1e-5 * max(1.0, float(np.abs(expected).max())), rtol=0)
+    """Equal up to float32 rounding of differently shaped computations: bit-equal here (measured 0);
+    8 eps32 x the values' scale allowed."""
+    np.testing.assert_allclose(actual, expected, atol=1e-6 * max(1.0, float(np.abs(expected).max())), rtol=0)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

@@ -77,15 +77,19 @@ def final(result, metric):
 def test_topk_architectures_reach_their_l0_and_recover_the_features(architecture, k):
     # topk with as many latents as planted features, as the dead-latent test (one compilation for both).
     result = trained(architecture, k=k, d_sae=N_FEATURES if architecture == "topk" else D_SAE)
+    # Learned outcomes (fixed seeds), measured topk / batchtopk: 0.89 / 0.88, l0 5.85 / 3.89, 0.97 / 0.97.
     assert final(result, "explained_variance") > 0.85
     assert k - 0.5 < final(result, "l0") <= k + (0.5 if architecture == "batchtopk" else 0)
     assert recovered(result.sae) > 0.95
     # Unit decoder rows in training; the input scale folded in afterwards divides them by it.
-    np.testing.assert_allclose(np.linalg.norm(result.sae.W_dec, axis=1) * result.input_scale, 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(result.sae.W_dec, axis=1) * result.input_scale, 1.0,
+                               atol=2e-6)  # measured 1.8e-7
     assert result.history["loss"].shape == (STEPS,) and result.history["eval_step"].tolist() == [0, 100, 200, 300, 400]
 
 
 def test_relu_l1_and_jumprelu_l0_trade_sparsity_for_reconstruction():
+    # Learned outcomes (fixed seeds), measured at the strong ends: l0 13.0 (relu) and 3.0 (jumprelu), explained
+    # variance 0.81 and 0.87; relu[0]'s explained variance 0.95, jump[1]'s recovery 0.96.
     relu = [trained("relu", l1_coefficient=c) for c in (0.3, 1.0)]
     jump = [trained("jumprelu", l0_coefficient=c) for c in (0.3, 3.0)]
     for weak, strong in (relu, jump):
@@ -94,7 +98,8 @@ def test_relu_l1_and_jumprelu_l0_trade_sparsity_for_reconstruction():
         assert final(weak, "explained_variance") > final(strong, "explained_variance") > 0.75
     assert final(relu[0], "explained_variance") > 0.9 and recovered(jump[1].sae) > 0.9
     assert final(jump[1], "l0") < 6  # near the planted 4 per token
-    np.testing.assert_allclose(np.linalg.norm(jump[1].sae.W_dec, axis=1) * jump[1].input_scale, 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(jump[1].sae.W_dec, axis=1) * jump[1].input_scale, 1.0,
+                               atol=2e-6)  # measured 1.8e-7
     assert np.all(np.asarray(jump[1].sae.threshold) >= 0)
 
 
@@ -103,7 +108,7 @@ def test_the_returned_sae_reads_raw_activations():
     x = jnp.asarray(ACTIVATIONS[:512])
     error = np.sum((np.asarray(result.sae(x)) - ACTIVATIONS[:512]) ** 2)
     variance = np.sum((ACTIVATIONS[:512] - ACTIVATIONS[:512].mean(0)) ** 2)
-    assert 1 - error / variance > 0.85
+    assert 1 - error / variance > 0.85  # measured 0.89
 
 
 def test_jumprelu_straight_through_gradients_match_the_rectangle_kernel_by_hand():
@@ -111,14 +116,16 @@ def test_jumprelu_straight_through_gradients_match_the_rectangle_kernel_by_hand(
     threshold = jnp.array([1.0, 2.0, 0.5])
     weights = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     # With bandwidth 0.1 the kernel is 1 where |pre - threshold| < 0.05: entries (0,0), (0,2), (1,1), (1,2).
-    np.testing.assert_allclose(jumprelu(pre, threshold, 0.1), [[1.02, 2.5, 0], [0, 0, 0]])
+    # float32 against float64 literals: one rounding, at most 6e-8 relative (measured 1.9e-8).
+    np.testing.assert_allclose(jumprelu(pre, threshold, 0.1), [[1.02, 2.5, 0], [0, 0, 0]], rtol=3e-7)
     d_pre, d_threshold = jax.grad(lambda p, t: jnp.sum(jumprelu(p, t, 0.1) * weights), argnums=(0, 1))(pre, threshold)
-    np.testing.assert_allclose(d_pre, [[1, 2, 0], [0, 0, 0]])  # the true gradient: where the gate is open
+    np.testing.assert_array_equal(d_pre, [[1, 2, 0], [0, 0, 0]])  # the true gradient: where the gate is open
     # -(threshold / bandwidth) * weight, summed over the window's entries of each latent.
-    np.testing.assert_allclose(d_threshold, [-(1.0 / 0.1) * 1, -(2.0 / 0.1) * 5, -(0.5 / 0.1) * (3 + 6)], rtol=1e-5)
+    np.testing.assert_allclose(d_threshold, [-(1.0 / 0.1) * 1, -(2.0 / 0.1) * 5, -(0.5 / 0.1) * (3 + 6)],
+                               rtol=1e-6)  # measured 0
     d_pre, d_threshold = jax.grad(lambda p, t: jnp.sum(step(p, t, 0.1) * weights), argnums=(0, 1))(pre, threshold)
     np.testing.assert_array_equal(d_pre, np.zeros((2, 3)))
-    np.testing.assert_allclose(d_threshold, [-10 * 1, -10 * 5, -10 * (3 + 6)], rtol=1e-5)
+    np.testing.assert_allclose(d_threshold, [-10 * 1, -10 * 5, -10 * (3 + 6)], rtol=1e-6)  # measured 0
     np.testing.assert_array_equal(step(pre, threshold, 0.1), [[1, 1, 0], [0, 0, 0]])
 
 
@@ -211,8 +218,8 @@ def test_gemma_scope_layout_round_trips(tmp_path, architecture):
         expected = np.where(pre > data["threshold"], np.maximum(pre, 0), 0)
     loaded = load_gemma_scope(tmp_path, site="blocks.1.resid_post")
     assert loaded.architecture == "jumprelu" and not loaded.apply_b_dec_to_input
-    np.testing.assert_allclose(sae.encode(X), expected, atol=1e-5)
-    np.testing.assert_allclose(loaded(X), sae(X), atol=1e-5)
+    np.testing.assert_allclose(sae.encode(X), expected, atol=3e-6, rtol=0)  # numpy vs XLA: measured 3.6e-7
+    np.testing.assert_allclose(loaded(X), sae(X), atol=3e-6, rtol=0)  # measured 3.6e-7
     with pytest.raises(ValueError, match="topk SAE has no Gemma Scope"):
         save_gemma_scope(random_sae("topk"), tmp_path)
 
@@ -252,8 +259,9 @@ def test_saelens_loads_what_jinterp_saves(saelens, tmp_path, architecture, apply
     save_saelens(sae, tmp_path)
     theirs = saelens.SAE.load_from_disk(tmp_path)
     latents, reconstruction = torch_encode_decode(theirs, X)
-    np.testing.assert_allclose(latents, sae.encode(X), atol=1e-5)
-    np.testing.assert_allclose(reconstruction, sae(X), atol=1e-5)
+    # One matmul and an activation in each library's float32: measured 3.6e-7 and 3.6e-7.
+    np.testing.assert_allclose(latents, sae.encode(X), atol=3e-6, rtol=0)
+    np.testing.assert_allclose(reconstruction, sae(X), atol=3e-6, rtol=0)
 
 
 @pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
@@ -276,8 +284,8 @@ def test_jinterp_loads_what_saelens_saves(saelens, tmp_path, architecture):
     ours = load_saelens(tmp_path)
     assert ours.site == "blocks.2.attn.z" and ours.architecture == {"standard": "relu"}.get(architecture, architecture)
     latents, reconstruction = torch_encode_decode(theirs, X)
-    np.testing.assert_allclose(ours.encode(X), latents, atol=1e-5)
-    np.testing.assert_allclose(ours.decode(ours.encode(X)), reconstruction, atol=1e-5)
+    np.testing.assert_allclose(ours.encode(X), latents, atol=1e-5, rtol=0)  # measured 7.2e-7
+    np.testing.assert_allclose(ours.decode(ours.encode(X)), reconstruction, atol=1e-5, rtol=0)  # measured 1.4e-6
 
 
 def test_gemma_scope_file_matches_saelens_jumprelu_without_input_b_dec(saelens, tmp_path):
@@ -290,8 +298,8 @@ def test_gemma_scope_file_matches_saelens_jumprelu_without_input_b_dec(saelens, 
     theirs = saelens.JumpReLUSAE(saelens.JumpReLUSAEConfig(d_in=D_IN, d_sae=48, apply_b_dec_to_input=False))
     theirs.load_state_dict(state)
     latents, reconstruction = torch_encode_decode(theirs, X)
-    np.testing.assert_allclose(load_gemma_scope(tmp_path).encode(X), latents, atol=1e-5)
-    np.testing.assert_allclose(sae(X), reconstruction, atol=1e-5)
+    np.testing.assert_allclose(load_gemma_scope(tmp_path).encode(X), latents, atol=3e-6, rtol=0)  # measured 3.6e-7
+    np.testing.assert_allclose(sae(X), reconstruction, atol=3e-6, rtol=0)  # measured 3.6e-7
 
 
 # Splicing ----------------------------------------------------------------------------------------
@@ -312,20 +320,21 @@ def clean(toy, site=SITE):
 def test_splice_keeping_the_error_leaves_the_forward_unchanged(toy):
     logits, _ = clean(toy)
     spliced, _ = jinterp.run(toy, TOKENS, edits=[SAESplice(SITE, toy_sae())])
-    np.testing.assert_allclose(spliced, logits, atol=1e-5)
+    np.testing.assert_allclose(spliced, logits, atol=1e-5, rtol=0)  # measured 1.2e-6
     z_sae = toy_sae("relu", site="blocks.0.attn.z", d_in=TOY.n_heads * TOY.d_head)  # heads flattened (hook_z)
     spliced, _ = jinterp.run(toy, TOKENS, edits=[SAESplice(None, z_sae)])
-    np.testing.assert_allclose(spliced, logits, atol=1e-5)
+    np.testing.assert_allclose(spliced, logits, atol=5e-5, rtol=0)  # measured 5.8e-6
 
 
 def test_splice_dropping_the_error_continues_with_the_reconstruction(toy):
     logits, x = clean(toy)
     sae = toy_sae()
     spliced, cache = jinterp.run(toy, TOKENS, capture=[SITE], edits=[SAESplice(SITE, sae, keep_error=False)])
-    np.testing.assert_allclose(cache[SITE], sae(x), atol=1e-5)  # the site lost its reconstruction error
+    # Other programs: measured 0 and 0; 8 eps32 x the values' scale (18, 5.3) allowed.
+    np.testing.assert_allclose(cache[SITE], sae(x), atol=2e-5, rtol=0)  # the site lost its reconstruction error
     replaced, _ = jinterp.run(toy, TOKENS, edits=[jinterp.Replace(SITE, sae(x))])
-    np.testing.assert_allclose(spliced, replaced, atol=1e-5)
-    assert np.abs(np.asarray(spliced - logits)).max() > 1e-2
+    np.testing.assert_allclose(spliced, replaced, atol=5e-6, rtol=0)
+    assert np.abs(np.asarray(spliced - logits)).max() > 1e-2  # measured 6.6
 
 
 def test_clamping_a_latent_moves_the_site_by_its_decoder_row(toy):
@@ -335,18 +344,19 @@ def test_clamping_a_latent_moves_the_site_by_its_decoder_row(toy):
     splice = SAESplice(SITE, sae).clamp([7], 2.5)
     _, cache = jinterp.run(toy, TOKENS, capture=[SITE], edits=[splice])
     expected = (2.5 - latents[..., 7:8]) * sae.W_dec[7]
-    np.testing.assert_allclose(cache[SITE] - x, expected, atol=1e-5)
+    np.testing.assert_allclose(cache[SITE] - x, expected, atol=2e-5, rtol=0)  # measured 1.9e-6
     first, second = np.argsort(-np.asarray(latents[0, 3]))[:2]  # latents active at position 3
     ablated = SAESplice(SITE, sae, positions=[3]).ablate([first, second])
     _, cache = jinterp.run(toy, TOKENS, capture=[SITE], edits=[ablated])
     change = np.asarray(cache[SITE] - x)
     removed = latents[:, 3, first, None] * sae.W_dec[first] + latents[:, 3, second, None] * sae.W_dec[second]
-    assert np.abs(np.asarray(removed)).max() > 1e-2
-    np.testing.assert_allclose(change[:, 3], -removed, atol=1e-5)
-    assert not np.abs(np.delete(change, 3, axis=1)).max() > 1e-5
+    assert np.abs(np.asarray(removed)).max() > 1e-2  # measured 9.2
+    np.testing.assert_allclose(change[:, 3], -removed, atol=2e-5, rtol=0)  # measured 1.9e-6
+    assert not np.abs(np.delete(change, 3, axis=1)).max() > 1e-5  # measured 0
     steered = SAESplice(SITE, sae).steer([7], 1.5)
     _, cache = jinterp.run(toy, TOKENS, capture=[SITE], edits=[steered])
-    np.testing.assert_allclose(cache[SITE] - x, jnp.broadcast_to(1.5 * sae.W_dec[7], x.shape), atol=1e-5)
+    np.testing.assert_allclose(cache[SITE] - x, jnp.broadcast_to(1.5 * sae.W_dec[7], x.shape), atol=2e-5,
+                               rtol=0)  # measured 1.7e-6
 
 
 def test_latent_gradients_are_decoder_rows_times_the_site_gradient(toy):
@@ -358,8 +368,8 @@ def test_latent_gradients_are_decoder_rows_times_the_site_gradient(toy):
 
     by_latent = eqx.filter_grad(metric)(SAESplice(SITE, sae)).shift
     by_direction = eqx.filter_grad(metric)(jinterp.Add(SITE, jnp.zeros(TOY.d_model))).vector
-    np.testing.assert_allclose(by_latent, sae.W_dec @ by_direction, rtol=1e-4, atol=1e-5)
-    assert np.abs(np.asarray(by_latent)).max() > 1e-3
+    np.testing.assert_allclose(by_latent, sae.W_dec @ by_direction, rtol=1e-5, atol=1e-6)  # measured 6e-8
+    assert np.abs(np.asarray(by_latent)).max() > 1e-3  # measured 0.25
 
 
 def test_splice_errors_name_the_mismatch(toy):
@@ -380,8 +390,9 @@ def test_model_activations_stream_from_the_forward(toy):
     batch = np.asarray(source(jnp.int32(3)))
     assert batch.shape == (20, TOY.d_model)
     distances = np.abs(batch[:, None] - every[None]).max(-1).min(-1)  # each row is some token's activation
-    assert distances.max() < 1e-4
-    np.testing.assert_allclose(source.all(), every, atol=1e-4)  # sequence by sequence
+    # Streamed by another program than the capture's: measured 0 and 0; 8 eps32 x the scale (28) allowed.
+    assert distances.max() < 3e-5
+    np.testing.assert_allclose(source.all(), every, atol=3e-5, rtol=0)  # sequence by sequence
     assert source.n_tokens == len(every) == 16 * 5
     # Through a shuffle buffer of 100 activations, 40 trained on per step, 20 of them then fresh.
     result = train_sae(source, "topk", 64, k=4, steps=20, lr=LR, eval_every=10, sample_size=80, batch_size=40,
@@ -400,7 +411,7 @@ def test_a_shuffle_buffer_trains_on_its_rows_and_refills_the_first_of_them():
         aux_coefficient=0.0, dead_window=1e6, threshold_rate=0.01).items()}, aux_k=4)
     state = training.SAEState(sae, jnp.zeros(sae.d_sae), buffer)
     np.testing.assert_allclose(loss(state, Refill(fresh, slots)),
-                               loss(training.SAEState(sae, jnp.zeros(sae.d_sae)), buffer[slots]), rtol=1e-6)
+                               loss(training.SAEState(sae, jnp.zeros(sae.d_sae)), buffer[slots]), rtol=1e-6)  # 0
     optimizer = training.sae_optimizer("topk", 1e-3, 10)
     updates, _ = optimizer.update(jax.grad(loss)(state, Refill(fresh, slots)), optimizer.init(state), state)
     after = np.asarray(optax.apply_updates(state, updates).buffer)
@@ -427,7 +438,7 @@ def test_splice_losses_equal_the_losses_of_replaced_sites(toy):
             "zero_ablated": [jinterp.Replace(SITE, jnp.zeros_like(x), positions=positions)]}
     for name, edits in runs.items():
         logits, _ = jinterp.run(toy, tokens, edits=edits)
-        assert getattr(losses, name) == pytest.approx(mean_loss(logits, tokens, skip), rel=1e-5), name
+        assert getattr(losses, name) == pytest.approx(mean_loss(logits, tokens, skip), rel=1e-6), name  # 8e-8
     assert losses.tokens == 5 * (8 - skip)
     expected = (losses.zero_ablated - losses.spliced) / (losses.zero_ablated - losses.clean)
     assert losses.as_dict()["ce_loss_recovered"] == pytest.approx(expected)
@@ -445,7 +456,7 @@ def test_splice_losses_skip_padding(toy):
     assert together.tokens == sum(n - 1 for n in lengths)
     for name in ("clean", "spliced", "zero_ablated"):
         expected = sum(getattr(a, name) * a.tokens for a in alone) / together.tokens
-        assert getattr(together, name) == pytest.approx(expected, rel=1e-5), name
+        assert getattr(together, name) == pytest.approx(expected, rel=1e-6), name  # measured 5e-8
 
 
 def test_feature_attribution_is_latents_times_their_gradients(toy):
@@ -464,8 +475,8 @@ def test_feature_attribution_is_latents_times_their_gradients(toy):
     site_gradient = jax.grad(by_site)(jnp.zeros_like(x))  # d metric / d site at every position
     expected = sae.encode(x) * (site_gradient @ sae.W_dec.T)
     assert scores.shape == (*TOKENS.shape, sae.d_sae)
-    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-6)
-    assert np.abs(np.asarray(scores)).max() > 1e-3
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-5)  # measured 1.4e-6
+    assert np.abs(np.asarray(scores)).max() > 1e-3  # measured 1.2
     with pytest.raises(ValueError, match="needs a site"):
         feature_attribution(toy, TOKENS, toy_sae(site=None), metric)
 
@@ -508,7 +519,8 @@ def test_sparse_topk_encoder_and_decoder_equal_the_dense_sae_with_their_gradient
         return jnp.sum(jnp.sin(jnp.where(pre >= kth, jax.nn.relu(pre), 0.0) @ W_dec))
 
     arguments = (sae.W_enc, bias, sae.W_dec, x)
-    np.testing.assert_allclose(sparse(*arguments), dense(*arguments), rtol=1e-5)
+    # The sparse decoder sums in another order than the dense matmul: measured 0 (value), 1.9e-6 (gradients).
+    np.testing.assert_allclose(sparse(*arguments), dense(*arguments), rtol=1e-6)
     for got, expected in zip(jax.grad(sparse, range(4))(*arguments), jax.grad(dense, range(4))(*arguments)):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
 
@@ -541,10 +553,10 @@ def test_aux_k_loss_equals_the_dense_formula_at_every_gathered_width(n_dead):
 
     arguments = (residual, x, W_enc, b_enc, W_dec)
     loss = jax.jit(lambda *a: training.aux_k_loss(*a, dead, k_aux))
-    np.testing.assert_allclose(loss(*arguments), dense(*arguments), rtol=1e-5)
+    np.testing.assert_allclose(loss(*arguments), dense(*arguments), rtol=1e-5)  # measured 7.7e-7 relative
     gradients = jax.grad(loss, range(5))(*arguments)
-    for got, expected in zip(gradients, jax.grad(dense, range(5))(*arguments)):
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    for got, expected in zip(gradients, jax.grad(dense, range(5))(*arguments)):  # measured 7.6e-5 at 512
+        np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4)
     assert n_dead or not any(np.any(g) for g in gradients)
     with pytest.raises(ValueError, match=r"k_aux must be an int in \[1, d_sae=64\], got 65"):
         training.aux_k_loss(*arguments, dead, d_sae + 1)

@@ -58,9 +58,9 @@ def assert_same_bits(a, b):
 def test_loss_decreases_and_the_planted_weights_are_recovered():
     trained = fit(steps=600, evaluate=lambda p: {"w": p["w"]})
     loss = trained.history["loss"]
-    assert loss.shape == (600,) and loss[-1] < 1e-6 < loss[0]
-    np.testing.assert_allclose(trained.params["w"], PLANTED, atol=1e-3)
-    np.testing.assert_allclose(trained.params["b"], 0.5, atol=1e-3)
+    assert loss.shape == (600,) and loss[-1] < 1e-6 < loss[0]  # measured 5.9e-13 and 17
+    np.testing.assert_allclose(trained.params["w"], PLANTED, atol=1e-5)  # converged: measured 7.2e-7
+    np.testing.assert_allclose(trained.params["b"], 0.5, atol=1e-6)  # measured 6e-8
     assert trained.history["eval_step"].tolist() == list(range(0, 601, 50))
     np.testing.assert_array_equal(trained.history["w"][0], np.zeros(D))  # evaluated before the first step
 
