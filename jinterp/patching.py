@@ -230,7 +230,8 @@ def sweep_chunks(model: Model, clean, corrupted, metric: Callable, site="resid_p
         else:  # a patch whose source equals the base value changes nothing: it scores as the base run
             todo = np.flatnonzero(_changed(base_values, source_values, target)[tuple(grid.T)])
         pieces.append((target, grid, todo, source_values))
-    if first and any(_touches_before(t, grid[todo], first) for t, grid, todo, _ in pieces):
+    if first and any(_touches_before(t, grid[todo], first, _values(base_cache, t), source_values)
+                     for t, grid, todo, source_values in pieces):
         first = 0  # a patch before the first differing token changes something: run every position
     devices = 1 if mesh is None else sharding.axis_size(mesh, sharding.DATA)  # a chunk's patches spread over them
 
@@ -299,12 +300,17 @@ def reduce_site(values, target: Target, reduction=jnp.sum):
     return reduced.transpose(0, *(1 + order.index(a) for a in keep))
 
 
-def _touches_before(target: Target, patches: np.ndarray, first: int) -> bool:
-    """Whether any of these patches edits a position before ``first`` (or every position at once)."""
+def _touches_before(target: Target, patches: np.ndarray, first: int, base_values, source_values) -> bool:
+    """Whether any of these patches changes a value at a position before ``first``: one patched at
+    such a position, or (a patch of every position at once) a source value there that differs from the base."""
     pos = [k for k, a in enumerate(target.per) if S.role(target.axes[a]) == "pos"]
-    if not any(S.role(a) == "pos" for a in target.axes):
+    axis = next((i for i, a in enumerate(target.axes) if S.role(a) == "pos"), None)
+    if axis is None or not len(patches):
         return False
-    return not pos or bool((patches[:, 1 + pos[0]] < first).any())
+    if pos:
+        return bool((patches[:, 1 + pos[0]] < first).any())
+    before = lambda values: jax.lax.slice_in_dim(values, 0, first, axis=1 + axis)  # noqa: E731
+    return bool(sharding.to_host((before(base_values) != before(source_values)).any()))
 
 
 def _suffix(values, target: Target, first: int):
