@@ -1,7 +1,15 @@
 """Activation patching on SmolLM2-135M with IOI prompts: jinterp's sweeps against
 TransformerLens' generic_activation_patch loop and against TransformerLens with the patches
 batched by hand, on the same weights in one process. Checks that the results agree (1e-4) and
-prints medians and ratios; also attribution patching's cost in forward-pass equivalents.
+prints medians and ratios (jinterp's first call, compile included, and its repeated calls); also
+attribution patching's cost in forward-pass equivalents.
+
+The causal-reuse limit: a patch at layer l changes nothing before layer l, and (a causal model)
+nothing before the first position its value differs at, nor any logit but the one the metric reads.
+The FLOPs a sweep needs at that limit (every changed patch's layers from l on, at those positions,
+and one unembedding per prompt) divided by the machine's float32 matmul peak (as
+benchmarks/roofline.py measures it) is the fastest the sweep could run; each sweep's time is
+printed as a multiple of it.
 
     .venv/bin/python benchmarks/sweep.py [--prompts 4] [--repeats 3] [--tl-repeats 1]
 """
@@ -15,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 from common import smollm2, timed
+from roofline import matmul_peak
 
 from jinterp import attribution, patching
 
@@ -41,6 +50,25 @@ def metric_for(answers):
         return (jnp.take_along_axis(last, answers[:, :1], 1) - jnp.take_along_axis(last, answers[:, 1:], 1)).mean()
 
     return metric
+
+
+def limit_flops(cfg, site: str, clean, corrupt) -> float:
+    """FLOPs of the sweep's changed patches at the causal-reuse limit (module docstring)."""
+    d, heads, kv, e, m = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp
+    batch, seq = clean.shape
+    first = int(np.argmax((clean != corrupt).any(0)))
+
+    def token_layer(keys):  # one position through one block, attending to ``keys`` positions
+        return 2 * (d * (heads * e + 2 * kv * e) + heads * e * d + (3 if cfg.gated_mlp else 2) * d * m
+                    + 2 * heads * e * keys)
+
+    total = 0.0
+    for layer in range(cfg.n_layers):
+        starts = [first] * heads if site == "z" else range(first, seq)  # each patch's first changed position
+        for start in starts:
+            total += batch * (cfg.n_layers - layer) * sum(token_layer(q + 1) for q in range(start, seq))
+            total += batch * 2 * d * cfg.d_vocab  # the metric's one logit position
+    return total
 
 
 def tl_batched_resid_pre(tl, clean_tokens, corrupt_tokens, clean_cache, tl_metric):
@@ -83,6 +111,9 @@ def main():
 
     from transformer_lens import patching as tl_patching
 
+    peak = max(matmul_peak("float32", 5).values())
+    print(f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s (benchmarks/roofline.py)")
+
     tc, tk = torch.tensor(clean).long(), torch.tensor(corrupt).long()
     with torch.no_grad():
         _, clean_cache = tl.run_with_cache(tc)
@@ -106,12 +137,15 @@ def main():
                                   repeats=args.tl_repeats, warmup=0)
         difference = np.abs(result - tl_result).max()
         assert difference < 1e-4, f"{site}: jinterp and TransformerLens differ by {difference}"
-        rows.append((site, result.size, first, t_ours, t_tl, t_batched, difference))
+        at_limit = limit_flops(model.cfg, site, clean, corrupt) / peak
+        rows.append((site, result.size, first, t_ours, t_tl, t_batched, difference, at_limit))
 
-    for site, n, first, t_ours, t_tl, t_batched, diff in rows:
-        batched = f", TL batched by hand {t_batched:.1f} s ({t_batched / t_ours:.1f}x)" if t_batched else ""
-        print(f"{site:<10} {n} patches: jinterp {t_ours:.1f} s (first call with compile {first:.1f} s), "
-              f"TL loop {t_tl:.1f} s -> {t_tl / t_ours:.1f}x faster{batched}; max |difference| {diff:.1e}")
+    for site, n, first, t_ours, t_tl, t_batched, diff, at_limit in rows:
+        batched = f", TL batched by hand {t_batched:.1f} s ({t_batched / first:.1f}x)" if t_batched else ""
+        print(f"{site:<10} {n} patches: jinterp {first:.1f} s with compile ({t_ours:.1f} s repeated), TL loop "
+              f"{t_tl:.1f} s -> {t_tl / first:.1f}x faster with compile, {t_tl / t_ours:.1f}x repeated{batched}; "
+              f"the causal-reuse limit at peak {at_limit:.2f} s: jinterp {t_ours / at_limit:.1f}x it; "
+              f"max |difference| {diff:.1e}")
 
     # Attribution patching's cost relative to a forward pass, on the sweep's prompts and on the
     # demo's batch of 32 (the prompts repeated), where fixed overheads matter less.

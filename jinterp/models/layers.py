@@ -10,6 +10,7 @@ The few formulas a captured site can be recomputed with (``centred``, ``pattern_
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import equinox as eqx
@@ -252,8 +253,11 @@ def weighted_values(pattern: Float[Array, "batch n_heads pos key_pos"], v: Float
 def attend(q, k, v, mask, cfg: Config) -> Float[Array, "batch pos n_heads d_head"]:
     """z of every query, computed ``QUERY_CHUNK`` queries at a time, so that the scores held at once
     grow linearly with the sequence, not quadratically. Each query's softmax and sum are its own:
-    chunking changes no value."""
+    chunking changes no value. Under ``grad`` each chunk's scores are recomputed in the backward pass
+    rather than kept for it (``jax.checkpoint``): what a backward keeps stays linear too."""
     batch, seq, heads, d_head = q.shape
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)  # (inside a loop: the loop keeps them apart)
     def attend_chunk(q, mask):
         return weighted_values(pattern_of(attention_scores(q, k, mask, cfg)).astype(v.dtype), v, cfg)
 

@@ -23,6 +23,12 @@ from jinterp.models.declaration import site_specs
 from jinterp.models.layers import MLP, Attention, Block, Norm, block, normalize, rope_frequencies, rope_tables
 from jinterp.protocol import Model
 
+# From this many tokens in a call on, a backward pass through the forward (attribution, training)
+# recomputes each block's activations from its input instead of keeping every layer's: what a
+# gradient holds then grows with one layer, not n_layers. Values are unchanged; the backward costs
+# about one more forward.
+RECOMPUTE_TOKENS = 2048
+
 
 class Transformer(Model):
     """A pure transformer. Block parameters are stacked along a leading ``n_layers`` axis.
@@ -216,6 +222,9 @@ class Transformer(Model):
             mask, rope = pick(local, masks), ropes and pick(local, ropes)
             x, kv = block(params, x, mask, rope, cfg, layer_hook, None if slab is None else (*slab, cache.index))
             return (x, layer_hook.states), (layer_hook.records, kv)
+
+        if batch * seq >= RECOMPUTE_TOKENS:  # a backward pass recomputes each block rather than keep its activations
+            run = jax.checkpoint(run, prevent_cse=False)
 
         layers = (self.blocks, jnp.arange(cfg.n_layers), is_local, slabs)
         one_layer = jax.tree.map(lambda a: a[0], layers)
