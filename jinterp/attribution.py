@@ -50,7 +50,8 @@ def _values(cache, target):
 
 @jit
 def _contributions(source_values, base_values, grads, target, mesh):
-    contribution = (source_values - base_values) * grads  # [sites or every layer, *site axes]
+    wide = jnp.promote_types(grads.dtype, jnp.float32)  # bfloat16 models: sum the many products in float32
+    contribution = (source_values.astype(wide) - base_values.astype(wide)) * grads.astype(wide)  # [sites, *axes]
     if target.stacked:
         contribution = contribution[jnp.asarray(target.layers)]
     return sharding.constrain(reduce_site(contribution, target), mesh)  # the same on every device

@@ -85,3 +85,19 @@ def test_saliency_and_input_x_gradient(toy):
     assert s.shape == ixg.shape == CLEAN.shape and (np.asarray(s) >= 0).all()
     # Causal model, metric at the last position: every position can matter, none is NaN.
     assert np.isfinite(np.asarray(ixg)).all()
+
+
+@pytest.mark.parametrize("site", ["z", "resid_pre"])
+def test_bfloat16_sweeps_and_attribution_track_float32(toy, site):
+    """A bfloat16 model sweeps and attributes end to end (norms and softmax in float32, attribution's
+    sums of products in float32): its results follow the float32 model's."""
+    clean, corrupt = corrupted_pair(0)
+    low = toy.astype("bfloat16")
+    for method in (lambda m: patching.sweep(m, clean, corrupt, metric, site, progress=False),
+                   lambda m: attribution.attribution_patching(m, clean, corrupt, metric, site)):
+        full, half = np.asarray(method(toy)), method(low)
+        assert half.dtype in (np.dtype("bfloat16"), np.float32)
+        scale = float(np.abs(full).max())
+        # bfloat16 rounding through 3 layers: measured at most 0.062 x scale (z attribution): 5x that.
+        assert np.abs(np.asarray(half, np.float32) - full).max() <= 0.31 * scale
+        assert scale > 0.5  # measured 0.86 to 2.1: the corruption matters
