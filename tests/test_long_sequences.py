@@ -43,7 +43,8 @@ def test_attention_in_chunks_of_queries_equals_attention_at_once(model, monkeypa
     # Measured 0 (each query's scores, softmax and sum are computed alike); another program that happens
     # to agree bit for bit: 8 eps32 x scale (tests/README.md), room for a different kernel on the smaller product.
     scale = float(np.abs(np.asarray(whole)).max())
-    np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), atol=8 * np.finfo(np.float32).eps * scale, rtol=0)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=0,
+                               atol=8 * np.finfo(np.float32).eps * scale)
     for name in whole_cache:
         z = np.asarray(whole_cache[name])
         np.testing.assert_allclose(np.asarray(chunked_cache[name]), z, rtol=0,
