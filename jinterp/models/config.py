@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 NORMS = ("layer", "rms")
-NORM_PLACEMENTS = ("pre", "post", "sandwich")
+NORM_PLACEMENTS = ("pre", "post", "sandwich", "post_sublayer")
+QK_NORM_SCOPES = ("head", "all")
 POSITIONALS = ("rotary", "learned")
 LAYER_TYPES = ("global", "local")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -61,13 +62,15 @@ class Config:
     parallel: bool = False  # GPT-NeoX: attention and MLP both read resid_pre
     norm: str | None = "layer"  # None: no layer norm at all (toy models)
     norm_eps: float = 1e-5
-    norm_placement: str = "pre"  # "post" = BERT, "sandwich" = Gemma (norms before and after)
+    norm_placement: str = "pre"  # "post" = BERT, "sandwich" = Gemma (norms before and after),
+    # "post_sublayer" = OLMo 2 (a norm on each sublayer's output only, before the residual add)
     act: str = "gelu"
     gated_mlp: bool = False  # SwiGLU / GeGLU: act(x W_gate) * (x W_in)
 
     # Attention
     causal: bool = True
     qk_norm: bool = False  # Gemma 3: RMS norm of each query and key head
+    qk_norm_scope: str = "head"  # "head": over each head's features; "all": over every head's together (OLMo 2)
     attn_scale: float | None = None  # multiplies q.k; None: 1/sqrt(d_head)
     attn_softcap: float | None = None
     layer_types: tuple[str, ...] | None = None  # per layer "global" or "local"; None: all global
@@ -116,6 +119,7 @@ class Config:
         if self.norm is not None:
             choose(self.norm, NORMS, "norm")
         choose(self.norm_placement, NORM_PLACEMENTS, "norm_placement")
+        choose(self.qk_norm_scope, QK_NORM_SCOPES, "qk_norm_scope")
         choose(self.act, ACTIVATIONS, "activation")
         choose(self.dtype, DTYPES, "dtype")
         if self.dtype == "float64":

@@ -104,10 +104,12 @@ def centred(x: Float[Array, "... d"], cfg: Config) -> Array:
     return h - h.mean(-1, keepdims=True) if cfg.norm == "layer" else h
 
 
-def rms_head_norm(ln: Norm, x: Float[Array, "... d_head"], eps: float) -> Array:
-    """Gemma 3's q/k norm: RMS over each head's vector."""
+def rms_head_norm(ln: Norm, x: Float[Array, "... heads d_head"], eps: float) -> Array:
+    """q/k norm: RMS over each head's vector (Gemma 3, Qwen3; weight ``[d_head]``) or over all heads'
+    together (OLMo 2; weight ``[heads, d_head]``)."""
     h = x.astype(accurate(x.dtype))
-    h = h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + eps)
+    axes = tuple(range(-ln.w.ndim, 0))
+    h = h * jax.lax.rsqrt(jnp.mean(h * h, axes, keepdims=True) + eps)
     return (h * ln.w.astype(h.dtype)).astype(x.dtype)
 
 
@@ -308,7 +310,8 @@ def block(
     hook: Hook,
     cache: tuple[Array, Array, Array | int] | None = None,
 ) -> tuple[Float[Array, "batch pos d_model"], tuple[Array, Array]]:
-    """One block: pre-norm (Llama, GPT-2), parallel (GPT-NeoX), sandwich (Gemma) or post-norm (BERT).
+    """One block: pre-norm (Llama, GPT-2), parallel (GPT-NeoX), sandwich (Gemma), post-norm (BERT) or
+    post-sublayer (OLMo 2: no ``ln1``/``ln2``, only ``ln1_post``/``ln2_post``).
     ``cache``: keys and values of every slot (see ``attention``). Returns the block's output and
     this call's (keys, values)."""
     resid_pre = hook("resid_pre", resid_pre)

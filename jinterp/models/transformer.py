@@ -324,20 +324,24 @@ class Transformer(Model):
                 return None
             return Norm(jnp.ones((*lead, D), dtype), zeros(*lead, D, when=cfg.norm == "layer"))
 
-        head_norm = Norm(jnp.ones((L, E), dtype), None) if cfg.qk_norm else None
+        def head_norm(heads):  # over each head's features, or over all heads' together
+            shape = (L, E) if cfg.qk_norm_scope == "head" else (L, heads, E)
+            return Norm(jnp.ones(shape, dtype), None) if cfg.qk_norm else None
+
         attn = Attention(
             W_Q=normal(L, H, D, E), W_K=normal(L, K, D, E), W_V=normal(L, K, D, E), W_O=normal(L, H, E, D),
             b_Q=zeros(L, H, E, when=cfg.qkv_bias), b_K=zeros(L, K, E, when=cfg.qkv_bias),
             b_V=zeros(L, K, E, when=cfg.qkv_bias), b_O=zeros(L, D, when=cfg.out_bias),
-            q_norm=head_norm, k_norm=head_norm)
+            q_norm=head_norm(H), k_norm=head_norm(K))
         mlp = None
         if cfg.has_mlp:
             mlp = MLP(W_in=normal(L, D, M), W_gate=normal(L, D, M) if cfg.gated_mlp else None,
                       W_out=normal(L, M, D), b_in=zeros(L, M, when=cfg.mlp_bias),
                       b_out=zeros(L, D, when=cfg.mlp_bias))
-        sandwich = cfg.norm_placement == "sandwich"
-        blocks = Block(ln1=norm(L), attn=attn, ln1_post=norm(L, when=sandwich),
-                       ln2=norm(L, when=cfg.has_mlp), mlp=mlp, ln2_post=norm(L, when=sandwich and cfg.has_mlp))
+        after = cfg.norm_placement in ("sandwich", "post_sublayer")  # norms on the sublayers' outputs
+        before = cfg.norm_placement != "post_sublayer"
+        blocks = Block(ln1=norm(L, when=before), attn=attn, ln1_post=norm(L, when=after),
+                       ln2=norm(L, when=before and cfg.has_mlp), mlp=mlp, ln2_post=norm(L, when=after and cfg.has_mlp))
         return cls(
             cfg=cfg,
             W_E=normal(cfg.d_vocab, D),
