@@ -154,14 +154,15 @@ def _read_json(path: Path) -> dict:
 def _llama_like(c: HFConfig, arch: str) -> Config:
     d_model, n_heads = c["hidden_size"], c["num_attention_heads"]
     n_layers = c["num_hidden_layers"]
-    gemma = arch.startswith("gemma3")
-    theta, scaling = c.rope("full_attention" if gemma else None, 1_000_000.0 if gemma else 10_000.0)
+    gemma3 = arch.startswith("gemma3")
+    gemma = gemma3 or arch == "gemma2"
+    theta, scaling = c.rope("full_attention" if gemma else None, 1_000_000.0 if gemma3 else 10_000.0)
     layer_types = c.layer_types(n_layers)
-    if gemma and layer_types is None:
-        pattern = c.get("sliding_window_pattern", 6)
+    if gemma and layer_types is None:  # Gemma 2: local and global layers alternate, local first
+        pattern = c.get("sliding_window_pattern", 6 if gemma3 else 2)
         layer_types = tuple("global" if (i + 1) % pattern == 0 else "local" for i in range(n_layers))
     window = c.get("sliding_window")
-    if arch == "mistral" and window is not None and layer_types is None:
+    if arch in ("mistral", "phi3") and window is not None and layer_types is None:  # every layer slides
         layer_types = ("local",) * n_layers
     if arch in ("qwen2", "qwen3") and not c.get("use_sliding_window", False):
         layer_types = None
@@ -172,13 +173,13 @@ def _llama_like(c: HFConfig, arch: str) -> Config:
         d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=c.get("num_key_value_heads", n_heads),
         d_head=d_head, d_mlp=c["intermediate_size"], d_vocab=c["vocab_size"],
         n_ctx=c["max_position_embeddings"], norm="rms", norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-        norm_placement="sandwich" if gemma else "pre",
+        norm_placement="sandwich" if gemma else "post_sublayer" if arch == "olmo2" else "pre",
         act=c.act("hidden_activation" if gemma else "hidden_act", "gelu_pytorch_tanh" if gemma else "silu"),
         gated_mlp=True, positional="rotary", rotary_dim=int(d_head * c.partial_rotary()),
         rope_theta=theta, rope_scaling=scaling,
-        rope_theta_local=c.rope("sliding_attention", c.get("rope_local_base_freq", 10_000.0))[0] if gemma else None,
+        rope_theta_local=c.rope("sliding_attention", c.get("rope_local_base_freq", 10_000.0))[0] if gemma3 else None,
         layer_types=layer_types, sliding_window=window if layer_types and "local" in layer_types else None,
-        qk_norm=gemma or arch == "qwen3",
+        qk_norm=gemma3 or arch in ("qwen3", "olmo2"), qk_norm_scope="all" if arch == "olmo2" else "head",
         attn_scale=c["query_pre_attn_scalar"] ** -0.5 if gemma else None,
         attn_softcap=c.get("attn_logit_softcapping"), final_softcap=c.get("final_logit_softcapping"),
         embed_scale=math.sqrt(d_model) if gemma else 1.0,
@@ -236,7 +237,8 @@ def _bert(c: HFConfig, arch: str) -> Config:
 
 CONFIGS: dict[str, Callable[[HFConfig, str], Config]] = {
     "llama": _llama_like, "mistral": _llama_like, "qwen2": _llama_like, "qwen3": _llama_like,
-    "gemma3_text": _llama_like, "gemma3": _llama_like,
+    "gemma3_text": _llama_like, "gemma3": _llama_like, "gemma2": _llama_like, "olmo2": _llama_like,
+    "phi3": _llama_like,
     "gpt2": _gpt2, "gpt_neox": _neox, "bert": _bert,
 }
 ARCHITECTURES = tuple(CONFIGS)
@@ -294,25 +296,39 @@ def _convert_llama(t: Tensors, cfg: Config, out: dict) -> None:
     if gemma:
         norms = {"ln1": "input_layernorm", "ln1_post": "post_attention_layernorm",
                  "ln2": "pre_feedforward_layernorm", "ln2_post": "post_feedforward_layernorm"}
+    elif cfg.norm_placement == "post_sublayer":  # OLMo 2
+        norms = {"ln1_post": "post_attention_layernorm", "ln2_post": "post_feedforward_layernorm"}
     for i in range(cfg.n_layers):
         p = f"{prefix}layers.{i}."
         a = p + "self_attn."
         for ours, theirs in norms.items():
             out[f"blocks.{ours}.w"][i] = t.get(p + theirs + ".weight", (D,)) + offset
-        out["blocks.attn.W_Q"][i] = heads_in(t.get(a + "q_proj.weight", (H * E, D)), H, E)
-        out["blocks.attn.W_K"][i] = heads_in(t.get(a + "k_proj.weight", (K * E, D)), K, E)
-        out["blocks.attn.W_V"][i] = heads_in(t.get(a + "v_proj.weight", (K * E, D)), K, E)
+        if cfg.architecture == "phi3":  # fused rows: [q heads | k heads | v heads]
+            q, k, v = np.split(t.get(a + "qkv_proj.weight", ((H + 2 * K) * E, D)), [H * E, (H + K) * E])
+        else:
+            q, k, v = (t.get(a + f"{n}_proj.weight", (n_ * E, D)) for n, n_ in (("q", H), ("k", K), ("v", K)))
+        out["blocks.attn.W_Q"][i] = heads_in(q, H, E)
+        out["blocks.attn.W_K"][i] = heads_in(k, K, E)
+        out["blocks.attn.W_V"][i] = heads_in(v, K, E)
         out["blocks.attn.W_O"][i] = heads_out(t.get(a + "o_proj.weight", (D, H * E)), H, E)
         if cfg.qkv_bias:
             for n, heads in (("Q", H), ("K", K), ("V", K)):
                 out[f"blocks.attn.b_{n}"][i] = t.get(a + f"{n.lower()}_proj.bias", (heads * E,)).reshape(heads, E)
         if cfg.out_bias:
             out["blocks.attn.b_O"][i] = t.get(a + "o_proj.bias", (D,))
-        if cfg.qk_norm:
-            out["blocks.attn.q_norm.w"][i] = t.get(a + "q_norm.weight", (E,)) + offset
-            out["blocks.attn.k_norm.w"][i] = t.get(a + "k_norm.weight", (E,)) + offset
-        out["blocks.mlp.W_gate"][i] = t.get(p + "mlp.gate_proj.weight", (M, D)).T
-        out["blocks.mlp.W_in"][i] = t.get(p + "mlp.up_proj.weight", (M, D)).T
+        if cfg.qk_norm:  # over each head (d_head weights) or over all heads together (OLMo 2)
+            each = cfg.qk_norm_scope == "head"
+            q_shape, k_shape = ((E,), (E,)) if each else ((H * E,), (K * E,))
+            out["blocks.attn.q_norm.w"][i] = t.get(a + "q_norm.weight", q_shape).reshape(
+                out["blocks.attn.q_norm.w"].shape[1:]) + offset
+            out["blocks.attn.k_norm.w"][i] = t.get(a + "k_norm.weight", k_shape).reshape(
+                out["blocks.attn.k_norm.w"].shape[1:]) + offset
+        if cfg.architecture == "phi3":  # fused rows: [gate | up]
+            gate, up = np.split(t.get(p + "mlp.gate_up_proj.weight", (2 * M, D)), 2)
+        else:
+            gate, up = t.get(p + "mlp.gate_proj.weight", (M, D)), t.get(p + "mlp.up_proj.weight", (M, D))
+        out["blocks.mlp.W_gate"][i] = gate.T
+        out["blocks.mlp.W_in"][i] = up.T
         out["blocks.mlp.W_out"][i] = t.get(p + "mlp.down_proj.weight", (D, M)).T
         if cfg.mlp_bias:
             if p + "mlp.gate_proj.bias" in t:
