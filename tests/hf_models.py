@@ -76,6 +76,26 @@ FAMILIES = {
         num_key_value_heads=2, max_position_embeddings=64, original_max_position_embeddings=64, sliding_window=4,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
         tie_word_embeddings=False, pad_token_id=1, bos_token_id=2, eos_token_id=3, attn_implementation="eager")),
+    # Mixtures of experts (transformers' "eager" experts: its grouped matmul needs 16-byte strides).
+    "mixtral": lambda: tf.MixtralForCausalLM(tf.MixtralConfig(
+        vocab_size=199, hidden_size=48, intermediate_size=20, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=64, num_local_experts=5, num_experts_per_tok=2,
+        sliding_window=4, tie_word_embeddings=False, attn_implementation="eager", experts_implementation="eager")),
+    "olmoe": lambda: tf.OlmoeForCausalLM(tf.OlmoeConfig(
+        vocab_size=203, hidden_size=60, intermediate_size=18, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=3, max_position_embeddings=64, num_experts=6, num_experts_per_tok=2,
+        norm_topk_prob=False, pad_token_id=1, bos_token_id=2, eos_token_id=3, attn_implementation="eager",
+        experts_implementation="eager")),
+    "qwen3_moe": lambda: tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
+        vocab_size=207, hidden_size=48, intermediate_size=30, moe_intermediate_size=14, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=10, max_position_embeddings=64, num_experts=5,
+        num_experts_per_tok=3, norm_topk_prob=True, tie_word_embeddings=False, attn_implementation="eager",
+        experts_implementation="eager")),
+    "qwen2_moe": lambda: tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(
+        vocab_size=201, hidden_size=56, intermediate_size=30, moe_intermediate_size=12, num_hidden_layers=2,
+        num_attention_heads=7, num_key_value_heads=1, max_position_embeddings=64, num_experts=4,
+        num_experts_per_tok=2, shared_expert_intermediate_size=22, norm_topk_prob=False, tie_word_embeddings=False,
+        attn_implementation="eager", experts_implementation="eager")),
     "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(
         vocab_size=199, n_embd=60, n_layer=3, n_head=5, n_positions=48, n_ctx=48)),  # n_ctx: read by TransformerLens
     "neox": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(

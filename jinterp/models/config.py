@@ -67,6 +67,14 @@ class Config:
     act: str = "gelu"
     gated_mlp: bool = False  # SwiGLU / GeGLU: act(x W_gate) * (x W_in)
 
+    # Mixture of experts (Mixtral, Qwen-MoE, OLMoE): every block's MLP is n_experts gated experts of width
+    # d_expert, mixed by a router's top-k softmax weights; d_mlp > 0 adds a dense shared expert (Qwen2-MoE)
+    n_experts: int = 0  # 0: a dense MLP
+    n_experts_per_token: int = 0  # top-k
+    d_expert: int = 0
+    norm_topk: bool = True  # renormalise the top-k weights to sum to 1 (Mixtral; Qwen's norm_topk_prob)
+    shared_expert_gate: bool = False  # Qwen2-MoE: the shared expert's output times sigmoid(x . w)
+
     # Attention
     causal: bool = True
     qk_norm: bool = False  # Gemma 3: RMS norm of each query and key head
@@ -114,7 +122,16 @@ class Config:
             raise ValueError(
                 f"n_heads={self.n_heads} must be a positive multiple of n_kv_heads={self.n_kv_heads}"
             )
-        if not self.attn_only and self.d_mlp <= 0:
+        if self.n_experts:
+            if self.attn_only or not self.gated_mlp:
+                raise ValueError("a mixture of experts needs gated MLPs (gated_mlp=True) and attn_only=False")
+            if not 0 < self.n_experts_per_token <= self.n_experts or self.d_expert <= 0:
+                raise ValueError(f"a mixture of experts needs 0 < n_experts_per_token <= n_experts={self.n_experts} "
+                                 f"and d_expert > 0, got n_experts_per_token={self.n_experts_per_token}, "
+                                 f"d_expert={self.d_expert}")
+        if self.shared_expert_gate and not (self.n_experts and self.d_mlp > 0):
+            raise ValueError("shared_expert_gate needs a mixture of experts with a shared expert (d_mlp > 0)")
+        if not self.attn_only and not self.n_experts and self.d_mlp <= 0:
             raise ValueError(f"d_mlp must be positive unless attn_only=True, got {self.d_mlp}")
         if self.norm is not None:
             choose(self.norm, NORMS, "norm")
@@ -161,7 +178,13 @@ class Config:
 
     @property
     def has_mlp(self) -> bool:
+        """An MLP sublayer, dense or a mixture of experts."""
         return not self.attn_only
+
+    @property
+    def has_dense_mlp(self) -> bool:
+        """A dense MLP: the whole MLP, or a mixture's shared expert."""
+        return not self.attn_only and self.d_mlp > 0
 
     def to_dict(self) -> dict:
         """A JSON-ready dict; ``Config.from_dict`` inverts it."""

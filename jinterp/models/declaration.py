@@ -89,7 +89,7 @@ def shape(cfg: Config, kind: str, batch="batch", seq="pos", keys=None) -> tuple:
     """A site's shape: batch, sequence and key sizes as given (symbolic names by default), the rest the config's."""
     size = {"batch": batch, "pos": seq, "query_pos": seq, "key_pos": seq if keys is None else keys, "1": 1,
             "d_model": cfg.d_model, "d_head": cfg.d_head, "head": cfg.n_heads, "kv_head": cfg.n_kv_heads,
-            "d_mlp": cfg.d_mlp, "d_vocab": cfg.d_vocab}
+            "d_mlp": cfg.d_mlp, "d_vocab": cfg.d_vocab, "expert": cfg.n_experts}
     return tuple(size[axis] for axis in S.SITE_AXES[kind])
 
 
@@ -138,7 +138,7 @@ def derivations(cfg: Config) -> dict[str, Derivation]:
         keys = ("attn.rot_q", "attn.rot_k") if cfg.positional == "rotary" else ("attn.q", "attn.k")
         found["attn.scores"] = Derivation(keys, forced=False)
     found["attn.pattern"] = Derivation(("attn.scores",), forced=False)
-    if cfg.has_mlp:
+    if cfg.has_dense_mlp:
         found["mlp.post"] = Derivation(("mlp.pre", "mlp.pre_linear") if cfg.gated_mlp else ("mlp.pre",), forced=False)
     if cfg.norm_placement == "post":  # the residual stream passes through norms: no sums to redo
         return found

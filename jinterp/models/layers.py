@@ -53,6 +53,16 @@ class MLP(eqx.Module):
     b_out: Float[Array, "d_model"] | None
 
 
+class MoE(eqx.Module):
+    """A mixture of gated experts and its router (``mlp`` of the block holds a shared expert, if any)."""
+
+    W_router: Float[Array, "d_model n_experts"]
+    W_in: Float[Array, "n_experts d_model d_expert"]
+    W_gate: Float[Array, "n_experts d_model d_expert"]
+    W_out: Float[Array, "n_experts d_expert d_model"]
+    W_shared_gate: Float[Array, "d_model"] | None
+
+
 class Block(eqx.Module):
     """One transformer block. In a model every leaf carries a leading n_layers axis."""
 
@@ -62,6 +72,7 @@ class Block(eqx.Module):
     ln2: Norm | None
     mlp: MLP | None
     ln2_post: Norm | None
+    moe: MoE | None = None
 
 
 # --- functions -----------------------------------------------------------------------------
@@ -301,6 +312,32 @@ def mlp(p: MLP, x: Float[Array, "batch pos d_model"], cfg: Config, hook: Hook) -
     return out if p.b_out is None else out + p.b_out
 
 
+def mixture(p: MoE, shared: MLP | None, x: Float[Array, "batch pos d_model"], cfg: Config, hook: Hook) -> Array:
+    """sum over the top-k experts e of weight_e * expert_e(x), weights = softmax(x W_router) over the top k
+    (renormalised if ``cfg.norm_topk``); plus a shared expert's output (times sigmoid(x . W_shared_gate)).
+    Every expert runs on every token, with weight 0 outside its top k: n_experts / k times a sparse dispatch's
+    arithmetic, in exchange for one dense program."""
+    logits = hook("moe.router_logits", x @ p.W_router)
+    probs = jax.nn.softmax(logits.astype(accurate(logits.dtype)), axis=-1)
+    top, chosen = jax.lax.top_k(probs, cfg.n_experts_per_token)
+    if cfg.norm_topk:
+        top = top / top.sum(-1, keepdims=True)
+    weights = (jax.nn.one_hot(chosen, cfg.n_experts, dtype=top.dtype) * top[..., None]).sum(-2)
+    weights = hook("moe.weights", weights.astype(x.dtype))
+    gate, up = jnp.einsum("bsd,edm->bsem", x, p.W_gate), jnp.einsum("bsd,edm->bsem", x, p.W_in)
+    each = jnp.einsum("bsem,emd->bsed", activation(cfg.act, gate) * up, p.W_out)  # [batch, pos, expert, d_model]
+    if hook.wants("moe.expert_out"):
+        out = hook("moe.expert_out", each * weights[..., None]).sum(2)
+    else:
+        out = jnp.einsum("bsed,bse->bsd", each, weights)
+    if shared is not None:
+        shared_out = mlp(shared, x, cfg, hook)
+        if p.W_shared_gate is not None:
+            shared_out = jax.nn.sigmoid(x @ p.W_shared_gate)[..., None] * shared_out
+        out = out + shared_out
+    return out
+
+
 def block(
     p: Block,
     resid_pre: Float[Array, "batch pos d_model"],
@@ -331,6 +368,7 @@ def block(
 
     resid = resid_pre if cfg.parallel else hook("resid_mid", resid_pre + attn_out)
     # mlp_in: the MLP's own copy of the residual stream it reads (the residual path goes on unchanged)
-    mlp_out = mlp(p.mlp, normalize(p.ln2, hook("mlp_in", resid), cfg, hook, "ln2"), cfg, hook)
+    h = normalize(p.ln2, hook("mlp_in", resid), cfg, hook, "ln2")
+    mlp_out = mlp(p.mlp, h, cfg, hook) if p.moe is None else mixture(p.moe, p.mlp, h, cfg, hook)
     mlp_out = hook("mlp_out", normalize(p.ln2_post, mlp_out, cfg, hook, "ln2_post"))
     return hook("resid_post", resid + attn_out + mlp_out if cfg.parallel else resid + mlp_out), kv

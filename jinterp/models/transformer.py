@@ -20,7 +20,7 @@ from jinterp.cache import Cache, from_records
 from jinterp.models import declaration
 from jinterp.models.config import Config
 from jinterp.models.declaration import site_specs
-from jinterp.models.layers import MLP, Attention, Block, Norm, block, normalize, rope_frequencies, rope_tables
+from jinterp.models.layers import MLP, Attention, Block, MoE, Norm, block, normalize, rope_frequencies, rope_tables
 from jinterp.protocol import Model
 
 
@@ -333,15 +333,20 @@ class Transformer(Model):
             b_Q=zeros(L, H, E, when=cfg.qkv_bias), b_K=zeros(L, K, E, when=cfg.qkv_bias),
             b_V=zeros(L, K, E, when=cfg.qkv_bias), b_O=zeros(L, D, when=cfg.out_bias),
             q_norm=head_norm(H), k_norm=head_norm(K))
-        mlp = None
-        if cfg.has_mlp:
+        mlp = moe = None
+        if cfg.n_experts:
+            N, X = cfg.n_experts, cfg.d_expert
+            moe = MoE(W_router=normal(L, D, N), W_in=normal(L, N, D, X), W_gate=normal(L, N, D, X),
+                      W_out=normal(L, N, X, D), W_shared_gate=normal(L, D) if cfg.shared_expert_gate else None)
+        if cfg.has_dense_mlp:
             mlp = MLP(W_in=normal(L, D, M), W_gate=normal(L, D, M) if cfg.gated_mlp else None,
                       W_out=normal(L, M, D), b_in=zeros(L, M, when=cfg.mlp_bias),
                       b_out=zeros(L, D, when=cfg.mlp_bias))
         after = cfg.norm_placement in ("sandwich", "post_sublayer")  # norms on the sublayers' outputs
         before = cfg.norm_placement != "post_sublayer"
         blocks = Block(ln1=norm(L, when=before), attn=attn, ln1_post=norm(L, when=after),
-                       ln2=norm(L, when=before and cfg.has_mlp), mlp=mlp, ln2_post=norm(L, when=after and cfg.has_mlp))
+                       ln2=norm(L, when=before and cfg.has_mlp), mlp=mlp, ln2_post=norm(L, when=after and cfg.has_mlp),
+                       moe=moe)
         return cls(
             cfg=cfg,
             W_E=normal(cfg.d_vocab, D),
