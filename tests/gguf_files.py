@@ -11,10 +11,13 @@ def _permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write(hf, family: str, path) -> None:
-    """Save ``hf`` (the "llama" or "gemma3" test family) as an F32 GGUF with a byte-level vocabulary."""
+def write(hf, family: str, path, extra: dict | None = None) -> None:
+    """Save ``hf`` (the "llama", "gemma3", "gemma2" or "phi3" test family) as an F32 GGUF with a byte-level
+    vocabulary; ``extra``: more tensors by name (e.g. Phi-3's longrope factors)."""
     cfg = hf.config
-    arch = {"llama": "llama", "gemma3": "gemma3"}[family.split("_")[0]]
+    arch = family.split("_")[0]
+    gemma = arch in ("gemma2", "gemma3")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     state = {name: tensor.detach().numpy().astype(np.float32) for name, tensor in hf.state_dict().items()}
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(cfg.num_hidden_layers)
@@ -23,11 +26,11 @@ def write(hf, family: str, path) -> None:
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_key_length(cfg.head_dim)
-    writer.add_value_length(cfg.head_dim)
-    writer.add_rope_dimension_count(cfg.head_dim)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
+    writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(rope["rope_theta"])
     if rope.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -35,6 +38,11 @@ def write(hf, family: str, path) -> None:
     if arch == "gemma3":
         writer.add_sliding_window(cfg.sliding_window)
         writer.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
+    if arch in ("gemma2", "phi3"):  # Gemma 2: alternating layers (llama.cpp's fixed pattern); Phi-3: all layers
+        writer.add_sliding_window(cfg.sliding_window)
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
     # A byte-level vocabulary: single characters of GPT-2's byte alphabet, no merges.
     alphabet = [chr(c) for c in range(ord("!"), ord("~") + 1)] + [chr(c) for c in range(0x100, 0x200)]
     tokens = ["<unk>", "<s>"] + alphabet[: cfg.vocab_size - 2]
@@ -43,30 +51,37 @@ def write(hf, family: str, path) -> None:
     writer.add_token_types([3, 3] + [1] * (len(tokens) - 2))
     writer.add_bos_token_id(1)
     prefix = "model."
-    offset = 1.0 if arch == "gemma3" else 0.0  # llama.cpp stores Gemma norms as 1 + w
+    offset = 1.0 if gemma else 0.0  # llama.cpp stores Gemma norms as 1 + w
 
     def put(name, array):
         writer.add_tensor(name, np.ascontiguousarray(array, np.float32))
 
+    for name, array in (extra or {}).items():
+        put(name, array)
     put("token_embd.weight", state[prefix + "embed_tokens.weight"])
     put("output_norm.weight", state[prefix + "norm.weight"] + offset)
     if "lm_head.weight" in state and not cfg.tie_word_embeddings:
         put("output.weight", state["lm_head.weight"])
     norms = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    if arch == "gemma3":
+    if gemma:
         norms = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
                  "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
     for i in range(cfg.num_hidden_layers):
         p, b = f"{prefix}layers.{i}.", f"blk.{i}."
         for theirs, ours in norms.items():
             put(b + ours + ".weight", state[p + theirs + ".weight"] + offset)
+        put(b + "attn_output.weight", state[p + "self_attn.o_proj.weight"])
+        if arch == "phi3":  # llama.cpp keeps Phi-3's fused projections
+            put(b + "attn_qkv.weight", state[p + "self_attn.qkv_proj.weight"])
+            put(b + "ffn_up.weight", state[p + "mlp.gate_up_proj.weight"])
+            put(b + "ffn_down.weight", state[p + "mlp.down_proj.weight"])
+            continue
         q, k = state[p + "self_attn.q_proj.weight"], state[p + "self_attn.k_proj.weight"]
         if arch == "llama":
             q, k = _permute(q, cfg.num_attention_heads), _permute(k, cfg.num_key_value_heads)
         put(b + "attn_q.weight", q)
         put(b + "attn_k.weight", k)
         put(b + "attn_v.weight", state[p + "self_attn.v_proj.weight"])
-        put(b + "attn_output.weight", state[p + "self_attn.o_proj.weight"])
         if arch == "gemma3":
             put(b + "attn_q_norm.weight", state[p + "self_attn.q_norm.weight"] + offset)
             put(b + "attn_k_norm.weight", state[p + "self_attn.k_norm.weight"] + offset)
