@@ -315,8 +315,9 @@ def mlp(p: MLP, x: Float[Array, "batch pos d_model"], cfg: Config, hook: Hook) -
 def mixture(p: MoE, shared: MLP | None, x: Float[Array, "batch pos d_model"], cfg: Config, hook: Hook) -> Array:
     """sum over the top-k experts e of weight_e * expert_e(x), weights = softmax(x W_router) over the top k
     (renormalised if ``cfg.norm_topk``); plus a shared expert's output (times sigmoid(x . W_shared_gate)).
-    Every expert runs on every token, with weight 0 outside its top k: n_experts / k times a sparse dispatch's
-    arithmetic, in exchange for one dense program."""
+    Every expert runs on every token, with weight 0 outside its top k (n_experts / k times a sparse dispatch's
+    arithmetic, in exchange for one dense program), one expert at a time: the working set is one expert's, and
+    the sum runs in expert order, as the reference implementations add them."""
     logits = hook("moe.router_logits", x @ p.W_router)
     probs = jax.nn.softmax(logits.astype(accurate(logits.dtype)), axis=-1)
     top, chosen = jax.lax.top_k(probs, cfg.n_experts_per_token)
@@ -324,12 +325,17 @@ def mixture(p: MoE, shared: MLP | None, x: Float[Array, "batch pos d_model"], cf
         top = top / top.sum(-1, keepdims=True)
     weights = (jax.nn.one_hot(chosen, cfg.n_experts, dtype=top.dtype) * top[..., None]).sum(-2)
     weights = hook("moe.weights", weights.astype(x.dtype))
-    gate, up = jnp.einsum("bsd,edm->bsem", x, p.W_gate), jnp.einsum("bsd,edm->bsem", x, p.W_in)
-    each = jnp.einsum("bsem,emd->bsed", activation(cfg.act, gate) * up, p.W_out)  # [batch, pos, expert, d_model]
-    if hook.wants("moe.expert_out"):
-        out = hook("moe.expert_out", each * weights[..., None]).sum(2)
-    else:
-        out = jnp.einsum("bsed,bse->bsd", each, weights)
+    wanted = hook.wants("moe.expert_out")
+
+    def expert(total, params):
+        W_gate, W_in, W_out, weight = params
+        out = ((activation(cfg.act, x @ W_gate) * (x @ W_in)) @ W_out) * weight[..., None]
+        return total + out, out if wanted else None
+
+    per_expert = (p.W_gate, p.W_in, p.W_out, jnp.moveaxis(weights, -1, 0))
+    out, each = jax.lax.scan(expert, jnp.zeros_like(x), per_expert)
+    if wanted:  # [batch, pos, expert, d_model]: each expert's weighted output
+        out = hook("moe.expert_out", jnp.moveaxis(each, 0, 2)).sum(2)
     if shared is not None:
         shared_out = mlp(shared, x, cfg, hook)
         if p.W_shared_gate is not None:
