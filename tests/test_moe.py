@@ -210,3 +210,28 @@ def test_expert_tensors_that_disagree_with_the_config_are_refused(copy_of):
     with pytest.raises(LoadError, match=r"tensor 'model.layers.0.block_sparse_moe.gate.weight' has shape \(5, 48\), "
                                         r"config implies \(6, 48\)"):
         jinterp.load(directory)
+
+
+def test_fused_expert_tensors_load_the_same_model(reference, copy_of):
+    """transformers 5's own layout: ``mlp.gate`` and fused ``mlp.experts.gate_up_proj`` / ``down_proj`` tensors."""
+    from safetensors.numpy import load_file, save_file
+
+    _, _, model = reference("mixtral")
+    directory = copy_of("mixtral")
+    tensors = load_file(directory / "model.safetensors")
+    fused = {}
+    for name, value in tensors.items():
+        if ".block_sparse_moe.experts." in name:
+            continue
+        fused[name.replace(".block_sparse_moe.", ".mlp.")] = value
+    def each(i, w):
+        return np.stack([tensors[f"model.layers.{i}.block_sparse_moe.experts.{j}.{w}.weight"]
+                         for j in range(model.cfg.n_experts)])
+
+    for i in range(model.cfg.n_layers):
+        fused[f"model.layers.{i}.mlp.experts.gate_up_proj"] = np.concatenate([each(i, "w1"), each(i, "w3")], 1)
+        fused[f"model.layers.{i}.mlp.experts.down_proj"] = each(i, "w2")
+    save_file(fused, directory / "model.safetensors", metadata={"format": "pt"})
+    loaded, _ = jinterp.load(directory)
+    tokens = random_tokens(model.cfg.d_vocab, (2, 9), seed=8)
+    np.testing.assert_array_equal(np.asarray(loaded(tokens)), np.asarray(model(tokens)))  # the same weights

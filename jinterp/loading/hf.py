@@ -170,7 +170,7 @@ def _llama_like(c: HFConfig, arch: str) -> Config:
     d_mlp = experts.pop("d_mlp") if experts else c["intermediate_size"]
     qwen2 = arch in ("qwen2", "qwen2_moe")
     if gemma and c.get("use_bidirectional_attention", False):
-        raise LoadError(c.path, "bidirectional Gemma 3 (embedding models) is not supported")
+        raise LoadError(c.path, f"use_bidirectional_attention=True ({arch} embedding models) is not supported")
     d_head = c.get("head_dim") or c.head_dim("hidden_size", "num_attention_heads")
     return Config(
         d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=c.get("num_key_value_heads", n_heads),
@@ -378,7 +378,7 @@ def _convert_experts(t: Tensors, cfg: Config, out: dict, i: int, p: str) -> None
     """Layer ``i``'s router and experts: one tensor per expert and projection (as checkpoints store them), or
     transformers 5's fused ``experts.gate_up_proj`` ``[n_experts, 2 d_expert, d_model]`` and ``experts.down_proj``."""
     N, X, D = cfg.n_experts, cfg.d_expert, cfg.d_model
-    moe = p + ("block_sparse_moe." if cfg.architecture == "mixtral" else "mlp.")
+    moe = p + ("block_sparse_moe." if p + "block_sparse_moe.gate.weight" in t else "mlp.")  # (Mixtral's files)
     out["blocks.moe.W_router"][i] = t.get(moe + "gate.weight", (N, D)).T
     if moe + "experts.gate_up_proj" in t:
         gate_up = t.get(moe + "experts.gate_up_proj", (N, 2 * X, D))
@@ -386,7 +386,7 @@ def _convert_experts(t: Tensors, cfg: Config, out: dict, i: int, p: str) -> None
         out["blocks.moe.W_in"][i] = gate_up[:, X:].transpose(0, 2, 1)
         out["blocks.moe.W_out"][i] = t.get(moe + "experts.down_proj", (N, D, X)).transpose(0, 2, 1)
     else:
-        names = ("w1", "w3", "w2") if cfg.architecture == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+        names = ("w1", "w3", "w2") if moe.endswith("block_sparse_moe.") else ("gate_proj", "up_proj", "down_proj")
         for j in range(N):
             e = f"{moe}experts.{j}."
             out["blocks.moe.W_gate"][i, j] = t.get(e + names[0] + ".weight", (X, D)).T
