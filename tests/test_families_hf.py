@@ -162,3 +162,11 @@ def test_olmo2_qk_norm_of_the_wrong_size_is_refused(copy_of, tmp_path):
     with pytest.raises(LoadError, match=r"tensor 'model.layers.1.self_attn.q_norm.weight' has shape \(10,\), "
                                         r"config implies \(90,\)"):
         jinterp.load(directory)
+
+
+def test_gemma2_bidirectional_attention_is_refused_by_name(copy_of):
+    directory = copy_of("gemma2")
+    edit_config(directory, use_bidirectional_attention=True)
+    with pytest.raises(LoadError, match=r"config.json: use_bidirectional_attention=True \(gemma2 embedding models\) "
+                                        r"is not supported"):
+        jinterp.load(directory)
