@@ -236,3 +236,19 @@ def test_fused_expert_tensors_load_the_same_model(reference, copy_of):
     loaded, _ = jinterp.load(directory)
     tokens = random_tokens(model.cfg.d_vocab, (2, 9), seed=8)
     np.testing.assert_array_equal(np.asarray(loaded(tokens)), np.asarray(model(tokens)))  # the same weights
+
+
+def test_the_memory_estimate_counts_one_experts_working_set(reference):
+    """The experts run one at a time: the plain forward holds one expert's gate, up, product and output."""
+    _, _, model = reference("mixtral")
+    cfg = model.cfg
+    specs = jinterp.models.declaration.site_specs(cfg, 2, 9)
+    expert_out = specs["blocks.0.moe.expert_out"]
+    held = np.prod(expert_out.shape) * 4 * expert_out.held
+    assert held == pytest.approx(2 * 9 * (3 * cfg.d_expert + cfg.d_model) * 4, rel=1e-12)
+    per_layer = sum(np.prod(s.shape) * 4 * s.held for s in specs.values() if s.layer == 0)  # expert_out included
+    top = sum(np.prod(s.shape) * 4 for s in specs.values() if s.layer is None)
+    assert jinterp.memory.run_bytes(specs) == pytest.approx(per_layer + top, rel=1e-12)
+    # Captured, the whole [n_layers, batch, pos, n_experts, d_model] buffer counts.
+    captured = jinterp.memory.run_bytes(specs, [f"blocks.{i}.moe.expert_out" for i in range(cfg.n_layers)])
+    assert captured - jinterp.memory.run_bytes(specs) == cfg.n_layers * np.prod(expert_out.shape) * 4

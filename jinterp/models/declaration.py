@@ -101,9 +101,14 @@ def site_specs(cfg: Config, batch="batch", seq="pos", n_logits=None, keys=None) 
     # The plain forward holds the scores and pattern of QUERY_CHUNK queries at a time.
     chunk = min(1.0, QUERY_CHUNK / seq) if isinstance(seq, int) else 1.0
 
+    # A mixture's experts run one at a time: its working set is one expert's hidden values (gate, up, their
+    # product) and output, [batch, pos, 3 d_expert + d_model], counted as that share of moe.expert_out.
+    expert = (3 * cfg.d_expert + cfg.d_model) / (cfg.n_experts * cfg.d_model) if cfg.n_experts else 0.0
+
     def spec(kind, layer):
         size = shape(cfg, kind, batch, n_logits if kind == "logits" and n_logits is not None else seq, keys)
-        held = chunk if kind in CHUNKED else 0.0 if kind in found.on_demand else 1.0
+        held = chunk if kind in CHUNKED else expert if kind == "moe.expert_out" else 0.0 if kind in found.on_demand \
+            else 1.0
         return SiteSpec(S.site_name(kind, layer), kind, layer, size, dtypes[kind], S.SITE_AXES[kind], held)
 
     specs = [spec(kind, None) for kind in found.head]
