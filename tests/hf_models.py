@@ -76,6 +76,13 @@ FAMILIES = {
         num_key_value_heads=2, max_position_embeddings=64, original_max_position_embeddings=64, sliding_window=4,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
         tie_word_embeddings=False, pad_token_id=1, bos_token_id=2, eos_token_id=3, attn_implementation="eager")),
+    # Phi-3.5's longrope (short factors within the original context of 32, an attention factor for 64/32).
+    "phi3_longrope": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(
+        vocab_size=209, hidden_size=72, intermediate_size=84, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=64, original_max_position_embeddings=32, sliding_window=5,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "short_factor": [1.0, 2.5, 7.0], "long_factor": [3.0, 5.0, 9.0]},
+        tie_word_embeddings=False, pad_token_id=1, bos_token_id=2, eos_token_id=3, attn_implementation="eager")),
     # Mixtures of experts (transformers' "eager" experts: its grouped matmul needs 16-byte strides).
     "mixtral": lambda: tf.MixtralForCausalLM(tf.MixtralConfig(
         vocab_size=199, hidden_size=48, intermediate_size=20, num_hidden_layers=2, num_attention_heads=6,

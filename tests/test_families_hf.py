@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch", reason="the `reference` extra (torch, trans
 import jinterp
 from jinterp import LoadError
 
-FAMILIES = ("gemma2", "olmo2", "phi3")
+FAMILIES = ("gemma2", "olmo2", "phi3", "phi3_longrope")
 # jinterp vs transformers in float32, times the values' scale (largest magnitude, at least 1), as in
 # test_models_hf.py: measured at most 2.6e-6 (gemma2; every family, site and padding). The same bound holds
 # jinterp's float32 to its float64 run: measured 2.3e-6 x scale (gemma2). RMS ratios (numerics.RATIO, 1.5):
@@ -136,12 +136,18 @@ def edit_config(directory, **changes):
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
-def test_phi3_longrope_is_refused_by_name(copy_of):
-    directory = copy_of("phi3")
-    edit_config(directory, rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 3,
-                                            "long_factor": [2.0] * 3, "partial_rotary_factor": 0.5})
-    with pytest.raises(LoadError, match=r"config.json: unsupported rope scaling type 'longrope'"):
-        jinterp.load(directory)
+def test_phi3_longrope_within_its_original_context(reference):
+    """longrope's short factors and attention factor apply (and matter); its long factors, for sequences past the
+    original context, are not implemented: the model's context ends there, and longer inputs are refused."""
+    _, _, model = reference("phi3_longrope")
+    cfg = model.cfg
+    scaling = dict(cfg.rope_scaling)
+    assert cfg.n_ctx == 32 and scaling["short_factor"] == (1.0, 2.5, 7.0)
+    assert scaling["attention_factor"] == pytest.approx((1 + np.log(2) / np.log(32)) ** 0.5, rel=1e-12)
+    tokens = random_tokens(cfg.d_vocab, (2, 11), seed=4)
+    assert largest_change(model, variant(model, rope_scaling=None), tokens) > 0.1  # measured 0.66
+    with pytest.raises(ValueError, match="Sequence length 33 exceeds this model's context of n_ctx=32"):
+        model(random_tokens(cfg.d_vocab, (1, 33)))
 
 
 def test_config_and_fused_tensors_that_disagree_are_refused(copy_of):

@@ -58,11 +58,31 @@ class HFConfig:
         if not scaling:
             return float(theta), None
         kind = scaling.get("rope_type", scaling.get("type"))
+        if kind in ("longrope", "su"):
+            return float(theta), self.longrope(scaling)
         if kind not in ("linear", "llama3"):
-            raise LoadError(self.path,
-                            f"unsupported rope scaling type {kind!r}; supported: 'default', 'linear', 'llama3'")
+            raise LoadError(self.path, f"unsupported rope scaling type {kind!r}; supported: 'default', 'linear', "
+                                       "'llama3', 'longrope'")
         keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
         return float(theta), (("type", kind),) + tuple((k, float(scaling[k])) for k in keys if k in scaling)
+
+    def original_context(self) -> int | None:
+        """longrope's original (pretraining) context: in ``rope_parameters`` (transformers 5) or top level."""
+        found = self.get("rope_parameters", {}).get("original_max_position_embeddings")
+        return found or self.get("original_max_position_embeddings")
+
+    def longrope(self, scaling: dict) -> tuple:
+        """Phi-3's longrope with its short factors and attention factor, as transformers computes them. Its long
+        factors (for sequences beyond the original context) are not implemented: the context is capped there."""
+        original, longest = self.original_context(), self["max_position_embeddings"]
+        if not original or not isinstance(scaling.get("short_factor"), list):
+            raise LoadError(self.path, "longrope needs original_max_position_embeddings and a short_factor list")
+        factor = float(scaling.get("factor") or longest / original)
+        attention = scaling.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        return (("type", "longrope"), ("short_factor", tuple(float(f) for f in scaling["short_factor"])),
+                ("attention_factor", float(attention)))
 
     def partial_rotary(self) -> float:
         params = self.get("rope_parameters", {})
@@ -172,10 +192,12 @@ def _llama_like(c: HFConfig, arch: str) -> Config:
     if gemma and c.get("use_bidirectional_attention", False):
         raise LoadError(c.path, f"use_bidirectional_attention=True ({arch} embedding models) is not supported")
     d_head = c.get("head_dim") or c.head_dim("hidden_size", "num_attention_heads")
+    # longrope's long factors (past the original context) are not implemented: the context ends there
+    n_ctx = c.original_context() if scaling and dict(scaling)["type"] == "longrope" else c["max_position_embeddings"]
     return Config(
         d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=c.get("num_key_value_heads", n_heads),
-        d_head=d_head, d_mlp=d_mlp, **experts, d_vocab=c["vocab_size"],
-        n_ctx=c["max_position_embeddings"], norm="rms", norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+        d_head=d_head, d_mlp=d_mlp, **experts, d_vocab=c["vocab_size"], n_ctx=n_ctx,
+        norm="rms", norm_eps=float(c.get("rms_norm_eps", 1e-6)),
         norm_placement="sandwich" if gemma else "post_sublayer" if arch == "olmo2" else "pre",
         act=c.act("hidden_activation" if gemma else "hidden_act", "gelu_pytorch_tanh" if gemma else "silu"),
         gated_mlp=True, positional="rotary", rotary_dim=int(d_head * c.partial_rotary()),

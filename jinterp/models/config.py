@@ -17,7 +17,7 @@ NORM_PLACEMENTS = ("pre", "post", "sandwich", "post_sublayer")
 QK_NORM_SCOPES = ("head", "all")
 POSITIONALS = ("rotary", "learned")
 LAYER_TYPES = ("global", "local")
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")  # longrope: its short factors (Phi-3), see layers
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: the numerics referee (needs jax x64)
 
 
@@ -88,8 +88,8 @@ class Config:
     positional: str | None = "learned"  # None: no position information (toy models)
     rotary_dim: int | None = None  # None: the whole head (partial rotary: GPT-NeoX)
     rope_theta: float = 10_000.0
-    rope_theta_local: float | None = None  # local layers' base (Gemma 3); None: rope_theta
-    rope_scaling: tuple[tuple[str, float | str], ...] | None = None  # global layers only
+    rope_theta_local: float | None = None  # local layers' own base, unscaled (Gemma 3); None: the global rotary
+    rope_scaling: tuple[tuple[str, float | str | tuple], ...] | None = None  # every layer unless rope_theta_local
 
     # Embedding and output
     embed_scale: float = 1.0  # Gemma: sqrt(d_model)
@@ -165,6 +165,9 @@ class Config:
         if self.rope_scaling is not None:
             scaling = dict(self.rope_scaling)
             choose(scaling.get("type"), ROPE_TYPES, "rope scaling type")
+            if scaling["type"] == "longrope" and len(scaling.get("short_factor", ())) != self.rotary_dim // 2:
+                raise ValueError(f"longrope needs short_factor with rotary_dim / 2 = {self.rotary_dim // 2} entries, "
+                                 f"got {len(scaling.get('short_factor', ()))}")
             set_("rope_scaling", tuple(sorted(scaling.items())))
         if self.attn_scale is None:
             set_("attn_scale", 1.0 / math.sqrt(self.d_head))
@@ -200,7 +203,8 @@ class Config:
         if data.get("layer_types") is not None:
             data["layer_types"] = tuple(data["layer_types"])
         if data.get("rope_scaling") is not None:
-            data["rope_scaling"] = tuple(tuple(item) for item in data["rope_scaling"])
+            data["rope_scaling"] = tuple((key, tuple(value) if isinstance(value, list) else value)
+                                         for key, value in data["rope_scaling"])
         return cls(**data)
 
     def replace(self, **changes) -> Config:

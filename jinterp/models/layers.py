@@ -134,6 +134,8 @@ def rope_frequencies(cfg: Config, theta: float, scaling) -> Float[Array, "rotary
     factor = float(scaling.get("factor", 1.0))
     if scaling["type"] == "linear":
         return inv_freq / factor
+    if scaling["type"] == "longrope":  # Phi-3: per-frequency factors (the short ones: within the original context)
+        return inv_freq / jnp.asarray(scaling["short_factor"], inv_freq.dtype)
     if scaling["type"] == "llama3":
         old_ctx = float(scaling["original_max_position_embeddings"])
         low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
@@ -144,6 +146,11 @@ def rope_frequencies(cfg: Config, theta: float, scaling) -> Float[Array, "rotary
         medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
         return jnp.where(medium, smoothed, scaled)
     return inv_freq
+
+
+def rope_attention_factor(scaling) -> float:
+    """What longrope multiplies cos and sin by (1 for the other rotary types)."""
+    return float(dict(scaling or ()).get("attention_factor", 1.0))
 
 
 def rope_tables(inv_freq: Array, positions: Array) -> tuple[Array, Array]:

@@ -20,7 +20,18 @@ from jinterp.cache import Cache, from_records
 from jinterp.models import declaration
 from jinterp.models.config import Config
 from jinterp.models.declaration import site_specs
-from jinterp.models.layers import MLP, Attention, Block, MoE, Norm, block, normalize, rope_frequencies, rope_tables
+from jinterp.models.layers import (
+    MLP,
+    Attention,
+    Block,
+    MoE,
+    Norm,
+    block,
+    normalize,
+    rope_attention_factor,
+    rope_frequencies,
+    rope_tables,
+)
 from jinterp.protocol import Model
 
 
@@ -418,10 +429,12 @@ def rope_pair(cfg: Config, positions):
     if cfg.positional != "rotary":
         return None
     global_ = rope_tables(rope_frequencies(cfg, cfg.rope_theta, cfg.rope_scaling), positions)
-    if "local" not in cfg.layer_types:
+    factor = rope_attention_factor(cfg.rope_scaling)
+    if factor != 1.0:  # longrope
+        global_ = tuple(table * factor for table in global_)
+    if "local" not in cfg.layer_types or cfg.rope_theta_local is None:  # (Mistral, Phi-3: one rotary everywhere)
         return global_, global_
-    theta_local = cfg.rope_theta if cfg.rope_theta_local is None else cfg.rope_theta_local
-    return global_, rope_tables(rope_frequencies(cfg, theta_local, None), positions)
+    return global_, rope_tables(rope_frequencies(cfg, cfg.rope_theta_local, None), positions)  # Gemma 3
 
 
 def check_inputs(cfg: Config, tokens, attention_mask=None, token_type_ids=None) -> None:
