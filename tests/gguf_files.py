@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import gguf
 import numpy as np
 
@@ -40,6 +42,13 @@ def write(hf, family: str, path, extra: dict | None = None) -> None:
         writer.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
     if arch in ("gemma2", "phi3"):  # Gemma 2: alternating layers (llama.cpp's fixed pattern); Phi-3: all layers
         writer.add_sliding_window(cfg.sliding_window)
+    if rope.get("rope_type") == "longrope":  # as llama.cpp's converter: factors as tensors, the attention factor
+        original = rope["original_max_position_embeddings"]
+        scale = cfg.max_position_embeddings / original
+        writer.add_rope_scaling_orig_ctx_len(original)
+        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+        extra = {"rope_factors_long.weight": np.asarray(rope["long_factor"], np.float32),
+                 "rope_factors_short.weight": np.asarray(rope["short_factor"], np.float32), **(extra or {})}
     if arch == "gemma2":
         writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
         writer.add_final_logit_softcapping(cfg.final_logit_softcapping)

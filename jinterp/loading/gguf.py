@@ -4,7 +4,7 @@ Read with the ``gguf`` package and dequantised with ``gguf.quants.dequantize``. 
 converter permutes the rows of Llama-architecture q and k projections (for its interleaved
 rotary); that permutation is undone here so the rotate-half rotary of the model code applies.
 Gemma files store norm weights as ``1 + w`` already, which is what jinterp's norms use. Phi-3 files keep
-their fused ``attn_qkv`` and ``ffn_up`` (gate | up) tensors.
+their fused ``attn_qkv`` and ``ffn_up`` (gate | up) tensors, and longrope's factors as tensors.
 """
 
 from __future__ import annotations
@@ -155,10 +155,12 @@ def _config(file, arch, get, need, d_model, n_heads, n_layers, n_kv_heads) -> Co
     if arch == "llama":
         return Config(**common, act="silu", architecture="llama")
     if arch == "phi3":  # fused qkv and gate|up; every layer slides when a window is given
-        if "rope_factors_long.weight" in file.tensors or "rope_factors_short.weight" in file.tensors:
-            raise LoadError(file.path, "Phi-3 longrope rotary scaling (tensors rope_factors_long/rope_factors_short) "
-                                       "is not supported")
         window = get("attention.sliding_window")
+        if "rope_factors_short.weight" in file.tensors:  # longrope, within the original context (see hf.py)
+            short = file.tensor("rope_factors_short.weight", (common["rotary_dim"] // 2,))
+            common.update(n_ctx=need("rope.scaling.original_context_length"), rope_scaling=(
+                ("type", "longrope"), ("short_factor", tuple(float(f) for f in short)),
+                ("attention_factor", float(get("rope.scaling.attn_factor", 1.0)))))
         return Config(**common, act="silu", layer_types=("local",) * n_layers if window else None,
                       sliding_window=window or None, architecture="phi3")
     # Gemma 3: every 6th layer global (the rest slide over 512 tokens); local rotary base 10k. Gemma 2: every
