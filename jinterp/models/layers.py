@@ -115,12 +115,19 @@ def centred(x: Float[Array, "... d"], cfg: Config) -> Array:
     return h - h.mean(-1, keepdims=True) if cfg.norm == "layer" else h
 
 
-def rms_head_norm(ln: Norm, x: Float[Array, "... heads d_head"], eps: float) -> Array:
-    """q/k norm: RMS over each head's vector (Gemma 3, Qwen3; weight ``[d_head]``) or over all heads'
-    together (OLMo 2; weight ``[heads, d_head]``)."""
+def rms_head_norm(ln: Norm, x: Float[Array, "... d_head"], eps: float) -> Array:
+    """Gemma 3's q/k norm: RMS over each head's vector."""
+    if ln.w.ndim == 2:  # weight [heads, d_head]: over all heads together (OLMo 2)
+        return rms_heads_norm(ln, x, eps)
     h = x.astype(accurate(x.dtype))
-    axes = tuple(range(-ln.w.ndim, 0))
-    h = h * jax.lax.rsqrt(jnp.mean(h * h, axes, keepdims=True) + eps)
+    h = h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + eps)
+    return (h * ln.w.astype(h.dtype)).astype(x.dtype)
+
+
+def rms_heads_norm(ln: Norm, x: Float[Array, "... heads d_head"], eps: float) -> Array:
+    """OLMo 2's q/k norm: RMS over every head's features together (``qk_norm_scope="all"``)."""
+    h = x.astype(accurate(x.dtype))
+    h = h * jax.lax.rsqrt(jnp.mean(h * h, (-2, -1), keepdims=True) + eps)
     return (h * ln.w.astype(h.dtype)).astype(x.dtype)
 
 
