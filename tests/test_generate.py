@@ -31,7 +31,7 @@ def full_forward(model, generation, run=jinterp.run, **options):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "neox", "gemma2", "olmo2", "phi3", "phi3_longrope",
-                                    "mixtral", "qwen2_moe"])
+                                    "mixtral", "olmoe", "qwen3_moe", "qwen2_moe"])
 def test_greedy_equals_transformers_and_cached_logits_equal_the_full_forward(reference, family):
     """Left-padded prompts of 3, 9 and 6 tokens; the sliding windows of Gemma 3 (4), Gemma 2 (3) and Phi-3 (4)
     are shorter than them."""
