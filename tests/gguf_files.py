@@ -17,7 +17,8 @@ def write(hf, family: str, path, extra: dict | None = None) -> None:
     """Save ``hf`` (the "llama", "gemma3", "gemma2" or "phi3" test family) as an F32 GGUF with a byte-level
     vocabulary; ``extra``: more tensors by name (e.g. Phi-3's longrope factors)."""
     cfg = hf.config
-    arch = family.split("_")[0]
+    experts = getattr(cfg, "num_local_experts", None)  # Mixtral: llama.cpp's "llama" with experts
+    arch = "llama" if experts else family.split("_")[0]
     gemma = arch in ("gemma2", "gemma3")
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     state = {name: tensor.detach().numpy().astype(np.float32) for name, tensor in hf.state_dict().items()}
@@ -49,6 +50,9 @@ def write(hf, family: str, path, extra: dict | None = None) -> None:
         writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
         extra = {"rope_factors_long.weight": np.asarray(rope["long_factor"], np.float32),
                  "rope_factors_short.weight": np.asarray(rope["short_factor"], np.float32), **(extra or {})}
+    if experts:
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
     if arch == "gemma2":
         writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
         writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
@@ -94,6 +98,14 @@ def write(hf, family: str, path, extra: dict | None = None) -> None:
         if arch == "gemma3":
             put(b + "attn_q_norm.weight", state[p + "self_attn.q_norm.weight"] + offset)
             put(b + "attn_k_norm.weight", state[p + "self_attn.k_norm.weight"] + offset)
+        if experts:  # the router, and each projection of every expert stacked in one tensor
+            # (transformers 5 holds them so in memory: gate_up_proj [experts, 2 d_expert, d_model])
+            gate, up = np.split(state[p + "mlp.experts.gate_up_proj"], 2, axis=1)
+            put(b + "ffn_gate_inp.weight", state[p + "mlp.gate.weight"])
+            put(b + "ffn_gate_exps.weight", gate)
+            put(b + "ffn_up_exps.weight", up)
+            put(b + "ffn_down_exps.weight", state[p + "mlp.experts.down_proj"])
+            continue
         put(b + "ffn_gate.weight", state[p + "mlp.gate_proj.weight"])
         put(b + "ffn_up.weight", state[p + "mlp.up_proj.weight"])
         put(b + "ffn_down.weight", state[p + "mlp.down_proj.weight"])

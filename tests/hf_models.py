@@ -88,6 +88,10 @@ FAMILIES = {
         vocab_size=199, hidden_size=48, intermediate_size=20, num_hidden_layers=2, num_attention_heads=6,
         num_key_value_heads=2, max_position_embeddings=64, num_local_experts=5, num_experts_per_tok=2,
         sliding_window=4, tie_word_embeddings=False, attn_implementation="eager", experts_implementation="eager")),
+    "mixtral_gguf": lambda: tf.MixtralForCausalLM(tf.MixtralConfig(  # (llama.cpp's "llama": no window)
+        vocab_size=199, hidden_size=48, intermediate_size=20, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=64, num_local_experts=5, num_experts_per_tok=2,
+        tie_word_embeddings=False, attn_implementation="eager", experts_implementation="eager")),
     "olmoe": lambda: tf.OlmoeForCausalLM(tf.OlmoeConfig(
         vocab_size=203, hidden_size=60, intermediate_size=18, num_hidden_layers=2, num_attention_heads=6,
         num_key_value_heads=3, max_position_embeddings=64, num_experts=6, num_experts_per_tok=2,

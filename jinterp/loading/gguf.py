@@ -4,7 +4,8 @@ Read with the ``gguf`` package and dequantised with ``gguf.quants.dequantize``. 
 converter permutes the rows of Llama-architecture q and k projections (for its interleaved
 rotary); that permutation is undone here so the rotate-half rotary of the model code applies.
 Gemma files store norm weights as ``1 + w`` already, which is what jinterp's norms use. Phi-3 files keep
-their fused ``attn_qkv`` and ``ffn_up`` (gate | up) tensors, and longrope's factors as tensors.
+their fused ``attn_qkv`` and ``ffn_up`` (gate | up) tensors, and longrope's factors as tensors. Mixtral files
+(architecture ``llama`` with ``expert_count``) hold each projection of all experts in one tensor.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def config_from_gguf(file: GGUFFile) -> Config:
         f"{arch}.embedding_length": d_model, f"{arch}.attention.head_count": n_heads, f"{arch}.block_count": n_layers,
         f"{arch}.attention.head_count_kv": n_kv_heads, f"{arch}.attention.key_length": get("attention.key_length"),
         f"{arch}.feed_forward_length": need("feed_forward_length"), f"{arch}.vocab_size": get("vocab_size"),
-        f"{arch}.rope.dimension_count": get("rope.dimension_count")})
+        f"{arch}.rope.dimension_count": get("rope.dimension_count"), f"{arch}.expert_count": get("expert_count")})
     if n_heads == 0:
         raise LoadError(file.path, f"{arch}.attention.head_count must be positive, got 0")
     try:
@@ -152,6 +153,13 @@ def _config(file, arch, get, need, d_model, n_heads, n_layers, n_kv_heads) -> Co
                   norm_eps=float(need("attention.layer_norm_rms_epsilon")), gated_mlp=True, positional="rotary",
                   rotary_dim=get("rope.dimension_count", d_head), rope_theta=float(get("rope.freq_base", 10_000.0)),
                   rope_scaling=scaling, tied_embeddings="output.weight" not in file.tensors)
+    if arch == "llama" and get("expert_count"):  # Mixtral: every block's MLP a mixture of experts
+        if "blk.0.ffn_gate_exps.weight" not in file.tensors:
+            raise LoadError(file.path, "experts stored one tensor each (blk.N.ffn_gate.E.weight, an old llama.cpp "
+                                       "layout) are not supported; expected blk.N.ffn_gate_exps.weight")
+        experts = dict(n_experts=need("expert_count"), n_experts_per_token=need("expert_used_count"),
+                       d_expert=common["d_mlp"], d_mlp=0, norm_topk=bool(get("expert_weights_norm", True)))
+        return Config(**{**common, **experts}, act="silu", architecture="mixtral")
     if arch == "llama":
         return Config(**common, act="silu", architecture="llama")
     if arch == "phi3":  # fused qkv and gate|up; every layer slides when a window is given
@@ -211,7 +219,7 @@ def read_gguf(path, progress: bool = True) -> tuple[Config, dict[str, np.ndarray
             q, k, v = np.split(get("attn_qkv", ((H + 2 * K) * E, D)), [H * E, (H + K) * E])
         else:
             q, k, v = get("attn_q", (H * E, D)), get("attn_k", (K * E, D)), get("attn_v", (K * E, D))
-        if cfg.architecture == "llama":  # (the others use rotate-half rotary in llama.cpp too)
+        if cfg.architecture in ("llama", "mixtral"):  # (the others use rotate-half rotary in llama.cpp too)
             q, k = unpermute_rotary(q, H), unpermute_rotary(k, K)
         out["blocks.attn.W_Q"][i] = q.reshape(H, E, D).transpose(0, 2, 1)
         out["blocks.attn.W_K"][i] = k.reshape(K, E, D).transpose(0, 2, 1)
@@ -220,6 +228,13 @@ def read_gguf(path, progress: bool = True) -> tuple[Config, dict[str, np.ndarray
         if cfg.qk_norm:
             out["blocks.attn.q_norm.w"][i] = get("attn_q_norm", (E,))
             out["blocks.attn.k_norm.w"][i] = get("attn_k_norm", (E,))
+        if cfg.n_experts:  # the router, and each projection of every expert in one tensor
+            N, X = cfg.n_experts, cfg.d_expert
+            out["blocks.moe.W_router"][i] = get("ffn_gate_inp", (N, D)).T
+            out["blocks.moe.W_gate"][i] = get("ffn_gate_exps", (N, X, D)).transpose(0, 2, 1)
+            out["blocks.moe.W_in"][i] = get("ffn_up_exps", (N, X, D)).transpose(0, 2, 1)
+            out["blocks.moe.W_out"][i] = get("ffn_down_exps", (N, D, X)).transpose(0, 2, 1)
+            continue
         if cfg.architecture == "phi3":  # ffn_up holds [gate | up]
             gate, up = np.split(get("ffn_up", (2 * M, D)), 2)
         else:
