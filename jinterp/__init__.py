@@ -12,6 +12,7 @@ from jinterp import (
     llc,
     memory,
     models,
+    moe,
     patching,
     probes,
     sae,
@@ -50,6 +51,7 @@ __all__ = [
     "Add", "At", "Cache", "Capture", "Config", "Edit", "Generation", "Interchange", "Intervention", "LoadError",
     "Model", "Project", "Replace", "Scale", "SiteSpec", "Tokenizer", "Transformer", "Zero", "ablation", "apply",
     "attention_view", "attribution", "byo", "chain", "circuits", "collect", "compiler_options", "core", "das",
-    "generate", "lens", "llc", "load", "memory", "models", "named_models", "patching", "probes", "process_weights",
-    "reuse_freed_memory", "run", "sae", "sharding", "site", "sites", "sweep_view", "train", "tuned_lens", "wrap",
+    "generate", "lens", "llc", "load", "memory", "models", "moe", "named_models", "patching", "probes",
+    "process_weights", "reuse_freed_memory", "run", "sae", "sharding", "site", "sites", "sweep_view", "train",
+    "tuned_lens", "wrap",
 ]

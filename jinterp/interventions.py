@@ -128,19 +128,19 @@ class Edit(Intervention):
 
     ``positions`` index the ``pos`` axis (the query position for ``attn.scores`` and
     ``attn.pattern``); negative indices count from the end. ``heads`` index query heads, or
-    key/value heads at the kv-head sites ``attn.k``, ``attn.v``, ``attn.rot_k``. ``indices``
-    restricts any named axis, ``{"channel": [3]}``; positions and heads are its ``pos`` and
-    ``head`` entries.
+    key/value heads at the kv-head sites ``attn.k``, ``attn.v``, ``attn.rot_k``. ``experts`` index the
+    experts of a mixture-of-experts block (``moe.*`` sites). ``indices`` restricts any named axis,
+    ``{"channel": [3]}``; positions, heads and experts are its ``pos``, ``head`` and ``expert`` entries.
     """
 
     site: str = eqx.field(static=True)
     layers: Int[Array, "n"] | None
     indices: dict[str, Int[Array, "n"]]
 
-    def _restrict(self, site, layers, positions=None, heads=None, indices=None) -> None:
+    def _restrict(self, site, layers, positions=None, heads=None, indices=None, experts=None) -> None:
         """Set the site kind and the layer and axis restriction (call from ``__init__``)."""
         self.site, self.layers = _split_site(site, layers)
-        named = {"pos": (positions, "positions"), "head": (heads, "heads")}
+        named = {"pos": (positions, "positions"), "head": (heads, "heads"), "expert": (experts, "experts")}
         given = {axis: (i, f"indices[{axis!r}]") for axis, i in (indices or {}).items()}
         given |= {axis: found for axis, found in named.items() if found[0] is not None}
         self.indices = {axis: _indices(i, what) for axis, (i, what) in given.items() if i is not None}
@@ -189,7 +189,8 @@ class Edit(Intervention):
             for name, indices in self.indices.items():
                 axis = axis_of(spec.axes, name)
                 if axis is None:
-                    given = {"pos": "positions=", "head": "heads="}.get(name, f"indices[{name!r}]")
+                    given = {"pos": "positions=", "head": "heads=", "expert": "experts="}.get(
+                        name, f"indices[{name!r}]")
                     raise ValueError(f"edit at {spec.name!r}: {given} given but this site has no {name!r} axis (axes "
                                      f"{spec.axes}); a wrapped model names its sites' axes with "
                                      f"jinterp.byo.wrap(..., axes={{{spec.name!r}: (...)}})")
@@ -219,7 +220,7 @@ class Edit(Intervention):
 
 
 _INDEX_WORDS = {"pos": ("position", "positions"), "query_pos": ("position", "positions"), "head": ("head", "heads"),
-                "kv_head": ("head", "kv heads")}
+                "kv_head": ("head", "kv heads"), "expert": ("expert", "experts")}
 
 
 def reached(intervention: Intervention, specs: Sequence[SiteSpec]) -> list[SiteSpec]:
@@ -276,8 +277,9 @@ class Replace(Edit):
     value: Float[Array, "..."]
     per_layer: bool = eqx.field(static=True)
 
-    def __init__(self, site, value, *, layers=None, positions=None, heads=None, indices=None, per_layer=False):
-        self._restrict(site, layers, positions, heads, indices)
+    def __init__(self, site, value, *, layers=None, positions=None, heads=None, indices=None, experts=None,
+                 per_layer=False):
+        self._restrict(site, layers, positions, heads, indices, experts)
         self.value, self.per_layer = jnp.asarray(value), per_layer
 
     def edit(self, value, at):
@@ -296,9 +298,9 @@ class Add(Edit):
     scale: Float[Array, ""]
     per_layer: bool = eqx.field(static=True)
 
-    def __init__(self, site, vector, scale=1.0, *, layers=None, positions=None, heads=None, indices=None,
+    def __init__(self, site, vector, scale=1.0, *, layers=None, positions=None, heads=None, indices=None, experts=None,
                  per_layer=False):
-        self._restrict(site, layers, positions, heads, indices)
+        self._restrict(site, layers, positions, heads, indices, experts)
         self.vector, self.scale, self.per_layer = jnp.asarray(vector), jnp.asarray(scale, jnp.float32), per_layer
 
     def edit(self, value, at):
@@ -315,8 +317,8 @@ class Scale(Edit):
 
     factor: Float[Array, "..."]
 
-    def __init__(self, site, factor, *, layers=None, positions=None, heads=None, indices=None):
-        self._restrict(site, layers, positions, heads, indices)
+    def __init__(self, site, factor, *, layers=None, positions=None, heads=None, indices=None, experts=None):
+        self._restrict(site, layers, positions, heads, indices, experts)
         self.factor = jnp.asarray(factor, jnp.float32) if isinstance(factor, (int, float)) else jnp.asarray(factor)
 
     def edit(self, value, at):
@@ -326,8 +328,8 @@ class Scale(Edit):
 class Zero(Edit):
     """Set the value to zero (zero ablation)."""
 
-    def __init__(self, site, *, layers=None, positions=None, heads=None, indices=None):
-        self._restrict(site, layers, positions, heads, indices)
+    def __init__(self, site, *, layers=None, positions=None, heads=None, indices=None, experts=None):
+        self._restrict(site, layers, positions, heads, indices, experts)
 
     def edit(self, value, at):
         return jnp.zeros_like(value)
@@ -345,8 +347,8 @@ class Project(Edit):
     basis: Float[Array, "d k"]
     keep: bool = eqx.field(static=True)
 
-    def __init__(self, site, basis, *, keep=False, layers=None, positions=None, heads=None, indices=None):
-        self._restrict(site, layers, positions, heads, indices)
+    def __init__(self, site, basis, *, keep=False, layers=None, positions=None, heads=None, indices=None, experts=None):
+        self._restrict(site, layers, positions, heads, indices, experts)
         basis = jnp.asarray(basis)
         self.basis, self.keep = basis[:, None] if basis.ndim == 1 else basis, keep
 
@@ -371,9 +373,9 @@ class Interchange(Edit):
     source: Float[Array, "..."]
     per_layer: bool = eqx.field(static=True)
 
-    def __init__(self, site, source, rotation, *, layers=None, positions=None, heads=None, indices=None,
+    def __init__(self, site, source, rotation, *, layers=None, positions=None, heads=None, indices=None, experts=None,
                  per_layer=False):
-        self._restrict(site, layers, positions, heads, indices)
+        self._restrict(site, layers, positions, heads, indices, experts)
         self.source, self.rotation, self.per_layer = jnp.asarray(source), jnp.asarray(rotation), per_layer
 
     def edit(self, value, at):

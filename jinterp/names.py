@@ -51,6 +51,9 @@ SITE_AXES: dict[str, tuple[str, ...]] = {
     "mlp.pre": ("batch", "pos", "d_mlp"),
     "mlp.pre_linear": ("batch", "pos", "d_mlp"),
     "mlp.post": ("batch", "pos", "d_mlp"),
+    "moe.router_logits": ("batch", "pos", "expert"),
+    "moe.weights": ("batch", "pos", "expert"),
+    "moe.expert_out": ("batch", "pos", "expert", "d_model"),
     "ln2_post.scale": SCALE,
     "ln2_post.normalized": RESID,
     "mlp_out": RESID,
@@ -62,7 +65,7 @@ SITE_AXES: dict[str, tuple[str, ...]] = {
 }
 
 BLOCK_KINDS = frozenset(k for k in SITE_AXES if k.split(".")[0] in {
-    "resid_pre", "ln1", "attn", "ln1_post", "attn_out", "resid_mid", "mlp_in", "ln2", "mlp", "ln2_post",
+    "resid_pre", "ln1", "attn", "ln1_post", "attn_out", "resid_mid", "mlp_in", "ln2", "mlp", "moe", "ln2_post",
     "mlp_out", "resid_post", "normalized_resid_post"})
 
 

@@ -21,7 +21,7 @@ class SiteSpec(NamedTuple):
     ``shape`` and ``dtype``, and the names of its ``axes`` (``batch``, ``pos``, ``head``, ...).
     ``held``: the share of the value the plain forward holds at once (0: computed only when an
     intervention asks for it, like ``attn.result``; a long sequence's attention scores: one chunk of
-    queries), for the memory estimate."""
+    queries; a mixture's ``moe.expert_out``: one expert's working set), for the memory estimate."""
 
     name: str
     kind: str

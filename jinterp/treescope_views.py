@@ -40,7 +40,13 @@ def model_summary(cfg) -> str:
     heads = f"{cfg.n_heads} heads" + (f" ({cfg.n_kv_heads} kv)" if cfg.n_kv_heads != cfg.n_heads else "")
     kind = ("decoder" if cfg.unembed else "encoder") + ("" if cfg.causal else " (bidirectional)")
     parts = [f"{cfg.n_layers} layers", f"d_model {cfg.d_model}", f"{heads} x d_head {cfg.d_head}"]
-    parts += ["attention only"] if cfg.attn_only else [f"d_mlp {cfg.d_mlp}"]
+    if cfg.attn_only:
+        parts += ["attention only"]
+    elif cfg.n_experts:
+        parts += [f"{cfg.n_experts} experts (top {cfg.n_experts_per_token}) x d_expert {cfg.d_expert}"
+                  + (f" + shared d_mlp {cfg.d_mlp}" if cfg.d_mlp else "")]
+    else:
+        parts += [f"d_mlp {cfg.d_mlp}"]
     parts += [f"vocab {cfg.d_vocab}", f"context {cfg.n_ctx}", f"{cfg.positional} positions",
               f"{cfg.norm or 'no'} norm", cfg.dtype]
     return f"{cfg.architecture} {kind}: " + ", ".join(parts)

@@ -57,6 +57,56 @@ FAMILIES = {
         query_pre_attn_scalar=24, rms_norm_eps=1e-6,
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0}})),
+    # Grouped-query heads of 14 features (heads x d_head != d_model), untied, a window of 3, soft caps that bind.
+    "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(
+        vocab_size=211, hidden_size=54, intermediate_size=70, num_hidden_layers=4, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=14, max_position_embeddings=64, sliding_window=3, query_pre_attn_scalar=14,
+        attn_logit_softcapping=1.5, final_logit_softcapping=3.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, attn_implementation="eager")),
+    # Norms on each sublayer's output only, q/k norms over all heads together; 9 query heads over 3 kv heads.
+    "olmo2": lambda: tf.Olmo2ForCausalLM(tf.Olmo2Config(
+        vocab_size=205, hidden_size=90, intermediate_size=76, num_hidden_layers=3, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        pad_token_id=1, bos_token_id=2, eos_token_id=3,
+        attn_implementation="eager")),
+    # Fused qkv and gate/up projections, half-rotary heads, every layer sliding over 4 tokens.
+    "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(
+        vocab_size=209, hidden_size=72, intermediate_size=84, num_hidden_layers=3, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=64, original_max_position_embeddings=64, sliding_window=4,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        tie_word_embeddings=False, pad_token_id=1, bos_token_id=2, eos_token_id=3, attn_implementation="eager")),
+    # Phi-3.5's longrope (short factors within the original context of 32, an attention factor for 64/32).
+    "phi3_longrope": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(
+        vocab_size=209, hidden_size=72, intermediate_size=84, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=64, original_max_position_embeddings=32, sliding_window=5,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "short_factor": [1.0, 2.5, 7.0], "long_factor": [3.0, 5.0, 9.0]},
+        tie_word_embeddings=False, pad_token_id=1, bos_token_id=2, eos_token_id=3, attn_implementation="eager")),
+    # Mixtures of experts (transformers' "eager" experts: its grouped matmul needs 16-byte strides).
+    "mixtral": lambda: tf.MixtralForCausalLM(tf.MixtralConfig(
+        vocab_size=199, hidden_size=48, intermediate_size=20, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=64, num_local_experts=5, num_experts_per_tok=2,
+        sliding_window=4, tie_word_embeddings=False, attn_implementation="eager", experts_implementation="eager")),
+    "mixtral_gguf": lambda: tf.MixtralForCausalLM(tf.MixtralConfig(  # (llama.cpp's "llama": no window)
+        vocab_size=199, hidden_size=48, intermediate_size=20, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=64, num_local_experts=5, num_experts_per_tok=2,
+        tie_word_embeddings=False, attn_implementation="eager", experts_implementation="eager")),
+    "olmoe": lambda: tf.OlmoeForCausalLM(tf.OlmoeConfig(
+        vocab_size=203, hidden_size=60, intermediate_size=18, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=3, max_position_embeddings=64, num_experts=6, num_experts_per_tok=2,
+        norm_topk_prob=False, pad_token_id=1, bos_token_id=2, eos_token_id=3, attn_implementation="eager",
+        experts_implementation="eager")),
+    "qwen3_moe": lambda: tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
+        vocab_size=207, hidden_size=48, intermediate_size=30, moe_intermediate_size=14, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=10, max_position_embeddings=64, num_experts=5,
+        num_experts_per_tok=3, norm_topk_prob=True, tie_word_embeddings=False, attn_implementation="eager",
+        experts_implementation="eager")),
+    "qwen2_moe": lambda: tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(
+        vocab_size=201, hidden_size=56, intermediate_size=30, moe_intermediate_size=12, num_hidden_layers=2,
+        num_attention_heads=7, num_key_value_heads=1, max_position_embeddings=64, num_experts=4,
+        num_experts_per_tok=2, shared_expert_intermediate_size=22, norm_topk_prob=False, tie_word_embeddings=False,
+        attn_implementation="eager", experts_implementation="eager")),
     "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(
         vocab_size=199, n_embd=60, n_layer=3, n_head=5, n_positions=48, n_ctx=48)),  # n_ctx: read by TransformerLens
     "neox": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(

@@ -20,6 +20,18 @@ FAMILIES = {
                              positional="rotary", act="gelu_tanh", gated_mlp=True, embed_scale=24 ** 0.5,
                              layer_types=("local", "global"), sliding_window=3, rope_theta_local=100.0,
                              attn_softcap=5.0, final_softcap=7.0),
+    "gemma2": jinterp.Config(**SMALL, n_kv_heads=2, norm="rms", norm_placement="sandwich", positional="rotary",
+                             act="gelu_tanh", gated_mlp=True, layer_types=("local", "global"), sliding_window=3,
+                             attn_softcap=2.0, final_softcap=5.0),
+    "olmo2": jinterp.Config(**SMALL, n_kv_heads=2, norm="rms", norm_placement="post_sublayer", qk_norm=True,
+                            qk_norm_scope="all", positional="rotary", act="silu", gated_mlp=True),
+    "phi3": jinterp.Config(**SMALL, n_kv_heads=2, norm="rms", positional="rotary", rotary_dim=2, act="silu",
+                           gated_mlp=True, layer_types=("local", "local"), sliding_window=3),
+    "qwen2_moe": jinterp.Config(**{**SMALL, "d_mlp": 10}, n_kv_heads=2, norm="rms", positional="rotary", act="silu",
+                                gated_mlp=True, qkv_bias=True, n_experts=5, n_experts_per_token=2, d_expert=8,
+                                norm_topk=False, shared_expert_gate=True),
+    "mixtral": jinterp.Config(**{**SMALL, "d_mlp": 0}, norm="rms", positional="rotary", act="silu", gated_mlp=True,
+                              n_experts=4, n_experts_per_token=2, d_expert=8),
     "gpt2": jinterp.Config(**SMALL, qkv_bias=True, out_bias=True, mlp_bias=True),
     "neox": jinterp.Config(**SMALL, parallel=True, positional="rotary", rotary_dim=2, qkv_bias=True, out_bias=True,
                            mlp_bias=True),
@@ -49,7 +61,8 @@ def test_declared_sites_are_what_a_run_captures(family):
         assert spec.axes == S.SITE_AXES[spec.kind] and S.site_name(spec.kind, spec.layer) == site
     found = declaration.kinds(model.cfg)
     assert found.on_demand == {"attn.result"} | ({"attn.q_input", "attn.k_input", "attn.v_input"}
-                                                 if model.cfg.norm_placement != "post" else set())
+                                                 if model.cfg.norm_placement != "post" else set()) | (
+        {"moe.expert_out"} if model.cfg.n_experts else set())
 
 
 def test_every_derived_site_equals_the_forwards_own_value(family):

@@ -30,9 +30,11 @@ def full_forward(model, generation, run=jinterp.run, **options):
     return run(model, sequence, attention_mask=mask, **options)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "neox"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "neox", "gemma2", "olmo2", "phi3", "phi3_longrope",
+                                    "mixtral", "olmoe", "qwen3_moe", "qwen2_moe"])
 def test_greedy_equals_transformers_and_cached_logits_equal_the_full_forward(reference, family):
-    """Left-padded prompts of 3, 9 and 6 tokens; Gemma 3's sliding window (4) is shorter than them."""
+    """Left-padded prompts of 3, 9 and 6 tokens; the sliding windows of Gemma 3 (4), Gemma 2 (3) and Phi-3 (4)
+    are shorter than them."""
     import torch
 
     hf, _, model = reference(family)
@@ -47,17 +49,19 @@ def test_greedy_equals_transformers_and_cached_logits_equal_the_full_forward(ref
     prompt_len = ours.prompt_tokens.shape[1]
     np.testing.assert_array_equal(ours.tokens, theirs.sequences[:, prompt_len:].numpy())
     np.testing.assert_array_equal(ours.n_generated, [8, 8, 8])
-    # float32 against transformers, and the cache against no cache: measured 1.6e-6 x the logits' scale (gemma3)
-    # and less; jinterp's float32 against its float64 run: measured 2.3e-6 x scale (gemma3).
+    # float32 against transformers: measured 4.3e-6 x the logits' scale (gemma2, whose soft caps go through
+    # XLA:CPU's float32 tanh, about 3x torch's rounding error), 1.6e-6 (gemma3) and less; the cache against no
+    # cache: measured 1.5e-6 x scale (gemma2) and less; jinterp's float32 against its float64 run: measured
+    # 3.1e-6 x scale (gemma2).
     steps = slice(prompt_len - 1, None)
     theirs = torch.stack(theirs.logits, 1).numpy()
-    close(ours.captures["logits"], theirs, atol=2e-5)
+    close(ours.captures["logits"], theirs, atol=3e-5)
     logits, _ = full_forward(model, ours)  # no cache
     close(ours.captures["logits"], logits[:, steps], atol=2e-5)
     exact, _ = full_forward(model, ours, run=run64)
     # The RMS error of jinterp's cached logits equals that of its full forward and of transformers' full forward
     # (measured); transformers' one-token decode steps round less than its own full forward: ratios up to 1.43
-    # measured (llama 1.36, neox 1.43), so a multiple of 3 here.
+    # measured (llama 1.36, neox 1.43, olmo2 1.28, phi3 1.30), so a multiple of 3 here.
     assert_refereed(ours.captures["logits"], theirs, exact[:, steps], bound=2e-5 * np.abs(exact).max(), ratio=3.0,
                     what=family)
 

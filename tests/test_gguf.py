@@ -16,7 +16,7 @@ gguf_files = pytest.importorskip("gguf_files")
 def written(reference, tmp_path_factory):
     """family -> (HF model, path of its GGUF)."""
     out = {}
-    for family in ("llama", "gemma3_gguf"):
+    for family in ("llama", "gemma3_gguf", "gemma2", "phi3", "phi3_longrope", "mixtral_gguf"):
         hf, _, _ = reference(family)
         path = tmp_path_factory.mktemp("gguf") / f"{family}.gguf"
         gguf_files.write(hf, family, path)
@@ -24,15 +24,18 @@ def written(reference, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_gguf"])
+@pytest.mark.parametrize("family", ["llama", "gemma3_gguf", "gemma2", "phi3", "phi3_longrope", "mixtral_gguf"])
 def test_gguf_matches_the_model_it_was_written_from(written, family):
-    """Llama files carry llama.cpp's q/k row permutation; Gemma files carry 1 + w norms."""
+    """Llama files carry llama.cpp's q/k row permutation; Gemma files carry 1 + w norms (Gemma 2 also its soft
+    caps and alternating windows); Phi-3 files keep the fused qkv and gate|up tensors (and longrope's factors);
+    Mixtral files stack every expert's projections."""
     hf, path = written[family]
     model, tokenizer = jinterp.load(path, progress=False)
     tokens = random_tokens(model.cfg.d_vocab)
     with torch.no_grad():
         expected = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
-    # As tests/test_models_hf.py: 2e-5 x the logits' scale; measured 1.3e-6 x scale (gemma3_gguf, 9.8e-6).
+    # As tests/test_models_hf.py: 2e-5 x the logits' scale; measured 2.2e-6 x scale against transformers and 3.0e-6
+    # against the float64 run (gemma2), 1.3e-6 and 1.7e-6 (gemma3_gguf).
     bound = 2e-5 * np.abs(expected).max()
     logits = np.asarray(model(tokens))
     np.testing.assert_allclose(logits, expected, atol=bound, rtol=0)
@@ -90,6 +93,28 @@ def test_unsupported_architecture(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     with pytest.raises(LoadError, match=r"mamba.gguf: unsupported GGUF architecture 'mamba'; supported: llama, gemma3"):
+        jinterp.load(path, progress=False)
+
+
+def test_mixtral_experts_one_tensor_each_are_refused(tmp_path):
+    """llama.cpp's old Mixtral layout (blk.N.ffn_gate.E.weight per expert) is refused by name."""
+    import gguf
+
+    path = tmp_path / "old-mixtral.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for add, value in ((writer.add_block_count, 1), (writer.add_context_length, 16), (writer.add_embedding_length, 8),
+                       (writer.add_feed_forward_length, 4), (writer.add_head_count, 2), (writer.add_vocab_size, 11),
+                       (writer.add_layer_norm_rms_eps, 1e-5), (writer.add_expert_count, 4),
+                       (writer.add_expert_used_count, 2)):
+        add(value)
+    for j in range(4):
+        writer.add_tensor(f"blk.0.ffn_gate.{j}.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(LoadError, match=r"old-mixtral.gguf: experts stored one tensor each .* expected "
+                                        r"blk.N.ffn_gate_exps.weight"):
         jinterp.load(path, progress=False)
 
 

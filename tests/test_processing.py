@@ -62,3 +62,11 @@ def test_options_that_cannot_apply_are_refused_when_asked_for(reference):
     with pytest.raises(ValueError, match="fold_ln=True does not apply"):
         jinterp.process_weights(bert, fold_ln=True)
     assert jinterp.process_weights(bert) is not None  # defaults apply only what is valid
+
+
+def test_a_logit_soft_cap_keeps_the_unembedding_uncentred(reference):
+    """Gemma 2 caps its logits with tanh, which does not commute with shifting them: center_unembed is refused
+    when asked for and skipped by default (the default processing keeps probabilities, tested above)."""
+    _, _, gemma2 = reference("gemma2")
+    with pytest.raises(ValueError, match="center_unembed=True does not apply.*soft cap"):
+        jinterp.process_weights(gemma2, center_unembed=True)

@@ -3,7 +3,9 @@
 Read with the ``gguf`` package and dequantised with ``gguf.quants.dequantize``. llama.cpp's
 converter permutes the rows of Llama-architecture q and k projections (for its interleaved
 rotary); that permutation is undone here so the rotate-half rotary of the model code applies.
-Gemma files store norm weights as ``1 + w`` already, which is what jinterp's norms use.
+Gemma files store norm weights as ``1 + w`` already, which is what jinterp's norms use. Phi-3 files keep
+their fused ``attn_qkv`` and ``ffn_up`` (gate | up) tensors, and longrope's factors as tensors. Mixtral files
+(architecture ``llama`` with ``expert_count``) hold each projection of all experts in one tensor.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from jinterp.loading.tokenizer import Tokenizer
 from jinterp.models import flat
 from jinterp.models.config import Config
 
-ARCHITECTURES = ("llama", "gemma3")
+ARCHITECTURES = ("llama", "gemma3", "gemma2", "phi3")
 
 
 class GGUFFile:
@@ -127,7 +129,7 @@ def config_from_gguf(file: GGUFFile) -> Config:
         f"{arch}.embedding_length": d_model, f"{arch}.attention.head_count": n_heads, f"{arch}.block_count": n_layers,
         f"{arch}.attention.head_count_kv": n_kv_heads, f"{arch}.attention.key_length": get("attention.key_length"),
         f"{arch}.feed_forward_length": need("feed_forward_length"), f"{arch}.vocab_size": get("vocab_size"),
-        f"{arch}.rope.dimension_count": get("rope.dimension_count")})
+        f"{arch}.rope.dimension_count": get("rope.dimension_count"), f"{arch}.expert_count": get("expert_count")})
     if n_heads == 0:
         raise LoadError(file.path, f"{arch}.attention.head_count must be positive, got 0")
     try:
@@ -151,20 +153,42 @@ def _config(file, arch, get, need, d_model, n_heads, n_layers, n_kv_heads) -> Co
                   norm_eps=float(need("attention.layer_norm_rms_epsilon")), gated_mlp=True, positional="rotary",
                   rotary_dim=get("rope.dimension_count", d_head), rope_theta=float(get("rope.freq_base", 10_000.0)),
                   rope_scaling=scaling, tied_embeddings="output.weight" not in file.tensors)
+    if arch == "llama" and get("expert_count"):  # Mixtral: every block's MLP a mixture of experts
+        if "blk.0.ffn_gate_exps.weight" not in file.tensors:
+            raise LoadError(file.path, "experts stored one tensor each (blk.N.ffn_gate.E.weight, an old llama.cpp "
+                                       "layout) are not supported; expected blk.N.ffn_gate_exps.weight")
+        experts = dict(n_experts=need("expert_count"), n_experts_per_token=need("expert_used_count"),
+                       d_expert=common["d_mlp"], d_mlp=0, norm_topk=bool(get("expert_weights_norm", True)))
+        return Config(**{**common, **experts}, act="silu", architecture="mixtral")
     if arch == "llama":
         return Config(**common, act="silu", architecture="llama")
-    # Gemma 3: every 6th layer global (the rest slide over 512 tokens); local rotary base 10k;
-    # queries scaled by head_dim^-1/2 (by (d_model / n_heads)^-1/2 for the 62-layer 27B), as llama.cpp does.
-    window = get("attention.sliding_window", 512)
-    scale_dim = d_model // n_heads if n_layers == 62 else d_head
-    pattern = get("attention.sliding_window_pattern", 6)  # every n-th layer global, or per-layer flags
+    if arch == "phi3":  # fused qkv and gate|up; every layer slides when a window is given
+        window = get("attention.sliding_window")
+        if "rope_factors_short.weight" in file.tensors:  # longrope, within the original context (see hf.py)
+            short = file.tensor("rope_factors_short.weight", (common["rotary_dim"] // 2,))
+            common.update(n_ctx=need("rope.scaling.original_context_length"), rope_scaling=(
+                ("type", "longrope"), ("short_factor", tuple(float(f) for f in short)),
+                ("attention_factor", float(get("rope.scaling.attn_factor", 1.0)))))
+        return Config(**common, act="silu", layer_types=("local",) * n_layers if window else None,
+                      sliding_window=window or None, architecture="phi3")
+    # Gemma 3: every 6th layer global (the rest slide over 512 tokens); local rotary base 10k. Gemma 2: every
+    # 2nd layer global (the rest slide over 4096 tokens), one rotary base, soft caps on scores and logits.
+    # Queries scaled by head_dim^-1/2 (by (d_model / n_heads)^-1/2 for the 27Bs: 62 layers in Gemma 3, 46 in
+    # Gemma 2), as llama.cpp does.
+    gemma3 = arch == "gemma3"
+    window = get("attention.sliding_window", 512 if gemma3 else 4096)
+    scale_dim = d_model // n_heads if n_layers == (62 if gemma3 else 46) else d_head
+    pattern = get("attention.sliding_window_pattern", 6 if gemma3 else 2)  # every n-th layer global, or flags
     if isinstance(pattern, list):
         layer_types = tuple("local" if sliding else "global" for sliding in pattern)
     else:
         layer_types = tuple("global" if (i + 1) % pattern == 0 else "local" for i in range(n_layers))
-    return Config(**common, act="gelu_tanh", norm_placement="sandwich", qk_norm=True, layer_types=layer_types,
-                  sliding_window=window, rope_theta_local=float(get("rope.freq_base_swa", 10_000.0)),
-                  attn_scale=scale_dim ** -0.5, embed_scale=math.sqrt(d_model), architecture="gemma3")
+    caps = dict(attn_softcap=get("attn_logit_softcapping"), final_softcap=get("final_logit_softcapping"))
+    return Config(**common, act="gelu_tanh", norm_placement="sandwich", qk_norm=gemma3, layer_types=layer_types,
+                  sliding_window=window,
+                  rope_theta_local=float(get("rope.freq_base_swa", 10_000.0)) if gemma3 else None,
+                  attn_scale=scale_dim ** -0.5, embed_scale=math.sqrt(d_model), architecture=arch,
+                  **{k: None if v is None else float(v) for k, v in caps.items()})
 
 
 def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -181,7 +205,7 @@ def read_gguf(path, progress: bool = True) -> tuple[Config, dict[str, np.ndarray
     # A tensor cannot hold more values than its bytes have bits (the header's count can overflow).
     check_fits(cfg, sum(min(int(t.n_elements), t.data.nbytes * 8) for t in file.reader.tensors), file.path)
     H, K, E, D, M = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model, cfg.d_mlp
-    gemma = cfg.architecture == "gemma3"
+    gemma = cfg.architecture in ("gemma2", "gemma3")
     out = flat.empty(cfg)
     norms = {"ln1": "attn_norm", "ln2": "ffn_norm"}
     if gemma:
@@ -191,18 +215,32 @@ def read_gguf(path, progress: bool = True) -> tuple[Config, dict[str, np.ndarray
         get = lambda name, shape: file.tensor(f"blk.{i}.{name}.weight", shape)  # noqa: E731, B023
         for ours, theirs in norms.items():
             out[f"blocks.{ours}.w"][i] = get(theirs, (D,))
-        q, k = get("attn_q", (H * E, D)), get("attn_k", (K * E, D))
-        if not gemma:
+        if f"blk.{i}.attn_qkv.weight" in file.tensors:  # Phi-3: fused rows [q heads | k heads | v heads]
+            q, k, v = np.split(get("attn_qkv", ((H + 2 * K) * E, D)), [H * E, (H + K) * E])
+        else:
+            q, k, v = get("attn_q", (H * E, D)), get("attn_k", (K * E, D)), get("attn_v", (K * E, D))
+        if cfg.architecture in ("llama", "mixtral"):  # (the others use rotate-half rotary in llama.cpp too)
             q, k = unpermute_rotary(q, H), unpermute_rotary(k, K)
         out["blocks.attn.W_Q"][i] = q.reshape(H, E, D).transpose(0, 2, 1)
         out["blocks.attn.W_K"][i] = k.reshape(K, E, D).transpose(0, 2, 1)
-        out["blocks.attn.W_V"][i] = get("attn_v", (K * E, D)).reshape(K, E, D).transpose(0, 2, 1)
+        out["blocks.attn.W_V"][i] = v.reshape(K, E, D).transpose(0, 2, 1)
         out["blocks.attn.W_O"][i] = get("attn_output", (D, H * E)).T.reshape(H, E, D)
-        if gemma:
+        if cfg.qk_norm:
             out["blocks.attn.q_norm.w"][i] = get("attn_q_norm", (E,))
             out["blocks.attn.k_norm.w"][i] = get("attn_k_norm", (E,))
-        out["blocks.mlp.W_gate"][i] = get("ffn_gate", (M, D)).T
-        out["blocks.mlp.W_in"][i] = get("ffn_up", (M, D)).T
+        if cfg.n_experts:  # the router, and each projection of every expert in one tensor
+            N, X = cfg.n_experts, cfg.d_expert
+            out["blocks.moe.W_router"][i] = get("ffn_gate_inp", (N, D)).T
+            out["blocks.moe.W_gate"][i] = get("ffn_gate_exps", (N, X, D)).transpose(0, 2, 1)
+            out["blocks.moe.W_in"][i] = get("ffn_up_exps", (N, X, D)).transpose(0, 2, 1)
+            out["blocks.moe.W_out"][i] = get("ffn_down_exps", (N, D, X)).transpose(0, 2, 1)
+            continue
+        if cfg.architecture == "phi3":  # ffn_up holds [gate | up]
+            gate, up = np.split(get("ffn_up", (2 * M, D)), 2)
+        else:
+            gate, up = get("ffn_gate", (M, D)), get("ffn_up", (M, D))
+        out["blocks.mlp.W_gate"][i] = gate.T
+        out["blocks.mlp.W_in"][i] = up.T
         out["blocks.mlp.W_out"][i] = get("ffn_down", (D, M)).T
     del out["W_E"]  # dropped before the embedding is read, so placeholder and embedding never coexist
     out["W_E"] = file.tensor("token_embd.weight", (cfg.d_vocab, D))

@@ -58,11 +58,31 @@ class HFConfig:
         if not scaling:
             return float(theta), None
         kind = scaling.get("rope_type", scaling.get("type"))
+        if kind in ("longrope", "su"):
+            return float(theta), self.longrope(scaling)
         if kind not in ("linear", "llama3"):
-            raise LoadError(self.path,
-                            f"unsupported rope scaling type {kind!r}; supported: 'default', 'linear', 'llama3'")
+            raise LoadError(self.path, f"unsupported rope scaling type {kind!r}; supported: 'default', 'linear', "
+                                       "'llama3', 'longrope'")
         keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
         return float(theta), (("type", kind),) + tuple((k, float(scaling[k])) for k in keys if k in scaling)
+
+    def original_context(self) -> int | None:
+        """longrope's original (pretraining) context: in ``rope_parameters`` (transformers 5) or top level."""
+        found = self.get("rope_parameters", {}).get("original_max_position_embeddings")
+        return found or self.get("original_max_position_embeddings")
+
+    def longrope(self, scaling: dict) -> tuple:
+        """Phi-3's longrope with its short factors and attention factor, as transformers computes them. Its long
+        factors (for sequences beyond the original context) are not implemented: the context is capped there."""
+        original, longest = self.original_context(), self["max_position_embeddings"]
+        if not original or not isinstance(scaling.get("short_factor"), list):
+            raise LoadError(self.path, "longrope needs original_max_position_embeddings and a short_factor list")
+        factor = float(scaling.get("factor") or longest / original)
+        attention = scaling.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        return (("type", "longrope"), ("short_factor", tuple(float(f) for f in scaling["short_factor"])),
+                ("attention_factor", float(attention)))
 
     def partial_rotary(self) -> float:
         params = self.get("rope_parameters", {})
@@ -154,40 +174,69 @@ def _read_json(path: Path) -> dict:
 def _llama_like(c: HFConfig, arch: str) -> Config:
     d_model, n_heads = c["hidden_size"], c["num_attention_heads"]
     n_layers = c["num_hidden_layers"]
-    gemma = arch.startswith("gemma3")
-    theta, scaling = c.rope("full_attention" if gemma else None, 1_000_000.0 if gemma else 10_000.0)
+    gemma3 = arch.startswith("gemma3")
+    gemma = gemma3 or arch == "gemma2"
+    theta, scaling = c.rope("full_attention" if gemma else None, 1_000_000.0 if gemma3 else 10_000.0)
     layer_types = c.layer_types(n_layers)
-    if gemma and layer_types is None:
-        pattern = c.get("sliding_window_pattern", 6)
+    if gemma and layer_types is None:  # Gemma 2: local and global layers alternate, local first
+        pattern = c.get("sliding_window_pattern", 6 if gemma3 else 2)
         layer_types = tuple("global" if (i + 1) % pattern == 0 else "local" for i in range(n_layers))
     window = c.get("sliding_window")
-    if arch == "mistral" and window is not None and layer_types is None:
+    if arch in ("mistral", "mixtral", "phi3") and window is not None and layer_types is None:  # every layer slides
         layer_types = ("local",) * n_layers
-    if arch in ("qwen2", "qwen3") and not c.get("use_sliding_window", False):
+    if arch in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and not c.get("use_sliding_window", False):
         layer_types = None
+    experts = _experts(c, arch) if arch in MIXTURES else {}
+    d_mlp = experts.pop("d_mlp") if experts else c["intermediate_size"]
+    qwen2 = arch in ("qwen2", "qwen2_moe")
     if gemma and c.get("use_bidirectional_attention", False):
-        raise LoadError(c.path, "bidirectional Gemma 3 (embedding models) is not supported")
+        raise LoadError(c.path, f"use_bidirectional_attention=True ({arch} embedding models) is not supported")
     d_head = c.get("head_dim") or c.head_dim("hidden_size", "num_attention_heads")
+    # longrope's long factors (past the original context) are not implemented: the context ends there
+    n_ctx = c.original_context() if scaling and dict(scaling)["type"] == "longrope" else c["max_position_embeddings"]
     return Config(
         d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=c.get("num_key_value_heads", n_heads),
-        d_head=d_head, d_mlp=c["intermediate_size"], d_vocab=c["vocab_size"],
-        n_ctx=c["max_position_embeddings"], norm="rms", norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-        norm_placement="sandwich" if gemma else "pre",
+        d_head=d_head, d_mlp=d_mlp, **experts, d_vocab=c["vocab_size"], n_ctx=n_ctx,
+        norm="rms", norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+        norm_placement="sandwich" if gemma else "post_sublayer" if arch == "olmo2" else "pre",
         act=c.act("hidden_activation" if gemma else "hidden_act", "gelu_pytorch_tanh" if gemma else "silu"),
         gated_mlp=True, positional="rotary", rotary_dim=int(d_head * c.partial_rotary()),
         rope_theta=theta, rope_scaling=scaling,
-        rope_theta_local=c.rope("sliding_attention", c.get("rope_local_base_freq", 10_000.0))[0] if gemma else None,
+        rope_theta_local=c.rope("sliding_attention", c.get("rope_local_base_freq", 10_000.0))[0] if gemma3 else None,
         layer_types=layer_types, sliding_window=window if layer_types and "local" in layer_types else None,
-        qk_norm=gemma or arch == "qwen3",
+        qk_norm=gemma3 or arch in ("qwen3", "qwen3_moe", "olmo2", "olmoe"),
+        qk_norm_scope="all" if arch in ("olmo2", "olmoe") else "head",
         attn_scale=c["query_pre_attn_scalar"] ** -0.5 if gemma else None,
         attn_softcap=c.get("attn_logit_softcapping"), final_softcap=c.get("final_logit_softcapping"),
         embed_scale=math.sqrt(d_model) if gemma else 1.0,
         tied_embeddings=bool(c.get("tie_word_embeddings", gemma)),
-        qkv_bias=arch == "qwen2" or bool(c.get("attention_bias", False)),
-        out_bias=arch not in ("qwen2",) and bool(c.get("attention_bias", False)),
+        qkv_bias=bool(c.get("qkv_bias", True)) if arch == "qwen2_moe" else arch == "qwen2" or bool(
+            c.get("attention_bias", False)),
+        out_bias=not qwen2 and bool(c.get("attention_bias", False)),
         mlp_bias=bool(c.get("mlp_bias", False)),
         architecture=arch,
     )
+
+
+MIXTURES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+
+
+def _experts(c: HFConfig, arch: str) -> dict:
+    """A mixture of experts' Config fields (and its shared expert's width as ``d_mlp``: 0 if none)."""
+    if arch in ("qwen2_moe", "qwen3_moe"):
+        if c.get("mlp_only_layers", []) or c.get("decoder_sparse_step", 1) != 1:
+            raise LoadError(c.path, f"dense MLP layers among the expert layers (mlp_only_layers="
+                                    f"{c.get('mlp_only_layers', [])}, decoder_sparse_step="
+                                    f"{c.get('decoder_sparse_step', 1)}) are not supported")
+    if arch == "olmoe" and c.get("clip_qkv") is not None:
+        raise LoadError(c.path, f"clip_qkv={c.get('clip_qkv')} is not supported")
+    shared = c.get("shared_expert_intermediate_size", 0) if arch == "qwen2_moe" else 0
+    return dict(
+        n_experts=c.get("num_experts") or c["num_local_experts"],  # (transformers 5 writes the second for Qwen)
+        n_experts_per_token=c["num_experts_per_tok"],
+        d_expert=c["intermediate_size"] if arch in ("mixtral", "olmoe") else c["moe_intermediate_size"],
+        norm_topk=arch == "mixtral" or bool(c.get("norm_topk_prob", False)),
+        d_mlp=shared, shared_expert_gate=shared > 0)
 
 
 def _gpt2(c: HFConfig, arch: str) -> Config:
@@ -236,12 +285,14 @@ def _bert(c: HFConfig, arch: str) -> Config:
 
 CONFIGS: dict[str, Callable[[HFConfig, str], Config]] = {
     "llama": _llama_like, "mistral": _llama_like, "qwen2": _llama_like, "qwen3": _llama_like,
-    "gemma3_text": _llama_like, "gemma3": _llama_like,
+    "gemma3_text": _llama_like, "gemma3": _llama_like, "gemma2": _llama_like, "olmo2": _llama_like,
+    "phi3": _llama_like, **dict.fromkeys(MIXTURES, _llama_like),
     "gpt2": _gpt2, "gpt_neox": _neox, "bert": _bert,
 }
 ARCHITECTURES = tuple(CONFIGS)
 COUNTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
-          "vocab_size", "head_dim", "n_embd", "n_layer", "n_head", "n_inner", "type_vocab_size")
+          "vocab_size", "head_dim", "n_embd", "n_layer", "n_head", "n_inner", "type_vocab_size", "num_experts",
+          "num_local_experts", "moe_intermediate_size", "shared_expert_intermediate_size")
 
 
 def config_from_hf(data: dict, path: Path) -> Config:
@@ -294,36 +345,77 @@ def _convert_llama(t: Tensors, cfg: Config, out: dict) -> None:
     if gemma:
         norms = {"ln1": "input_layernorm", "ln1_post": "post_attention_layernorm",
                  "ln2": "pre_feedforward_layernorm", "ln2_post": "post_feedforward_layernorm"}
+    elif cfg.norm_placement == "post_sublayer":  # OLMo 2
+        norms = {"ln1_post": "post_attention_layernorm", "ln2_post": "post_feedforward_layernorm"}
     for i in range(cfg.n_layers):
         p = f"{prefix}layers.{i}."
         a = p + "self_attn."
         for ours, theirs in norms.items():
             out[f"blocks.{ours}.w"][i] = t.get(p + theirs + ".weight", (D,)) + offset
-        out["blocks.attn.W_Q"][i] = heads_in(t.get(a + "q_proj.weight", (H * E, D)), H, E)
-        out["blocks.attn.W_K"][i] = heads_in(t.get(a + "k_proj.weight", (K * E, D)), K, E)
-        out["blocks.attn.W_V"][i] = heads_in(t.get(a + "v_proj.weight", (K * E, D)), K, E)
+        if cfg.architecture == "phi3":  # fused rows: [q heads | k heads | v heads]
+            q, k, v = np.split(t.get(a + "qkv_proj.weight", ((H + 2 * K) * E, D)), [H * E, (H + K) * E])
+        else:
+            q, k, v = (t.get(a + f"{n}_proj.weight", (n_ * E, D)) for n, n_ in (("q", H), ("k", K), ("v", K)))
+        out["blocks.attn.W_Q"][i] = heads_in(q, H, E)
+        out["blocks.attn.W_K"][i] = heads_in(k, K, E)
+        out["blocks.attn.W_V"][i] = heads_in(v, K, E)
         out["blocks.attn.W_O"][i] = heads_out(t.get(a + "o_proj.weight", (D, H * E)), H, E)
         if cfg.qkv_bias:
             for n, heads in (("Q", H), ("K", K), ("V", K)):
                 out[f"blocks.attn.b_{n}"][i] = t.get(a + f"{n.lower()}_proj.bias", (heads * E,)).reshape(heads, E)
         if cfg.out_bias:
             out["blocks.attn.b_O"][i] = t.get(a + "o_proj.bias", (D,))
-        if cfg.qk_norm:
-            out["blocks.attn.q_norm.w"][i] = t.get(a + "q_norm.weight", (E,)) + offset
-            out["blocks.attn.k_norm.w"][i] = t.get(a + "k_norm.weight", (E,)) + offset
-        out["blocks.mlp.W_gate"][i] = t.get(p + "mlp.gate_proj.weight", (M, D)).T
-        out["blocks.mlp.W_in"][i] = t.get(p + "mlp.up_proj.weight", (M, D)).T
-        out["blocks.mlp.W_out"][i] = t.get(p + "mlp.down_proj.weight", (D, M)).T
+        if cfg.qk_norm:  # over each head (d_head weights) or over all heads together (OLMo 2)
+            each = cfg.qk_norm_scope == "head"
+            q_shape, k_shape = ((E,), (E,)) if each else ((H * E,), (K * E,))
+            out["blocks.attn.q_norm.w"][i] = t.get(a + "q_norm.weight", q_shape).reshape(
+                out["blocks.attn.q_norm.w"].shape[1:]) + offset
+            out["blocks.attn.k_norm.w"][i] = t.get(a + "k_norm.weight", k_shape).reshape(
+                out["blocks.attn.k_norm.w"].shape[1:]) + offset
+        if cfg.n_experts:
+            _convert_experts(t, cfg, out, i, p)
+        if not cfg.has_dense_mlp:
+            continue
+        mlp = p + ("mlp.shared_expert." if cfg.n_experts else "mlp.")  # a mixture's shared expert (Qwen2-MoE)
+        if cfg.architecture == "phi3":  # fused rows: [gate | up]
+            gate, up = np.split(t.get(mlp + "gate_up_proj.weight", (2 * M, D)), 2)
+        else:
+            gate, up = t.get(mlp + "gate_proj.weight", (M, D)), t.get(mlp + "up_proj.weight", (M, D))
+        out["blocks.mlp.W_gate"][i] = gate.T
+        out["blocks.mlp.W_in"][i] = up.T
+        out["blocks.mlp.W_out"][i] = t.get(mlp + "down_proj.weight", (D, M)).T
         if cfg.mlp_bias:
-            if p + "mlp.gate_proj.bias" in t:
-                raise LoadError(t.where[p + "mlp.gate_proj.bias"], "a bias on the MLP gate projection is not supported")
-            out["blocks.mlp.b_in"][i] = t.get(p + "mlp.up_proj.bias", (M,))
-            out["blocks.mlp.b_out"][i] = t.get(p + "mlp.down_proj.bias", (D,))
+            if mlp + "gate_proj.bias" in t:
+                raise LoadError(t.where[mlp + "gate_proj.bias"], "a bias on the MLP gate projection is not supported")
+            out["blocks.mlp.b_in"][i] = t.get(mlp + "up_proj.bias", (M,))
+            out["blocks.mlp.b_out"][i] = t.get(mlp + "down_proj.bias", (D,))
     out["W_E"] = t.get(prefix + "embed_tokens.weight", (cfg.d_vocab, D))
     out["ln_final.w"] = t.get(prefix + "norm.weight", (D,)) + offset
     if not cfg.tied_embeddings:
         head = "lm_head.weight" if "lm_head.weight" in t else "language_model.lm_head.weight"
         out["W_U"] = t.get(head, (cfg.d_vocab, D)).T
+
+
+def _convert_experts(t: Tensors, cfg: Config, out: dict, i: int, p: str) -> None:
+    """Layer ``i``'s router and experts: one tensor per expert and projection (as checkpoints store them), or
+    transformers 5's fused ``experts.gate_up_proj`` ``[n_experts, 2 d_expert, d_model]`` and ``experts.down_proj``."""
+    N, X, D = cfg.n_experts, cfg.d_expert, cfg.d_model
+    moe = p + ("block_sparse_moe." if p + "block_sparse_moe.gate.weight" in t else "mlp.")  # (Mixtral's files)
+    out["blocks.moe.W_router"][i] = t.get(moe + "gate.weight", (N, D)).T
+    if moe + "experts.gate_up_proj" in t:
+        gate_up = t.get(moe + "experts.gate_up_proj", (N, 2 * X, D))
+        out["blocks.moe.W_gate"][i] = gate_up[:, :X].transpose(0, 2, 1)
+        out["blocks.moe.W_in"][i] = gate_up[:, X:].transpose(0, 2, 1)
+        out["blocks.moe.W_out"][i] = t.get(moe + "experts.down_proj", (N, D, X)).transpose(0, 2, 1)
+    else:
+        names = ("w1", "w3", "w2") if moe.endswith("block_sparse_moe.") else ("gate_proj", "up_proj", "down_proj")
+        for j in range(N):
+            e = f"{moe}experts.{j}."
+            out["blocks.moe.W_gate"][i, j] = t.get(e + names[0] + ".weight", (X, D)).T
+            out["blocks.moe.W_in"][i, j] = t.get(e + names[1] + ".weight", (X, D)).T
+            out["blocks.moe.W_out"][i, j] = t.get(e + names[2] + ".weight", (D, X)).T
+    if cfg.shared_expert_gate:
+        out["blocks.moe.W_shared_gate"][i] = t.get(moe + "shared_expert_gate.weight", (1, D))[0]
 
 
 def _convert_gpt2(t: Tensors, cfg: Config, out: dict) -> None:

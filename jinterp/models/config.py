@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 NORMS = ("layer", "rms")
-NORM_PLACEMENTS = ("pre", "post", "sandwich")
+NORM_PLACEMENTS = ("pre", "post", "sandwich", "post_sublayer")
+QK_NORM_SCOPES = ("head", "all")
 POSITIONALS = ("rotary", "learned")
 LAYER_TYPES = ("global", "local")
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")  # longrope: its short factors (Phi-3), see layers
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: the numerics referee (needs jax x64)
 
 
@@ -61,13 +62,23 @@ class Config:
     parallel: bool = False  # GPT-NeoX: attention and MLP both read resid_pre
     norm: str | None = "layer"  # None: no layer norm at all (toy models)
     norm_eps: float = 1e-5
-    norm_placement: str = "pre"  # "post" = BERT, "sandwich" = Gemma (norms before and after)
+    norm_placement: str = "pre"  # "post" = BERT, "sandwich" = Gemma (norms before and after),
+    # "post_sublayer" = OLMo 2 (a norm on each sublayer's output only, before the residual add)
     act: str = "gelu"
     gated_mlp: bool = False  # SwiGLU / GeGLU: act(x W_gate) * (x W_in)
+
+    # Mixture of experts (Mixtral, Qwen-MoE, OLMoE): every block's MLP is n_experts gated experts of width
+    # d_expert, mixed by a router's top-k softmax weights; d_mlp > 0 adds a dense shared expert (Qwen2-MoE)
+    n_experts: int = 0  # 0: a dense MLP
+    n_experts_per_token: int = 0  # top-k
+    d_expert: int = 0
+    norm_topk: bool = True  # renormalise the top-k weights to sum to 1 (Mixtral; Qwen's norm_topk_prob)
+    shared_expert_gate: bool = False  # Qwen2-MoE: the shared expert's output times sigmoid(x . w)
 
     # Attention
     causal: bool = True
     qk_norm: bool = False  # Gemma 3: RMS norm of each query and key head
+    qk_norm_scope: str = "head"  # "head": over each head's features; "all": over every head's together (OLMo 2)
     attn_scale: float | None = None  # multiplies q.k; None: 1/sqrt(d_head)
     attn_softcap: float | None = None
     layer_types: tuple[str, ...] | None = None  # per layer "global" or "local"; None: all global
@@ -77,8 +88,8 @@ class Config:
     positional: str | None = "learned"  # None: no position information (toy models)
     rotary_dim: int | None = None  # None: the whole head (partial rotary: GPT-NeoX)
     rope_theta: float = 10_000.0
-    rope_theta_local: float | None = None  # local layers' base (Gemma 3); None: rope_theta
-    rope_scaling: tuple[tuple[str, float | str], ...] | None = None  # global layers only
+    rope_theta_local: float | None = None  # local layers' own base, unscaled (Gemma 3); None: the global rotary
+    rope_scaling: tuple[tuple[str, float | str | tuple], ...] | None = None  # every layer unless rope_theta_local
 
     # Embedding and output
     embed_scale: float = 1.0  # Gemma: sqrt(d_model)
@@ -111,11 +122,21 @@ class Config:
             raise ValueError(
                 f"n_heads={self.n_heads} must be a positive multiple of n_kv_heads={self.n_kv_heads}"
             )
-        if not self.attn_only and self.d_mlp <= 0:
+        if self.n_experts:
+            if self.attn_only or not self.gated_mlp:
+                raise ValueError("a mixture of experts needs gated MLPs (gated_mlp=True) and attn_only=False")
+            if not 0 < self.n_experts_per_token <= self.n_experts or self.d_expert <= 0:
+                raise ValueError(f"a mixture of experts needs 0 < n_experts_per_token <= n_experts={self.n_experts} "
+                                 f"and d_expert > 0, got n_experts_per_token={self.n_experts_per_token}, "
+                                 f"d_expert={self.d_expert}")
+        if self.shared_expert_gate and not (self.n_experts and self.d_mlp > 0):
+            raise ValueError("shared_expert_gate needs a mixture of experts with a shared expert (d_mlp > 0)")
+        if not self.attn_only and not self.n_experts and self.d_mlp <= 0:
             raise ValueError(f"d_mlp must be positive unless attn_only=True, got {self.d_mlp}")
         if self.norm is not None:
             choose(self.norm, NORMS, "norm")
         choose(self.norm_placement, NORM_PLACEMENTS, "norm_placement")
+        choose(self.qk_norm_scope, QK_NORM_SCOPES, "qk_norm_scope")
         choose(self.act, ACTIVATIONS, "activation")
         choose(self.dtype, DTYPES, "dtype")
         if self.dtype == "float64":
@@ -144,6 +165,9 @@ class Config:
         if self.rope_scaling is not None:
             scaling = dict(self.rope_scaling)
             choose(scaling.get("type"), ROPE_TYPES, "rope scaling type")
+            if scaling["type"] == "longrope" and len(scaling.get("short_factor", ())) != self.rotary_dim // 2:
+                raise ValueError(f"longrope needs short_factor with rotary_dim / 2 = {self.rotary_dim // 2} entries, "
+                                 f"got {len(scaling.get('short_factor', ()))}")
             set_("rope_scaling", tuple(sorted(scaling.items())))
         if self.attn_scale is None:
             set_("attn_scale", 1.0 / math.sqrt(self.d_head))
@@ -157,7 +181,13 @@ class Config:
 
     @property
     def has_mlp(self) -> bool:
+        """An MLP sublayer, dense or a mixture of experts."""
         return not self.attn_only
+
+    @property
+    def has_dense_mlp(self) -> bool:
+        """A dense MLP: the whole MLP, or a mixture's shared expert."""
+        return not self.attn_only and self.d_mlp > 0
 
     def to_dict(self) -> dict:
         """A JSON-ready dict; ``Config.from_dict`` inverts it."""
@@ -173,7 +203,8 @@ class Config:
         if data.get("layer_types") is not None:
             data["layer_types"] = tuple(data["layer_types"])
         if data.get("rope_scaling") is not None:
-            data["rope_scaling"] = tuple(tuple(item) for item in data["rope_scaling"])
+            data["rope_scaling"] = tuple((key, tuple(value) if isinstance(value, list) else value)
+                                         for key, value in data["rope_scaling"])
         return cls(**data)
 
     def replace(self, **changes) -> Config:

@@ -89,7 +89,7 @@ def shape(cfg: Config, kind: str, batch="batch", seq="pos", keys=None) -> tuple:
     """A site's shape: batch, sequence and key sizes as given (symbolic names by default), the rest the config's."""
     size = {"batch": batch, "pos": seq, "query_pos": seq, "key_pos": seq if keys is None else keys, "1": 1,
             "d_model": cfg.d_model, "d_head": cfg.d_head, "head": cfg.n_heads, "kv_head": cfg.n_kv_heads,
-            "d_mlp": cfg.d_mlp, "d_vocab": cfg.d_vocab}
+            "d_mlp": cfg.d_mlp, "d_vocab": cfg.d_vocab, "expert": cfg.n_experts}
     return tuple(size[axis] for axis in S.SITE_AXES[kind])
 
 
@@ -101,9 +101,14 @@ def site_specs(cfg: Config, batch="batch", seq="pos", n_logits=None, keys=None) 
     # The plain forward holds the scores and pattern of QUERY_CHUNK queries at a time.
     chunk = min(1.0, QUERY_CHUNK / seq) if isinstance(seq, int) else 1.0
 
+    # A mixture's experts run one at a time: its working set is one expert's hidden values (gate, up, their
+    # product) and output, [batch, pos, 3 d_expert + d_model], counted as that share of moe.expert_out.
+    expert = (3 * cfg.d_expert + cfg.d_model) / (cfg.n_experts * cfg.d_model) if cfg.n_experts else 0.0
+
     def spec(kind, layer):
         size = shape(cfg, kind, batch, n_logits if kind == "logits" and n_logits is not None else seq, keys)
-        held = chunk if kind in CHUNKED else 0.0 if kind in found.on_demand else 1.0
+        held = chunk if kind in CHUNKED else expert if kind == "moe.expert_out" else 0.0 if kind in found.on_demand \
+            else 1.0
         return SiteSpec(S.site_name(kind, layer), kind, layer, size, dtypes[kind], S.SITE_AXES[kind], held)
 
     specs = [spec(kind, None) for kind in found.head]
@@ -138,7 +143,7 @@ def derivations(cfg: Config) -> dict[str, Derivation]:
         keys = ("attn.rot_q", "attn.rot_k") if cfg.positional == "rotary" else ("attn.q", "attn.k")
         found["attn.scores"] = Derivation(keys, forced=False)
     found["attn.pattern"] = Derivation(("attn.scores",), forced=False)
-    if cfg.has_mlp:
+    if cfg.has_dense_mlp:
         found["mlp.post"] = Derivation(("mlp.pre", "mlp.pre_linear") if cfg.gated_mlp else ("mlp.pre",), forced=False)
     if cfg.norm_placement == "post":  # the residual stream passes through norms: no sums to redo
         return found

@@ -54,6 +54,16 @@ class MLP(eqx.Module):
     b_out: Float[Array, "d_model"] | None
 
 
+class MoE(eqx.Module):
+    """A mixture of gated experts and its router (``mlp`` of the block holds a shared expert, if any)."""
+
+    W_router: Float[Array, "d_model n_experts"]
+    W_in: Float[Array, "n_experts d_model d_expert"]
+    W_gate: Float[Array, "n_experts d_model d_expert"]
+    W_out: Float[Array, "n_experts d_expert d_model"]
+    W_shared_gate: Float[Array, "d_model"] | None
+
+
 class Block(eqx.Module):
     """One transformer block. In a model every leaf carries a leading n_layers axis."""
 
@@ -63,6 +73,7 @@ class Block(eqx.Module):
     ln2: Norm | None
     mlp: MLP | None
     ln2_post: Norm | None
+    moe: MoE | None = None
 
 
 # --- functions -----------------------------------------------------------------------------
@@ -107,8 +118,17 @@ def centred(x: Float[Array, "... d"], cfg: Config) -> Array:
 
 def rms_head_norm(ln: Norm, x: Float[Array, "... d_head"], eps: float) -> Array:
     """Gemma 3's q/k norm: RMS over each head's vector."""
+    if ln.w.ndim == 2:  # weight [heads, d_head]: over all heads together (OLMo 2)
+        return rms_heads_norm(ln, x, eps)
     h = x.astype(accurate(x.dtype))
     h = h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + eps)
+    return (h * ln.w.astype(h.dtype)).astype(x.dtype)
+
+
+def rms_heads_norm(ln: Norm, x: Float[Array, "... heads d_head"], eps: float) -> Array:
+    """OLMo 2's q/k norm: RMS over every head's features together (``qk_norm_scope="all"``)."""
+    h = x.astype(accurate(x.dtype))
+    h = h * jax.lax.rsqrt(jnp.mean(h * h, (-2, -1), keepdims=True) + eps)
     return (h * ln.w.astype(h.dtype)).astype(x.dtype)
 
 
@@ -122,6 +142,8 @@ def rope_frequencies(cfg: Config, theta: float, scaling) -> Float[Array, "rotary
     factor = float(scaling.get("factor", 1.0))
     if scaling["type"] == "linear":
         return inv_freq / factor
+    if scaling["type"] == "longrope":  # Phi-3: per-frequency factors (the short ones: within the original context)
+        return inv_freq / jnp.asarray(scaling["short_factor"], inv_freq.dtype)
     if scaling["type"] == "llama3":
         old_ctx = float(scaling["original_max_position_embeddings"])
         low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
@@ -132,6 +154,11 @@ def rope_frequencies(cfg: Config, theta: float, scaling) -> Float[Array, "rotary
         medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
         return jnp.where(medium, smoothed, scaled)
     return inv_freq
+
+
+def rope_attention_factor(scaling) -> float:
+    """What longrope multiplies cos and sin by (1 for the other rotary types)."""
+    return float(dict(scaling or ()).get("attention_factor", 1.0))
 
 
 def rope_tables(inv_freq: Array, positions: Array) -> tuple[Array, Array]:
@@ -303,6 +330,38 @@ def mlp(p: MLP, x: Float[Array, "batch pos d_model"], cfg: Config, hook: Hook) -
     return out if p.b_out is None else out + p.b_out
 
 
+def mixture(p: MoE, shared: MLP | None, x: Float[Array, "batch pos d_model"], cfg: Config, hook: Hook) -> Array:
+    """sum over the top-k experts e of weight_e * expert_e(x), weights = softmax(x W_router) over the top k
+    (renormalised if ``cfg.norm_topk``); plus a shared expert's output (times sigmoid(x . W_shared_gate)).
+    Every expert runs on every token, with weight 0 outside its top k (n_experts / k times a sparse dispatch's
+    arithmetic, in exchange for one dense program), one expert at a time: the working set is one expert's, and
+    the sum runs in expert order, as the reference implementations add them."""
+    logits = hook("moe.router_logits", x @ p.W_router)
+    probs = jax.nn.softmax(logits.astype(accurate(logits.dtype)), axis=-1)
+    top, chosen = jax.lax.top_k(probs, cfg.n_experts_per_token)
+    if cfg.norm_topk:
+        top = top / top.sum(-1, keepdims=True)
+    weights = (jax.nn.one_hot(chosen, cfg.n_experts, dtype=top.dtype) * top[..., None]).sum(-2)
+    weights = hook("moe.weights", weights.astype(x.dtype))
+    wanted = hook.wants("moe.expert_out")
+
+    def expert(total, params):
+        W_gate, W_in, W_out, weight = params
+        out = ((activation(cfg.act, x @ W_gate) * (x @ W_in)) @ W_out) * weight[..., None]
+        return total + out, out if wanted else None
+
+    per_expert = (p.W_gate, p.W_in, p.W_out, jnp.moveaxis(weights, -1, 0))
+    out, each = jax.lax.scan(expert, jnp.zeros_like(x), per_expert)
+    if wanted:  # [batch, pos, expert, d_model]: each expert's weighted output
+        out = hook("moe.expert_out", jnp.moveaxis(each, 0, 2)).sum(2)
+    if shared is not None:
+        shared_out = mlp(shared, x, cfg, hook)
+        if p.W_shared_gate is not None:
+            shared_out = jax.nn.sigmoid(x @ p.W_shared_gate)[..., None] * shared_out
+        out = out + shared_out
+    return out
+
+
 def block(
     p: Block,
     resid_pre: Float[Array, "batch pos d_model"],
@@ -312,7 +371,8 @@ def block(
     hook: Hook,
     cache: tuple[Array, Array, Array | int] | None = None,
 ) -> tuple[Float[Array, "batch pos d_model"], tuple[Array, Array]]:
-    """One block: pre-norm (Llama, GPT-2), parallel (GPT-NeoX), sandwich (Gemma) or post-norm (BERT).
+    """One block: pre-norm (Llama, GPT-2), parallel (GPT-NeoX), sandwich (Gemma), post-norm (BERT) or
+    post-sublayer (OLMo 2: no ``ln1``/``ln2``, only ``ln1_post``/``ln2_post``).
     ``cache``: keys and values of every slot (see ``attention``). Returns the block's output and
     this call's (keys, values)."""
     resid_pre = hook("resid_pre", resid_pre)
@@ -332,6 +392,7 @@ def block(
 
     resid = resid_pre if cfg.parallel else hook("resid_mid", resid_pre + attn_out)
     # mlp_in: the MLP's own copy of the residual stream it reads (the residual path goes on unchanged)
-    mlp_out = mlp(p.mlp, normalize(p.ln2, hook("mlp_in", resid), cfg, hook, "ln2"), cfg, hook)
+    h = normalize(p.ln2, hook("mlp_in", resid), cfg, hook, "ln2")
+    mlp_out = mlp(p.mlp, h, cfg, hook) if p.moe is None else mixture(p.moe, p.mlp, h, cfg, hook)
     mlp_out = hook("mlp_out", normalize(p.ln2_post, mlp_out, cfg, hook, "ln2_post"))
     return hook("resid_post", resid + attn_out + mlp_out if cfg.parallel else resid + mlp_out), kv

@@ -35,11 +35,13 @@ def process_weights(model: Transformer, *, fold_ln: bool | None = None, center_w
     pre_norm = cfg.norm is not None and cfg.norm_placement in ("pre", "sandwich")
     if _applies(fold_ln, pre_norm, "fold_ln", "it needs pre-norm blocks with a norm (BERT's post-norms cannot fold)"):
         model = _fold_ln(model)
-    writes_centered = cfg.norm == "layer" and cfg.norm_placement == "pre"
+    writes_centered = cfg.norm == "layer" and cfg.norm_placement == "pre" and not cfg.n_experts
     if _applies(center_writing_weights, writes_centered, "center_writing_weights",
                 "only LayerNorm (pre-norm) models ignore the residual's mean; RMSNorm does not"):
         model = _center_writing_weights(model)
-    if _applies(center_unembed, cfg.unembed, "center_unembed", "an encoder has no unembedding"):
+    if _applies(center_unembed, cfg.unembed and cfg.final_softcap is None, "center_unembed",
+                "an encoder has no unembedding, and a soft cap on the logits (Gemma 2) does not commute with "
+                "shifting them"):
         model = _center_unembed(model)
     if _applies(fold_value_biases, model.blocks.attn.b_V is not None, "fold_value_biases", "there are no value biases"):
         model = _fold_value_biases(model)
@@ -76,6 +78,16 @@ def _fold_ln(model: Transformer) -> Transformer:
         W_gate = None if mlp.W_gate is None else fold(mlp.W_gate, None, w2, None)[0]
         mlp = dataclasses.replace(mlp, W_in=W_in, W_gate=W_gate, b_in=b_in)
         blocks = dataclasses.replace(blocks, mlp=mlp, ln2=_unit(blocks.ln2))
+    if blocks.moe is not None:  # the router and the experts read ln2's output too
+        w2, b2 = model.blocks.ln2.w, model.blocks.ln2.b
+        if b2 is not None:
+            raise ValueError("fold_ln cannot fold a LayerNorm bias into a mixture of experts (no router or expert "
+                             "biases); use fold_ln=False")
+        moe, rows = blocks.moe, w2[:, None, :, None]  # [L, D] -> the d_model axis of [L, n_experts, D, d_expert]
+        moe = dataclasses.replace(
+            moe, W_router=moe.W_router * w2[:, :, None], W_in=moe.W_in * rows, W_gate=moe.W_gate * rows,
+            W_shared_gate=None if moe.W_shared_gate is None else moe.W_shared_gate * w2)
+        blocks = dataclasses.replace(blocks, moe=moe, ln2=_unit(blocks.ln2))
     model = dataclasses.replace(model, blocks=blocks)
 
     if model.ln_final is not None and cfg.unembed:

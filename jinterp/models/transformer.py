@@ -20,7 +20,18 @@ from jinterp.cache import Cache, from_records
 from jinterp.models import declaration
 from jinterp.models.config import Config
 from jinterp.models.declaration import site_specs
-from jinterp.models.layers import MLP, Attention, Block, Norm, block, normalize, rope_frequencies, rope_tables
+from jinterp.models.layers import (
+    MLP,
+    Attention,
+    Block,
+    MoE,
+    Norm,
+    block,
+    normalize,
+    rope_attention_factor,
+    rope_frequencies,
+    rope_tables,
+)
 from jinterp.protocol import Model
 
 # From this many tokens in a call on, a backward pass through the forward (attribution, training)
@@ -333,20 +344,29 @@ class Transformer(Model):
                 return None
             return Norm(jnp.ones((*lead, D), dtype), zeros(*lead, D, when=cfg.norm == "layer"))
 
-        head_norm = Norm(jnp.ones((L, E), dtype), None) if cfg.qk_norm else None
+        def head_norm(heads):  # over each head's features, or over all heads' together
+            shape = (L, E) if cfg.qk_norm_scope == "head" else (L, heads, E)
+            return Norm(jnp.ones(shape, dtype), None) if cfg.qk_norm else None
+
         attn = Attention(
             W_Q=normal(L, H, D, E), W_K=normal(L, K, D, E), W_V=normal(L, K, D, E), W_O=normal(L, H, E, D),
             b_Q=zeros(L, H, E, when=cfg.qkv_bias), b_K=zeros(L, K, E, when=cfg.qkv_bias),
             b_V=zeros(L, K, E, when=cfg.qkv_bias), b_O=zeros(L, D, when=cfg.out_bias),
-            q_norm=head_norm, k_norm=head_norm)
-        mlp = None
-        if cfg.has_mlp:
+            q_norm=head_norm(H), k_norm=head_norm(K))
+        mlp = moe = None
+        if cfg.n_experts:
+            N, X = cfg.n_experts, cfg.d_expert
+            moe = MoE(W_router=normal(L, D, N), W_in=normal(L, N, D, X), W_gate=normal(L, N, D, X),
+                      W_out=normal(L, N, X, D), W_shared_gate=normal(L, D) if cfg.shared_expert_gate else None)
+        if cfg.has_dense_mlp:
             mlp = MLP(W_in=normal(L, D, M), W_gate=normal(L, D, M) if cfg.gated_mlp else None,
                       W_out=normal(L, M, D), b_in=zeros(L, M, when=cfg.mlp_bias),
                       b_out=zeros(L, D, when=cfg.mlp_bias))
-        sandwich = cfg.norm_placement == "sandwich"
-        blocks = Block(ln1=norm(L), attn=attn, ln1_post=norm(L, when=sandwich),
-                       ln2=norm(L, when=cfg.has_mlp), mlp=mlp, ln2_post=norm(L, when=sandwich and cfg.has_mlp))
+        after = cfg.norm_placement in ("sandwich", "post_sublayer")  # norms on the sublayers' outputs
+        before = cfg.norm_placement != "post_sublayer"
+        blocks = Block(ln1=norm(L, when=before), attn=attn, ln1_post=norm(L, when=after),
+                       ln2=norm(L, when=before and cfg.has_mlp), mlp=mlp, ln2_post=norm(L, when=after and cfg.has_mlp),
+                       moe=moe)
         return cls(
             cfg=cfg,
             W_E=normal(cfg.d_vocab, D),
@@ -418,10 +438,12 @@ def rope_pair(cfg: Config, positions):
     if cfg.positional != "rotary":
         return None
     global_ = rope_tables(rope_frequencies(cfg, cfg.rope_theta, cfg.rope_scaling), positions)
-    if "local" not in cfg.layer_types:
+    factor = rope_attention_factor(cfg.rope_scaling)
+    if factor != 1.0:  # longrope
+        global_ = tuple(table * factor for table in global_)
+    if "local" not in cfg.layer_types or cfg.rope_theta_local is None:  # (Mistral, Phi-3: one rotary everywhere)
         return global_, global_
-    theta_local = cfg.rope_theta if cfg.rope_theta_local is None else cfg.rope_theta_local
-    return global_, rope_tables(rope_frequencies(cfg, theta_local, None), positions)
+    return global_, rope_tables(rope_frequencies(cfg, cfg.rope_theta_local, None), positions)  # Gemma 3
 
 
 def check_inputs(cfg: Config, tokens, attention_mask=None, token_type_ids=None) -> None:
