@@ -14,6 +14,7 @@ from jinterp import (
     models,
     patching,
     probes,
+    recipes,
     sae,
     sharding,
     train,
@@ -43,6 +44,7 @@ from jinterp.loading import LoadError, Tokenizer, load, named_models
 from jinterp.models import Config, Transformer
 from jinterp.models.processing import process_weights
 from jinterp.protocol import Model
+from jinterp.recipes import load_edits, save_edits
 from jinterp.specs import SiteSpec
 from jinterp.treescope_views import sweep_view
 
@@ -50,6 +52,7 @@ __all__ = [
     "Add", "At", "Cache", "Capture", "Config", "Edit", "Generation", "Interchange", "Intervention", "LoadError",
     "Model", "Project", "Replace", "Scale", "SiteSpec", "Tokenizer", "Transformer", "Zero", "ablation", "apply",
     "attention_view", "attribution", "byo", "chain", "circuits", "collect", "compiler_options", "core", "das",
-    "generate", "lens", "llc", "load", "memory", "models", "named_models", "patching", "probes", "process_weights",
-    "reuse_freed_memory", "run", "sae", "sharding", "site", "sites", "sweep_view", "train", "tuned_lens", "wrap",
+    "generate", "lens", "llc", "load", "load_edits", "memory", "models", "named_models", "patching", "probes",
+    "process_weights", "recipes", "reuse_freed_memory", "run", "sae", "save_edits", "sharding", "site", "sites",
+    "sweep_view", "train", "tuned_lens", "wrap",
 ]

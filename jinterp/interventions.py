@@ -249,8 +249,8 @@ def _check_layers(indices, layers: list[int], what: str) -> None:
         raise ValueError(f"{what} {bad[0]} is out of range: there are {len(layers)} layers (valid {valid})")
 
 
-def _check_range(indices: Array, size: int, what: str, plural: str, negative: bool = False) -> None:
-    if not concrete(indices):
+def _check_range(indices: Array, size: int | str, what: str, plural: str, negative: bool = False) -> None:
+    if not concrete(indices) or not isinstance(size, (int, np.integer)):  # a symbolic size ("pos"): checked at run
         return
     values = np.asarray(indices)
     low = -size if negative else 0
