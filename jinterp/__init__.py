@@ -14,6 +14,7 @@ from jinterp import (
     models,
     patching,
     probes,
+    qkov,
     recipes,
     sae,
     sharding,
@@ -26,6 +27,7 @@ from jinterp.byo import site, wrap
 from jinterp.cache import Cache
 from jinterp.collection import collect
 from jinterp.core import apply, run, sites
+from jinterp.factored import FactoredMatrix
 from jinterp.generation import Generation, generate
 from jinterp.interventions import (
     Add,
@@ -49,10 +51,10 @@ from jinterp.specs import SiteSpec
 from jinterp.treescope_views import sweep_view
 
 __all__ = [
-    "Add", "At", "Cache", "Capture", "Config", "Edit", "Generation", "Interchange", "Intervention", "LoadError",
-    "Model", "Project", "Replace", "Scale", "SiteSpec", "Tokenizer", "Transformer", "Zero", "ablation", "apply",
-    "attention_view", "attribution", "byo", "chain", "circuits", "collect", "compiler_options", "core", "das",
+    "Add", "At", "Cache", "Capture", "Config", "Edit", "FactoredMatrix", "Generation", "Interchange", "Intervention",
+    "LoadError", "Model", "Project", "Replace", "Scale", "SiteSpec", "Tokenizer", "Transformer", "Zero", "ablation",
+    "apply", "attention_view", "attribution", "byo", "chain", "circuits", "collect", "compiler_options", "core", "das",
     "generate", "lens", "llc", "load", "load_edits", "memory", "models", "named_models", "patching", "probes",
-    "process_weights", "recipes", "reuse_freed_memory", "run", "sae", "save_edits", "sharding", "site", "sites",
+    "process_weights", "qkov", "recipes", "reuse_freed_memory", "run", "sae", "save_edits", "sharding", "site", "sites",
     "sweep_view", "train", "tuned_lens", "wrap",
 ]
