@@ -2,6 +2,7 @@
 
 from jinterp import (
     ablation,
+    acdc,
     attention_view,
     attribution,
     byo,
@@ -53,8 +54,8 @@ from jinterp.treescope_views import sweep_view
 __all__ = [
     "Add", "At", "Cache", "Capture", "Config", "Edit", "FactoredMatrix", "Generation", "Interchange", "Intervention",
     "LoadError", "Model", "Project", "Replace", "Scale", "SiteSpec", "Tokenizer", "Transformer", "Zero", "ablation",
-    "apply", "attention_view", "attribution", "byo", "chain", "circuits", "collect", "compiler_options", "core", "das",
-    "generate", "lens", "llc", "load", "load_edits", "memory", "models", "named_models", "patching", "probes",
+    "acdc", "apply", "attention_view", "attribution", "byo", "chain", "circuits", "collect", "compiler_options", "core",
+    "das", "generate", "lens", "llc", "load", "load_edits", "memory", "models", "named_models", "patching", "probes",
     "process_weights", "qkov", "recipes", "reuse_freed_memory", "run", "sae", "save_edits", "sharding", "site", "sites",
     "sweep_view", "train", "tuned_lens", "wrap",
 ]
