@@ -113,7 +113,7 @@ def _writers(graph: Graph, cfg) -> list[np.ndarray]:
 
 def acdc(model: Transformer, clean, corrupted, tau: float, *, metric: Callable | None = None,
          absolute: bool = False, attention_mask=None, logit_positions=None, batched: bool = True,
-         memory_budget: float = 2e9, progress: bool = True) -> ACDCResult:
+         memory_budget: float = 2e9, progress: bool = True, step: Callable | None = None) -> ACDCResult:
     """Find a circuit with ACDC on the edge graph of ``model`` (see the module docstring).
 
     Args:
@@ -126,6 +126,9 @@ def acdc(model: Transformer, clean, corrupted, tau: float, *, metric: Callable |
         absolute: compare ``|change|`` with ``tau`` (for metrics where both directions matter).
         batched: the trials of a receiver as one vmapped program (default); False: one forward per trial.
         memory_budget: bytes the vmapped trials of one chunk may use.
+        step: ``step(name, compute)`` returns ``compute()`` or a saved result of it: each receiver's
+            trials and decision are one step (``jinterp.runs.Run.step`` makes a run resumable after
+            any interruption, receiver by receiver). Default: just ``compute()``.
     """
     start = time.perf_counter()
     if isinstance(tau, bool) or not isinstance(tau, (int, float, np.number)) or not (math.isfinite(tau) and tau >= 0):
@@ -162,36 +165,41 @@ def acdc(model: Transformer, clean, corrupted, tau: float, *, metric: Callable |
     most = int(graph.valid.sum(0).max())
     chunk = max(1, min(most, memory.how_many_fit(memory_budget, per_trial, unit="edge trial",
                                                    hint="use fewer or shorter inputs, or logit_positions")))
-    forwards = 0
-    full, empty = evaluate(np.stack([drop, graph.valid.astype(np.float32)]))
-    forwards += 2
-    current = float(full)
+    step = step or (lambda name, compute: compute())
+    ends = step("acdc/ends", lambda: evaluate(np.stack([drop, graph.valid.astype(np.float32)])).astype(np.float64))
+    full, empty = (float(x) for x in np.asarray(ends))
+    forwards, trials, current = 2, 0, full
     effects = np.full(graph.valid.shape, np.nan, np.float32)
     writers = _writers(graph, model.cfg)
-    trials = 0
-    order = list(reversed(range(len(graph.downstream))))
     from tqdm.auto import tqdm
 
-    for v in tqdm(order, desc="ACDC receivers", disable=not progress):
+    for v in tqdm(list(reversed(range(len(graph.downstream)))), desc="ACDC receivers", disable=not progress):
         parents = np.flatnonzero(graph.valid[:, v] & (drop[:, v] == 0))
         if not len(parents):
             continue
         if len(writers[v]) and not (graph.valid[writers[v]] & (drop[writers[v]] == 0)).any():
             drop[parents, v] = 1.0  # this reader's output reaches nothing kept: its inputs cannot matter
             continue
-        drops = np.repeat(drop[None], len(parents), 0)
-        drops[np.arange(len(parents)), parents, v] = 1.0
-        change = evaluate(drops) - current
+
+        def decide(v=v, parents=parents, current=current):
+            drops = np.repeat(drop[None], len(parents), 0)
+            drops[np.arange(len(parents)), parents, v] = 1.0
+            change = evaluate(drops) - current
+            removed = (np.abs(change) if absolute else change) < tau
+            after = drop.copy()
+            after[parents[removed], v] = 1.0
+            new = float(evaluate(after[None])[0]) if removed.any() else current
+            return {"change": change.astype(np.float32), "removed": removed.astype(np.int8), "metric": np.float64(new)}
+
+        outcome = step(f"acdc/{v:05d}", decide)
+        removed = np.asarray(outcome["removed"]).astype(bool)
+        effects[parents, v] = np.asarray(outcome["change"])
+        drop[parents[removed], v] = 1.0
+        current = float(outcome["metric"])
         trials += len(parents)
-        forwards += len(parents)
-        effects[parents, v] = change
-        removed = parents[(np.abs(change) if absolute else change) < tau]
-        if len(removed):
-            drop[removed, v] = 1.0
-            current = float(evaluate(drop[None])[0])
-            forwards += 1
+        forwards += len(parents) + int(removed.any())
     circuit = graph.valid & (drop == 0)
-    result = ACDCResult(circuit, graph, effects, current, float(full), float(empty), float(tau), trials, forwards,
+    result = ACDCResult(circuit, graph, effects, current, full, empty, tau, trials, forwards,
                         time.perf_counter() - start,
                         [(graph.upstream[u], graph.downstream[d]) for u, d in zip(*np.nonzero(circuit))])
     if result.n_edges in (0, graph.n_edges):
