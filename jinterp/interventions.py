@@ -445,7 +445,8 @@ def flatten(interventions) -> tuple[Intervention, ...]:
     if isinstance(interventions, Iterable) and not isinstance(interventions, (str, bytes)):
         return tuple(i for item in interventions for i in flatten(item))
     raise TypeError(f"Expected an Intervention (Replace, Add, Scale, Zero, Capture, ...) or a list of "
-                    f"them, got {type(interventions).__name__}: {interventions!r}")
+                    f"them (jinterp.run and generate also take a recipe's .json path, see jinterp.save_edits), got "
+                    f"{type(interventions).__name__}: {interventions!r}")
 
 
 class SiteHook:
