@@ -9,14 +9,16 @@ default metric is the KL divergence of the circuit's next-token distribution fro
 on the clean input (lower is better), so an edge stays when removing it moves the output by ``tau``
 nats or more.
 
-jinterp's twist: the trials of one receiver are one ``vmap`` over edge masks inside one compiled
-program (chunked by the memory budget), not a Python loop of forwards. So they are all made against
-the circuit as it is when the receiver is reached, and the edges they find unimportant are removed
-together; the reference implementation tries them one after another, each trial seeing the
-removals before it. The two agree where edges into one receiver do not stand in for each other; the
-circuit's own metric (``ACDCResult.metric``) says how far the pruned circuit is from the full model
-either way. ``batched=False`` runs exactly the same trials one forward each (the baseline the
-benchmark compares with).
+jinterp's twist: the trials of a receiver are one ``vmap`` over edge masks inside one compiled program
+(chunked by the memory budget), not a Python loop of forwards. The reference implementation tries the
+edges one after another, each trial against the circuit with the removals before it. Here every edge
+is first tried alone against the circuit as the receiver finds it (one vmapped batch: its effect);
+the edges whose effect is below ``tau`` are then removed one after another in order of effect, each
+only if the metric moves by less than ``tau`` from the circuit with the removals before it, which is
+ACDC's rule in that order: the removals of every prefix of the candidates are one more vmapped batch,
+and after an edge fails the rest are retried from there. So edges that stand in for each other are
+not all removed together. ``batched=False`` runs exactly the same trials one forward each (the
+baseline the benchmark compares with).
 
 A receiver whose writer no longer reaches the output (a head none of whose outgoing edges is left)
 is skipped: its incoming edges cannot matter, and are removed without trials.
@@ -154,7 +156,8 @@ def acdc(model: Transformer, clean, corrupted, tau: float, *, metric: Callable |
         out = []
         for first in range(0, len(drops), chunk):
             part = drops[first:first + chunk]
-            size = min(chunk, 1 << (len(part) - 1).bit_length())  # powers of two: a few compiled sizes
+            # Powers of two from 8: a few compiled sizes (compiling dominates small models' trials).
+            size = min(chunk, max(8, 1 << (len(part) - 1).bit_length()))
             padded = np.concatenate([part, np.repeat(part[-1:], size - len(part), 0)])
             out.append(np.asarray(_trials(model, clean, patch, jnp.asarray(padded, dtype), measure, reference,
                                           attention_mask, logit_positions))[:len(part)])
@@ -185,11 +188,28 @@ def acdc(model: Transformer, clean, corrupted, tau: float, *, metric: Callable |
             drops = np.repeat(drop[None], len(parents), 0)
             drops[np.arange(len(parents)), parents, v] = 1.0
             change = evaluate(drops) - current
-            removed = (np.abs(change) if absolute else change) < tau
-            after = drop.copy()
-            after[parents[removed], v] = 1.0
-            new = float(evaluate(after[None])[0]) if removed.any() else current
-            return {"change": change.astype(np.float32), "removed": removed.astype(np.int8), "metric": np.float64(new)}
+            small = lambda x: (np.abs(x) if absolute else x) < tau  # noqa: E731
+            # Removed one after another, smallest effect first, each only if the metric then moves by less
+            # than tau from the circuit with the removals before it (ACDC's rule): the removals of every
+            # prefix of the candidates are one vmapped batch; a rejected edge stays and the rest retry.
+            remaining = list(np.argsort(change, kind="stable")[small(np.sort(change, kind="stable"))])
+            removed = np.zeros(len(parents), bool)
+            after, new, forwards = drop.copy(), current, len(parents)
+            while remaining:
+                forwards += len(remaining)
+                prefixes = np.repeat(after[None], len(remaining), 0)
+                for k, i in enumerate(remaining):
+                    prefixes[k:, parents[i], v] = 1.0
+                metrics = evaluate(prefixes)
+                good = small(np.diff(np.concatenate([[new], metrics])))
+                n = int(np.argmin(good)) if not good.all() else len(remaining)
+                for i in remaining[:n]:
+                    removed[i] = True
+                    after[parents[i], v] = 1.0
+                new = float(metrics[n - 1]) if n else new
+                remaining = remaining[n + 1:]
+            return {"change": change.astype(np.float32), "removed": removed.astype(np.int8), "metric": np.float64(new),
+                    "forwards": np.int64(forwards)}
 
         outcome = step(f"acdc/{v:05d}", decide)
         removed = np.asarray(outcome["removed"]).astype(bool)
@@ -197,7 +217,7 @@ def acdc(model: Transformer, clean, corrupted, tau: float, *, metric: Callable |
         drop[parents[removed], v] = 1.0
         current = float(outcome["metric"])
         trials += len(parents)
-        forwards += len(parents) + int(removed.any())
+        forwards += int(outcome["forwards"])
     circuit = graph.valid & (drop == 0)
     result = ACDCResult(circuit, graph, effects, current, full, empty, tau, trials, forwards,
                         time.perf_counter() - start,
