@@ -37,7 +37,7 @@ import optax
 from jaxtyping import Array, Float, Int
 
 import jinterp
-from jinterp import llc, plots
+from jinterp import llc, plots, qkov
 from jinterp.report import Report, write_json
 from jinterp.runs import Experiment, Run, option
 from jinterp.train import train
@@ -185,19 +185,14 @@ def evaluate(model: jinterp.Transformer, tokens: Int[Array, "batch 2L"]) -> dict
             "previous_token": previous_token_score(pattern).mean(1)}
 
 
-@eqx.filter_jit
 def k_composition(model: jinterp.Transformer) -> Float[Array, "head0 head1"]:
     """K-composition scores (Elhage et al. 2021) ``[layer-0 head, layer-1 head]``: how much of what each
-    layer-0 head writes is read by each layer-1 head's keys, ``|W_QK^1 (W_OV^0)^T|_F / (|W_QK^1|_F |W_OV^0|_F)``
+    layer-0 head writes is read by each layer-1 head's keys, ``|W_OV^0 (W_QK^1)^T|_F / (|W_OV^0|_F |W_QK^1|_F)``
     in the row-vector convention (``x W_OV`` is the layer-0 head's output, ``x W_QK y^T`` the layer-1
-    score of query ``x`` and key ``y``). LayerNorm weights are folded in and writing weights centred
-    first (``jinterp.process_weights``), so the matrices are the ones acting on the residual stream."""
-    attn = jinterp.process_weights(model).blocks.attn
-    qk = jnp.einsum("hde,hfe->hdf", attn.W_Q[1], attn.W_K[1])  # [head1, d_model, d_model]
-    ov = jnp.einsum("hde,hef->hdf", attn.W_V[0], attn.W_O[0])  # [head0, d_model, d_model]
-    product = jnp.einsum("jdf,igf->ijdg", qk, ov)  # W_QK^j (W_OV^i)^T
-    norm = lambda m: jnp.sqrt((m**2).sum((-2, -1)))  # noqa: E731
-    return norm(product) / (norm(ov)[:, None] * norm(qk)[None, :])
+    score of query ``x`` and key ``y``), from ``jinterp.qkov.composition_scores``: LayerNorm weights
+    folded in and writing weights centred first (``jinterp.process_weights``), so the matrices are the
+    ones acting on the residual stream."""
+    return qkov.composition_scores(model, "k")[0, :, 1, :]
 
 
 # Computation --------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from jinterp import (
     ablation,
+    acdc,
     attention_view,
     attribution,
     byo,
@@ -15,6 +16,8 @@ from jinterp import (
     moe,
     patching,
     probes,
+    qkov,
+    recipes,
     sae,
     sharding,
     train,
@@ -26,6 +29,7 @@ from jinterp.byo import site, wrap
 from jinterp.cache import Cache
 from jinterp.collection import collect
 from jinterp.core import apply, run, sites
+from jinterp.factored import FactoredMatrix
 from jinterp.generation import Generation, generate
 from jinterp.interventions import (
     Add,
@@ -44,14 +48,15 @@ from jinterp.loading import LoadError, Tokenizer, load, named_models
 from jinterp.models import Config, Transformer
 from jinterp.models.processing import process_weights
 from jinterp.protocol import Model
+from jinterp.recipes import load_edits, save_edits
 from jinterp.specs import SiteSpec
 from jinterp.treescope_views import sweep_view
 
 __all__ = [
-    "Add", "At", "Cache", "Capture", "Config", "Edit", "Generation", "Interchange", "Intervention", "LoadError",
-    "Model", "Project", "Replace", "Scale", "SiteSpec", "Tokenizer", "Transformer", "Zero", "ablation", "apply",
-    "attention_view", "attribution", "byo", "chain", "circuits", "collect", "compiler_options", "core", "das",
-    "generate", "lens", "llc", "load", "memory", "models", "moe", "named_models", "patching", "probes",
-    "process_weights", "reuse_freed_memory", "run", "sae", "sharding", "site", "sites", "sweep_view", "train",
-    "tuned_lens", "wrap",
+    "Add", "At", "Cache", "Capture", "Config", "Edit", "FactoredMatrix", "Generation", "Interchange", "Intervention",
+    "LoadError", "Model", "Project", "Replace", "Scale", "SiteSpec", "Tokenizer", "Transformer", "Zero", "ablation",
+    "acdc", "apply", "attention_view", "attribution", "byo", "chain", "circuits", "collect", "compiler_options", "core",
+    "das", "generate", "lens", "llc", "load", "load_edits", "memory", "models", "moe", "named_models", "patching",
+    "probes", "process_weights", "qkov", "recipes", "reuse_freed_memory", "run", "sae", "save_edits", "sharding", "site",
+    "sites", "sweep_view", "train", "tuned_lens", "wrap",
 ]

@@ -234,15 +234,27 @@ def faithfulness(model: Transformer, circuit: np.ndarray, clean, corrupted, metr
     if circuit.shape != graph.valid.shape:
         raise ValueError(f"circuit has shape {circuit.shape}; this model's graph is {graph.valid.shape}")
     pair(model, clean, corrupted, "denoise", attention_mask=attention_mask)
-    capture = [c for c in _CAPTURE if model.cfg.has_mlp or "mlp" not in c]
     clean_logits, _ = run(model, clean, attention_mask=attention_mask, logit_positions=logit_positions)
-    corrupt_logits, corrupt = run(model, corrupted, capture=capture, attention_mask=attention_mask,
-                                  logit_positions=logit_positions)
-    drop = jnp.asarray(graph.valid & ~circuit, corrupt["blocks.0.resid_pre"].dtype)
-    patch = EdgePatch(model.cfg, drop, corrupt["blocks.0.resid_pre"], corrupt.stack("attn.z"),
-                      corrupt.stack("mlp_out") if model.cfg.has_mlp else None, model.blocks.attn.W_O)
+    corrupt_logits, patch = edge_patch(model, circuit, corrupted, attention_mask=attention_mask,
+                                       logit_positions=logit_positions)
     circuit_logits, _ = run(model, clean, edits=patch, attention_mask=attention_mask,
                             logit_positions=logit_positions)
     clean, corrupted, kept = (float(metric(x)) for x in (clean_logits, corrupt_logits, circuit_logits))
     return dict(clean=clean, corrupted=corrupted, circuit=kept, faithfulness=kept / clean,
                 normalized=(kept - corrupted) / (clean - corrupted), edges=int(circuit.sum()), of=graph.n_edges)
+
+
+def edge_patch(model: Transformer, circuit: np.ndarray, corrupted, *, attention_mask=None, logit_positions=None):
+    """The edge patch that feeds every edge outside ``circuit`` its value from the ``corrupted`` run:
+    ``(corrupted logits, EdgePatch)``; run the clean tokens with it (``jinterp.run(..., edits=patch)``)."""
+    graph = Graph.of(model.cfg)
+    circuit = np.asarray(circuit, bool)
+    if circuit.shape != graph.valid.shape:
+        raise ValueError(f"circuit has shape {circuit.shape}; this model's graph is {graph.valid.shape}")
+    capture = [c for c in _CAPTURE if model.cfg.has_mlp or "mlp" not in c]
+    logits, corrupt = run(model, corrupted, capture=capture, attention_mask=attention_mask,
+                          logit_positions=logit_positions)
+    drop = jnp.asarray(graph.valid & ~circuit, corrupt["blocks.0.resid_pre"].dtype)
+    patch = EdgePatch(model.cfg, drop, corrupt["blocks.0.resid_pre"], corrupt.stack("attn.z"),
+                      corrupt.stack("mlp_out") if model.cfg.has_mlp else None, model.blocks.attn.W_O)
+    return logits, patch

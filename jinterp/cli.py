@@ -1,4 +1,5 @@
-"""The ``jinterp`` command: run experiments, list models and sites, rebuild reports."""
+"""The ``jinterp`` command: run experiments, generate (with intervention recipes), list models and sites,
+rebuild reports."""
 
 from __future__ import annotations
 
@@ -56,6 +57,19 @@ def sites(args) -> None:
         print(f"{name:<40} [{', '.join(map(str, shape))}]")
 
 
+def generate(args) -> None:
+    import jinterp
+
+    model, tokenizer = jinterp.load(args.model, progress=not args.quiet)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer (tokenizer.json), so a text prompt cannot be encoded")
+    edits = [jinterp.load_edits(path, model, allow_other_model=args.allow_other_model) for path in args.edits]
+    out = jinterp.generate(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, edits=edits)
+    for prompt, text in zip(args.prompt, out.texts):
+        print(prompt + text)
+
+
 def report(args) -> None:
     from jinterp import runs
 
@@ -95,6 +109,24 @@ def parser() -> argparse.ArgumentParser:
     sites_parser = commands.add_parser("sites", help="list a model's sites and their shapes")
     sites_parser.add_argument("model", metavar="MODEL", help="registered model name, .gguf file or HF directory")
     sites_parser.set_defaults(handler=sites)
+
+    generate_parser = commands.add_parser(
+        "generate", help="continue prompts, optionally with a saved intervention recipe applied",
+        description="Continue each PROMPT with MODEL; --edits applies recipes saved by jinterp.save_edits (a "
+                    "steering vector, an ablation set) at the prompt and every new token.")
+    generate_parser.add_argument("model", metavar="MODEL", help="registered model name, .gguf file or HF directory")
+    generate_parser.add_argument("prompt", nargs="+", metavar="PROMPT")
+    generate_parser.add_argument("--edits", action="append", default=[], metavar="RECIPE.json",
+                                 help="a recipe file (repeat for several; applied in order)")
+    generate_parser.add_argument("--allow-other-model", action="store_true",
+                                 help="load recipes made for other weights (their fingerprint differs)")
+    generate_parser.add_argument("--max-new-tokens", type=int, default=20)
+    generate_parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    generate_parser.add_argument("--top-k", type=int)
+    generate_parser.add_argument("--top-p", type=float)
+    generate_parser.add_argument("--seed", type=int, default=0)
+    generate_parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    generate_parser.set_defaults(handler=generate)
 
     report_parser = commands.add_parser("report", help="rebuild a run's report from its saved results")
     report_parser.add_argument("directory", metavar="DIR")

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jinterp import interventions as iv
+from jinterp import recipes
 from jinterp._compile import jit
 from jinterp.cache import Cache
 from jinterp.protocol import Model
@@ -52,7 +53,8 @@ def run(model: Model, inputs, *, capture=(), edits=(), mesh=None, check: bool = 
             every layer; ``"all"`` for every site). Captured values are the values the forward
             continues with, i.e. after this run's edits at that site.
         edits: an intervention or a list of them (``Replace``, ``Add``, ``Scale``, ``Zero``, ...),
-            applied in order at their sites.
+            applied in order at their sites; or the path of a recipe saved by ``jinterp.save_edits``
+            (loaded for this model: one made for other weights is refused, see ``jinterp.recipes``).
         mesh: a ``jax.sharding.Mesh`` (``jinterp.sharding.mesh()``), for models that can split their
             batch over its ``"data"`` axis (jinterp transformers; weights replicated unless
             ``jinterp.sharding.shard_model`` split them).
@@ -67,7 +69,7 @@ def run(model: Model, inputs, *, capture=(), edits=(), mesh=None, check: bool = 
     """
     model.check_inputs(inputs, **options)
     specs = model.site_specs(inputs, **options)
-    edits = iv.flatten(edits)
+    edits = iv.flatten(recipes.expand(edits, model, specs))
     validate(specs, edits)
     edited = frozenset(kind for edit in edits for kind in edit.kinds())
     captures, plan = model.plan_captures(specs, match(specs, capture), edited)

@@ -26,6 +26,7 @@ from jaxtyping import Array, Float, Int
 
 from jinterp import interventions as iv
 from jinterp import names as S
+from jinterp import recipes
 from jinterp._compile import jit
 from jinterp.cache import Cache, from_records
 from jinterp.core import validate
@@ -194,7 +195,7 @@ def generate(model: Transformer, tokenizer, prompts, max_new_tokens: int, *, tem
             row stops once its new tokens end with one (a string: its token encoding,
             ``tokenizer.encode(s, prepend_bos=False)``, as consecutive new tokens).
             None (default): the tokenizer's EOS token; ``()``: never stop early.
-        edits: interventions as ``jinterp.run`` takes them, applied in the prompt pass and every
+        edits: interventions as ``jinterp.run`` takes them (a recipe's path too), applied in the prompt pass and every
             decode step. Edits without positions apply at every position; positions name slots of
             the whole sequence: the padded prompt (length P) then the new tokens (``P + t`` is new
             token t); negative positions count from the end of the prompt (-1: its last token).
@@ -221,8 +222,8 @@ def generate(model: Transformer, tokenizer, prompts, max_new_tokens: int, *, tem
     check_inputs(cfg, prompt, mask)
     sampling = _sampling(cfg, temperature, top_k, top_p)
     stops, stop_lengths = _stops(tokenizer, stop, cfg.d_vocab)
-    edits = iv.flatten(edits)
     specs = model.site_specs(jax.ShapeDtypeStruct((prompt.shape[0], total), jnp.int32))
+    edits = iv.flatten(recipes.expand(edits, model, specs))
     validate(specs, edits)
     _check_positions(edits, prompt.shape[1])
     edits = _absolute(edits, prompt.shape[1])

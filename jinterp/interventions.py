@@ -250,8 +250,8 @@ def _check_layers(indices, layers: list[int], what: str) -> None:
         raise ValueError(f"{what} {bad[0]} is out of range: there are {len(layers)} layers (valid {valid})")
 
 
-def _check_range(indices: Array, size: int, what: str, plural: str, negative: bool = False) -> None:
-    if not concrete(indices):
+def _check_range(indices: Array, size: int | str, what: str, plural: str, negative: bool = False) -> None:
+    if not concrete(indices) or not isinstance(size, (int, np.integer)):  # a symbolic size ("pos"): checked at run
         return
     values = np.asarray(indices)
     low = -size if negative else 0
@@ -447,7 +447,8 @@ def flatten(interventions) -> tuple[Intervention, ...]:
     if isinstance(interventions, Iterable) and not isinstance(interventions, (str, bytes)):
         return tuple(i for item in interventions for i in flatten(item))
     raise TypeError(f"Expected an Intervention (Replace, Add, Scale, Zero, Capture, ...) or a list of "
-                    f"them, got {type(interventions).__name__}: {interventions!r}")
+                    f"them (jinterp.run and generate also take a recipe's .json path, see jinterp.save_edits), got "
+                    f"{type(interventions).__name__}: {interventions!r}")
 
 
 class SiteHook:

@@ -8,6 +8,7 @@ saves and embeds the figure.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt  # the backend is the caller's: inline in a notebook, Agg in reports
@@ -250,3 +251,59 @@ def _text_colour(image, value) -> str:
     """White on dark cells, black on light ones."""
     r, g, b, _ = image.cmap(image.norm(value))
     return "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
+
+
+def circuit_graph(circuit, graph, effects=None, *, ax=None, title: str = ""):
+    """A circuit of ``jinterp.circuits`` / ``jinterp.acdc`` as a graph: nodes by layer (the input at the
+    bottom, the logits at the top), one arrow per kept edge from writer to reader, its width and colour by
+    ``|effect|`` (e.g. ``ACDCResult.effects``; equal widths without).
+
+    A writer and the readers of the same head or MLP share one node (``L1H2`` for ``L1H2`` and its
+    ``.q``/``.k``/``.v``; a key/value reader of several query heads is drawn at its kv head's node).
+    """
+    circuit = np.asarray(circuit, bool)
+    edges = list(zip(*np.nonzero(circuit)))
+    ax = ax if ax is not None else plt.subplots(figsize=(8, 6))[1]
+
+    def node(name: str) -> str:
+        return name.split(".")[0]
+
+    def level(name: str) -> float:
+        if name == "input":
+            return -1.0
+        if name == "logits":
+            return math.inf
+        layer = int(name[1:].split("H")[0].split("K")[0].split("M")[0])
+        return layer + (0.5 if name.endswith("MLP") else 0.0)
+
+    names = sorted({node(graph.upstream[u]) for u, _ in edges} | {node(graph.downstream[d]) for _, d in edges},
+                   key=lambda n: (level(n), n))
+    levels = sorted({level(n) for n in names})
+    top = (max(level for level in levels if math.isfinite(level)) + 1) if any(map(math.isfinite, levels)) else 0
+    position = {}
+    for lv in levels:
+        row = [n for n in names if level(n) == lv]
+        for i, name in enumerate(row):
+            position[name] = (i - (len(row) - 1) / 2, top if math.isinf(lv) else lv)
+    weights = np.ones(len(edges)) if effects is None else np.nan_to_num(
+        np.abs(np.asarray(effects, float)[tuple(np.asarray(edges).T)]) if edges else np.zeros(0))
+    scale = weights.max() if len(weights) and weights.max() > 0 else 1.0
+    cmap = plt.get_cmap("viridis")
+    for (u, d), w in zip(edges, weights):
+        (x0, y0), (x1, y1) = position[node(graph.upstream[u])], position[node(graph.downstream[d])]
+        ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=dict(
+            arrowstyle="->", lw=0.5 + 3.5 * w / scale, color=cmap(0.15 + 0.8 * w / scale), shrinkA=10, shrinkB=10,
+            connectionstyle="arc3,rad=0.1"))
+        label = graph.downstream[d].partition(".")[2]
+        if label:
+            ax.text(x0 + 0.55 * (x1 - x0), y0 + 0.55 * (y1 - y0), label, fontsize=7, color="0.3")
+    for name, (x, y) in position.items():
+        ax.text(x, y, name, ha="center", va="center", fontsize=8,
+                bbox=dict(boxstyle="round,pad=0.3", fc="white", ec="0.5"))
+    xs = [x for x, _ in position.values()] or [0]
+    ys = [y for _, y in position.values()] or [0]
+    ax.set(xlim=(min(xs) - 1, max(xs) + 1), ylim=(min(ys) - 0.7, max(ys) + 0.7), title=title or
+           f"circuit: {len(edges)} edges")
+    ax.set_ylabel("layer")
+    ax.set_xticks([])
+    return ax

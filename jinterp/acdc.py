@@ -1,0 +1,247 @@
+"""ACDC (Conmy et al. 2023): automatic circuit discovery by pruning edges of the computational graph.
+
+On the edge graph of ``jinterp.circuits`` (writers: the input, every head, every MLP; readers: each
+head's query/key/value input, MLP inputs, the logits), ACDC walks the readers from the logits backwards.
+For each reader (*receiver*) it tries removing each edge still coming into it — the edge is fed its
+value from the corrupted run (edge patching, ``circuits.EdgePatch``), everything else as in the
+current circuit — and removes the edge for good when the metric changes by less than ``tau``. The
+default metric is the KL divergence of the circuit's next-token distribution from the full model's
+on the clean input (lower is better), so an edge stays when removing it moves the output by ``tau``
+nats or more.
+
+jinterp's twist: the trials of a receiver are one ``vmap`` over edge masks inside one compiled program
+(chunked by the memory budget), not a Python loop of forwards. The reference implementation tries the
+edges one after another, each trial against the circuit with the removals before it. Here every edge
+is first tried alone against the circuit as the receiver finds it (one vmapped batch: its effect);
+the edges whose effect is below ``tau`` are then removed one after another in order of effect, each
+only if the metric moves by less than ``tau`` from the circuit with the removals before it, which is
+ACDC's rule in that order: the removals of every prefix of the candidates are one more vmapped batch,
+and after an edge fails the rest are retried from there. So edges that stand in for each other are
+not all removed together. ``batched=False`` runs exactly the same trials one forward each (the
+baseline the benchmark compares with).
+
+A receiver whose writer no longer reaches the output (a head none of whose outgoing edges is left)
+is skipped: its incoming edges cannot matter, and are removed without trials.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jinterp import memory
+from jinterp._compile import jit
+from jinterp.circuits import Graph, edge_patch
+from jinterp.core import apply, run
+from jinterp.models.transformer import Transformer
+from jinterp.patching import pair
+
+
+@dataclass
+class ACDCResult:
+    """What ``acdc`` found.
+
+    ``circuit``: the kept edges, ``[n_upstream, n_downstream]`` bool; ``graph``: the ``Graph``;
+    ``effects``: the metric change each trial measured (NaN for edges never tried);
+    ``metric``: the circuit's metric (KL to the full model by default); ``metric_full`` and
+    ``metric_empty``: the metric with every edge kept and with none; ``trials``: the edge trials
+    run; ``forwards``: every forward pass, trials included; ``seconds``: the time taken.
+    """
+
+    circuit: np.ndarray
+    graph: Graph
+    effects: np.ndarray
+    metric: float
+    metric_full: float
+    metric_empty: float
+    tau: float
+    trials: int
+    forwards: int
+    seconds: float
+    edges: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def nodes(self) -> list[str]:
+        """The writers and readers the kept edges join, writers first."""
+        up = [self.graph.upstream[u] for u in np.flatnonzero(self.circuit.any(1))]
+        down = [self.graph.downstream[d] for d in np.flatnonzero(self.circuit.any(0))]
+        return up + down
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.circuit.sum())
+
+
+@jit
+def _trials(model, tokens, patch, drops, metric, reference, attention_mask, logit_positions):
+    def one(drop):
+        edited = eqx.tree_at(lambda p: p.drop, patch, drop)
+        logits = apply(model, tokens, (edited,), attention_mask=attention_mask, logit_positions=logit_positions)[0]
+        return metric(logits, reference)
+
+    return jax.vmap(one)(drops)
+
+
+def _writers(graph: Graph, cfg) -> list[np.ndarray]:
+    """For each reader, the writer rows whose output it feeds (its head, the query heads of its kv head,
+    its MLP); empty for the logits."""
+    group = cfg.n_heads // cfg.n_kv_heads
+    index = {name: i for i, name in enumerate(graph.upstream)}
+    out = []
+    for name in graph.downstream:
+        found = re.fullmatch(r"L(\d+)(?:(H|KV)(\d+)\.([qkv])|MLP)", name)
+        if found is None:  # the logits
+            out.append(np.zeros(0, int))
+            continue
+        layer, kind, j, part = found.groups()
+        if kind is None:
+            out.append(np.asarray([index[f"L{layer}MLP"]]))
+        elif kind == "H" and (part == "q" or group == 1):
+            out.append(np.asarray([index[f"L{layer}H{j}"]]))
+        else:  # L{l}KV{j}.k / .v: the query heads reading kv head j
+            j = int(j)
+            out.append(np.asarray([index[f"L{layer}H{h}"] for h in range(j * group, (j + 1) * group)]))
+    return out
+
+
+def acdc(model: Transformer, clean, corrupted, tau: float, *, metric: Callable | None = None,
+         absolute: bool = False, attention_mask=None, logit_positions=None, batched: bool = True,
+         memory_budget: float = 2e9, progress: bool = True, step: Callable | None = None) -> ACDCResult:
+    """Find a circuit with ACDC on the edge graph of ``model`` (see the module docstring).
+
+    Args:
+        clean, corrupted: token ids ``[batch, seq]``; the circuit runs the clean tokens, removed edges
+            carry their value from the corrupted run.
+        tau: an edge is removed when removing it changes the metric by less than this.
+        metric: ``metric(logits) -> scalar``, lower meaning closer to the full model (for a logit
+            difference pass its negation); default the KL divergence of the full model's next-token
+            distribution on the clean tokens from the circuit's (at ``logit_positions``).
+        absolute: compare ``|change|`` with ``tau`` (for metrics where both directions matter).
+        batched: the trials of a receiver as one vmapped program (default); False: one forward per trial.
+        memory_budget: bytes the vmapped trials of one chunk may use.
+        step: ``step(name, compute)`` returns ``compute()`` or a saved result of it: each receiver's
+            trials and decision are one step (``jinterp.runs.Run.step`` makes a run resumable after
+            any interruption, receiver by receiver). Default: just ``compute()``.
+    """
+    start = time.perf_counter()
+    if isinstance(tau, bool) or not isinstance(tau, (int, float, np.number)) or not (math.isfinite(tau) and tau >= 0):
+        raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
+    tau = float(tau)
+    graph = Graph.of(model.cfg)
+    pair(model, clean, corrupted, "denoise", attention_mask=attention_mask)  # checks the two fit together
+    clean, corrupted = jnp.asarray(clean), jnp.asarray(corrupted)
+    options = dict(attention_mask=attention_mask, logit_positions=logit_positions)
+    clean_logits, _ = run(model, clean, **options)
+    if metric is None:
+        reference, measure = jax.nn.log_softmax(clean_logits.astype(jnp.float32), -1), _kl
+    else:
+        reference, measure = jnp.zeros(()), _user(metric)
+    _, patch = edge_patch(model, graph.valid, corrupted, **options)  # drop filled in per trial
+    dtype = patch.drop.dtype
+    drop = np.zeros(graph.valid.shape, np.float32)
+
+    def evaluate(drops: np.ndarray) -> np.ndarray:
+        if not batched:
+            return np.asarray([float(_trials(model, clean, patch, jnp.asarray(d[None], dtype), measure, reference,
+                                             attention_mask, logit_positions)[0]) for d in drops])
+        out = []
+        for first in range(0, len(drops), chunk):
+            part = drops[first:first + chunk]
+            # Powers of two from 8: a few compiled sizes (compiling dominates small models' trials).
+            size = min(chunk, max(8, 1 << (len(part) - 1).bit_length()))
+            padded = np.concatenate([part, np.repeat(part[-1:], size - len(part), 0)])
+            out.append(np.asarray(_trials(model, clean, patch, jnp.asarray(padded, dtype), measure, reference,
+                                          attention_mask, logit_positions))[:len(part)])
+        return np.concatenate(out)
+
+    specs = model.site_specs(clean, **options)
+    per_trial = memory.run_bytes(specs) + graph.valid.shape[0] * clean.size * model.cfg.d_model * 4 * 2
+    most = int(graph.valid.sum(0).max())
+    chunk = max(1, min(most, memory.how_many_fit(memory_budget, per_trial, unit="edge trial",
+                                                   hint="use fewer or shorter inputs, or logit_positions")))
+    step = step or (lambda name, compute: compute())
+    ends = step("acdc/ends", lambda: evaluate(np.stack([drop, graph.valid.astype(np.float32)])).astype(np.float64))
+    full, empty = (float(x) for x in np.asarray(ends))
+    forwards, trials, current = 2, 0, full
+    effects = np.full(graph.valid.shape, np.nan, np.float32)
+    writers = _writers(graph, model.cfg)
+    from tqdm.auto import tqdm
+
+    for v in tqdm(list(reversed(range(len(graph.downstream)))), desc="ACDC receivers", disable=not progress):
+        parents = np.flatnonzero(graph.valid[:, v] & (drop[:, v] == 0))
+        if not len(parents):
+            continue
+        if len(writers[v]) and not (graph.valid[writers[v]] & (drop[writers[v]] == 0)).any():
+            drop[parents, v] = 1.0  # this reader's output reaches nothing kept: its inputs cannot matter
+            continue
+
+        def decide(v=v, parents=parents, current=current):
+            drops = np.repeat(drop[None], len(parents), 0)
+            drops[np.arange(len(parents)), parents, v] = 1.0
+            change = evaluate(drops) - current
+            small = lambda x: (np.abs(x) if absolute else x) < tau  # noqa: E731
+            # Removed one after another, smallest effect first, each only if the metric then moves by less
+            # than tau from the circuit with the removals before it (ACDC's rule): the removals of every
+            # prefix of the candidates are one vmapped batch; a rejected edge stays and the rest retry.
+            remaining = list(np.argsort(change, kind="stable")[small(np.sort(change, kind="stable"))])
+            removed = np.zeros(len(parents), bool)
+            after, new, forwards = drop.copy(), current, len(parents)
+            while remaining:
+                forwards += len(remaining)
+                prefixes = np.repeat(after[None], len(remaining), 0)
+                for k, i in enumerate(remaining):
+                    prefixes[k:, parents[i], v] = 1.0
+                metrics = evaluate(prefixes)
+                good = small(np.diff(np.concatenate([[new], metrics])))
+                n = int(np.argmin(good)) if not good.all() else len(remaining)
+                for i in remaining[:n]:
+                    removed[i] = True
+                    after[parents[i], v] = 1.0
+                new = float(metrics[n - 1]) if n else new
+                remaining = remaining[n + 1:]
+            return {"change": change.astype(np.float32), "removed": removed.astype(np.int8), "metric": np.float64(new),
+                    "forwards": np.int64(forwards)}
+
+        outcome = step(f"acdc/{v:05d}", decide)
+        removed = np.asarray(outcome["removed"]).astype(bool)
+        effects[parents, v] = np.asarray(outcome["change"])
+        drop[parents[removed], v] = 1.0
+        current = float(outcome["metric"])
+        trials += len(parents)
+        forwards += int(outcome["forwards"])
+    circuit = graph.valid & (drop == 0)
+    result = ACDCResult(circuit, graph, effects, current, full, empty, tau, trials, forwards,
+                        time.perf_counter() - start,
+                        [(graph.upstream[u], graph.downstream[d]) for u, d in zip(*np.nonzero(circuit))])
+    if result.n_edges in (0, graph.n_edges):
+        which = "no edge" if result.n_edges == 0 else f"every edge ({graph.n_edges})"
+        warnings.warn(f"ACDC with tau={tau} keeps {which}: the metric is {result.metric_full:.6g} with every edge "
+                      f"and {result.metric_empty:.6g} with none; choose tau between the effects of single edges "
+                      f"(ACDCResult.effects)", stacklevel=2)
+    return result
+
+
+def _kl(logits, reference):
+    log_q = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    return jnp.sum(jnp.exp(reference) * (reference - log_q), -1).mean()
+
+
+class _user(eqx.Module):
+    """A user's metric of the logits in the trials' signature ``(logits, reference)``."""
+
+    metric: Callable = eqx.field(static=True)
+
+    def __call__(self, logits, reference):
+        return self.metric(logits)
+
+
+__all__ = ["ACDCResult", "acdc"]
