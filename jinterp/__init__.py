@@ -57,6 +57,6 @@ __all__ = [
     "LoadError", "Model", "Project", "Replace", "Scale", "SiteSpec", "Tokenizer", "Transformer", "Zero", "ablation",
     "acdc", "apply", "attention_view", "attribution", "byo", "chain", "circuits", "collect", "compiler_options", "core",
     "das", "generate", "lens", "llc", "load", "load_edits", "memory", "models", "moe", "named_models", "patching",
-    "probes", "process_weights", "qkov", "recipes", "reuse_freed_memory", "run", "sae", "save_edits", "sharding", "site",
-    "sites", "sweep_view", "train", "tuned_lens", "wrap",
+    "probes", "process_weights", "qkov", "recipes", "reuse_freed_memory", "run", "sae", "save_edits", "sharding",
+    "site", "sites", "sweep_view", "train", "tuned_lens", "wrap",
 ]
