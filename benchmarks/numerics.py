@@ -80,28 +80,28 @@ def measure(name: str, prompts: list[str], dtypes: list[str]) -> list[tuple]:
     source = jinterp.loading.registry.locate(jinterp.loading.registry.MODELS[name])
     rows = [tokenizer.encode(p) for p in prompts]
     pad = tokenizer.pad_token_id or 0
-    ours = {dtype: model.astype(dtype) for dtype in dtypes}
-    hf = {dtype: transformers.AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name,
-                                                                    dtype=getattr(torch, dtype)).eval()
-          for dtype in dtypes}
     with jax.enable_x64(True):
         exact = model.astype(jnp.float64)
     found = []
-    for layout in LAYOUTS:
-        j_err, h_err = {d: [] for d in dtypes}, {d: [] for d in dtypes}
-        for tokens, mask in batches(rows, pad, layout):
-            # One batch's float64 logits at a time: a 262,144-word vocabulary makes them large.
-            with jax.enable_x64(True):
-                referee = np.asarray(jinterp.run(exact, tokens, attention_mask=mask)[0])
-            for dtype in dtypes:
-                logits = np.asarray(jinterp.run(ours[dtype], tokens, attention_mask=mask)[0].astype(jnp.float32))
+    for dtype in dtypes:  # one dtype's models at a time, and one batch's float64 logits (262,144 words: large)
+        ours = model.astype(dtype)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name,
+                                                               dtype=getattr(torch, dtype)).eval()
+        for layout in LAYOUTS:
+            j_err, h_err = [], []
+            for tokens, mask in batches(rows, pad, layout):
+                with jax.enable_x64(True):
+                    referee = np.asarray(jinterp.run(exact, tokens, attention_mask=mask)[0])
+                logits = np.asarray(jinterp.run(ours, tokens, attention_mask=mask)[0].astype(jnp.float32))
                 with torch.no_grad():
-                    theirs = hf[dtype](torch.tensor(tokens, dtype=torch.long),
-                                       attention_mask=torch.tensor(mask, dtype=torch.long)).logits.float().numpy()
-                j_err[dtype] += errors(logits, referee, mask)
-                h_err[dtype] += errors(theirs, referee, mask)
-            print(".", end="", flush=True)
-        found += [(name, dtype, layout, j_err[dtype], h_err[dtype]) for dtype in dtypes]
+                    theirs = hf(torch.tensor(tokens, dtype=torch.long),
+                                attention_mask=torch.tensor(mask, dtype=torch.long)).logits.float().numpy()
+                j_err += errors(logits, referee, mask)
+                h_err += errors(theirs, referee, mask)
+                del referee, logits, theirs
+                print(".", end="", flush=True)
+            found.append((name, dtype, layout, j_err, h_err))
+        del hf, ours
     return found
 
 
