@@ -138,3 +138,20 @@ def tiny_model(tmp_path_factory):
     (directory / "config.json").write_text(json.dumps(config))
     tokenizer.save(directory)
     return directory
+
+
+@pytest.fixture
+def copy_of(reference, tmp_path):
+    """family -> a writable copy of its saved HF directory (to damage or edit)."""
+    def copy(family):
+        _, directory, _ = reference(family)
+        shutil.copytree(directory, tmp_path / family)
+        return tmp_path / family
+
+    return copy
+
+
+def edit_config(directory, **changes):
+    """Change keys of an HF directory's config.json."""
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))

@@ -3,12 +3,10 @@ side: logits, every residual-stream state (HF hidden states) and every attention
 weights), refereed by jinterp's own float64 run; and what each family's configuration switches on matters."""
 
 import dataclasses
-import json
-import shutil
 
 import numpy as np
 import pytest
-from conftest import random_tokens
+from conftest import edit_config, random_tokens
 from numerics import RATIO, assert_refereed, run64
 
 torch = pytest.importorskip("torch", reason="the `reference` extra (torch, transformers) is not installed")
@@ -120,21 +118,6 @@ def test_phi3_window_and_partial_rotary(reference):
 
 
 # --- refusals ----------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def copy_of(reference, tmp_path):
-    def copy(family):
-        _, directory, _ = reference(family)
-        shutil.copytree(directory, tmp_path / family)
-        return tmp_path / family
-
-    return copy
-
-
-def edit_config(directory, **changes):
-    path = directory / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-
 
 def test_phi3_longrope_within_its_original_context(reference):
     """longrope's short factors and attention factor apply (and matter); its long factors, for sequences past the

@@ -4,13 +4,11 @@ logits, refereed by jinterp's float64 run; the expert sites (router_logits, weig
 ``experts=``, sweeps per expert and ``jinterp.moe.expert_usage``."""
 
 import dataclasses
-import json
-import shutil
 
 import jax
 import numpy as np
 import pytest
-from conftest import random_tokens
+from conftest import edit_config, random_tokens
 from numerics import EPS32, RATIO, assert_refereed, run64
 from test_families_hf import REL, batch, scaled, transformers_run
 
@@ -173,21 +171,6 @@ def test_expert_usage(reference):
 
 
 # --- refusals ----------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def copy_of(reference, tmp_path):
-    def copy(family):
-        _, directory, _ = reference(family)
-        shutil.copytree(directory, tmp_path / family)
-        return tmp_path / family
-
-    return copy
-
-
-def edit_config(directory, **changes):
-    path = directory / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-
 
 def test_unsupported_mixture_options_are_refused_by_name(copy_of):
     directory = copy_of("qwen3_moe")
