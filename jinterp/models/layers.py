@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from jinterp.models.config import Config
 
@@ -333,9 +333,13 @@ def mlp(p: MLP, x: Float[Array, "batch pos d_model"], cfg: Config, hook: Hook) -
 def mixture(p: MoE, shared: MLP | None, x: Float[Array, "batch pos d_model"], cfg: Config, hook: Hook) -> Array:
     """sum over the top-k experts e of weight_e * expert_e(x), weights = softmax(x W_router) over the top k
     (renormalised if ``cfg.norm_topk``); plus a shared expert's output (times sigmoid(x . W_shared_gate)).
-    Every expert runs on every token, with weight 0 outside its top k (n_experts / k times a sparse dispatch's
-    arithmetic, in exchange for one dense program), one expert at a time: the working set is one expert's, and
-    the sum runs in expert order, as the reference implementations add them."""
+
+    Where the shapes allow (fewer chosen (token, expert) pairs than experts, as in one-token decoding),
+    only the chosen experts' work is done, each token's experts' weights gathered. Otherwise every expert
+    runs on every token with weight 0 outside its top k (n_experts / k times the arithmetic, in exchange
+    for one dense program), one expert at a time: the working set is one expert's. Both add the experts
+    in expert order, as the reference implementations do. ``moe.expert_out`` or ``moe.weights`` captured
+    or edited takes the dense path."""
     logits = hook("moe.router_logits", x @ p.W_router)
     probs = jax.nn.softmax(logits.astype(accurate(logits.dtype)), axis=-1)
     top, chosen = jax.lax.top_k(probs, cfg.n_experts_per_token)
@@ -345,21 +349,39 @@ def mixture(p: MoE, shared: MLP | None, x: Float[Array, "batch pos d_model"], cf
     weights = hook("moe.weights", weights.astype(x.dtype))
     wanted = hook.wants("moe.expert_out")
 
-    def expert(total, params):
-        W_gate, W_in, W_out, weight = params
-        out = ((activation(cfg.act, x @ W_gate) * (x @ W_in)) @ W_out) * weight[..., None]
-        return total + out, out if wanted else None
+    few = x.shape[0] * x.shape[1] * cfg.n_experts_per_token < cfg.n_experts
+    if few and not wanted and not hook.wants("moe.weights"):  # (an edit of the weights may choose any experts)
+        out = chosen_experts(p, x, jnp.sort(chosen, axis=-1), weights, cfg)
+    else:
+        def expert(total, params):
+            W_gate, W_in, W_out, weight = params
+            out = ((activation(cfg.act, x @ W_gate) * (x @ W_in)) @ W_out) * weight[..., None]
+            return total + out, out if wanted else None
 
-    per_expert = (p.W_gate, p.W_in, p.W_out, jnp.moveaxis(weights, -1, 0))
-    out, each = jax.lax.scan(expert, jnp.zeros_like(x), per_expert)
-    if wanted:  # [batch, pos, expert, d_model]: each expert's weighted output
-        out = hook("moe.expert_out", jnp.moveaxis(each, 0, 2)).sum(2)
+        per_expert = (p.W_gate, p.W_in, p.W_out, jnp.moveaxis(weights, -1, 0))
+        out, each = jax.lax.scan(expert, jnp.zeros_like(x), per_expert)
+        if wanted:  # [batch, pos, expert, d_model]: each expert's weighted output
+            out = hook("moe.expert_out", jnp.moveaxis(each, 0, 2)).sum(2)
     if shared is not None:
         shared_out = mlp(shared, x, cfg, hook)
         if p.W_shared_gate is not None:
             shared_out = jax.nn.sigmoid(x @ p.W_shared_gate)[..., None] * shared_out
         out = out + shared_out
     return out
+
+
+def chosen_experts(p: MoE, x: Float[Array, "batch pos d_model"], chosen: Int[Array, "batch pos k"],
+                   weights: Float[Array, "batch pos n_experts"], cfg: Config) -> Float[Array, "batch pos d_model"]:
+    """The mixture's output computing only each token's ``chosen`` experts (in expert order), their
+    weights gathered per token."""
+    weight = jnp.take_along_axis(weights, chosen, -1)
+
+    def one(total, k):
+        e = chosen[..., k]  # [batch, pos]
+        h = activation(cfg.act, jnp.einsum("bpd,bpde->bpe", x, p.W_gate[e])) * jnp.einsum("bpd,bpde->bpe", x, p.W_in[e])
+        return total + jnp.einsum("bpe,bped->bpd", h, p.W_out[e]) * weight[..., k, None], None
+
+    return jax.lax.scan(one, jnp.zeros_like(x), jnp.arange(chosen.shape[-1]))[0]
 
 
 def block(
