@@ -270,3 +270,21 @@ def test_models_that_do_not_fit_one_crosscoder_are_named(toy):
         CrosscoderActivations((toy, toy), tokens, SITE, 2, tokenizers=(same, word_level(["<unk>", "a", "c"])))
     with pytest.raises(ValueError, match="n_models"):
         train_crosscoder(ACTIVATIONS[:, 0], "batchtopk", 8, k=2)
+
+
+def test_one_models_view_is_the_crosscoder_with_the_other_model_at_its_b_dec(batchtopk):
+    cc = batchtopk.crosscoder
+    x = jnp.asarray(ACTIVATIONS[:256])
+    alone = jnp.stack([jnp.broadcast_to(cc.b_dec[0], x[:, 0].shape), x[:, 1]], axis=1)
+    view = cc.model_sae("fine_tune")
+    assert (view.d_in, view.d_sae, view.site) == (D, D_SAE, cc.site)
+    # The same terms summed in another order: float32 rounding of the values' scale (tests/README.md); measured 0.
+    scale = float(jnp.abs(cc.encode(alone)).max())
+    np.testing.assert_allclose(view.encode(x[:, 1]), cc.encode(alone), atol=8 * np.finfo(np.float32).eps * scale,
+                               rtol=0)
+    latents = cc.encode(alone)
+    scale = float(jnp.abs(cc.decode(latents)).max())  # another matmul shape: measured 1.2e-7, bound 1.0e-6
+    np.testing.assert_allclose(view.decode(latents), cc.decode(latents)[:, 1],
+                               atol=8 * np.finfo(np.float32).eps * scale, rtol=0)
+    with pytest.raises(ValueError, match="base, fine_tune"):
+        cc.model_sae("chat")
