@@ -259,7 +259,8 @@ class CrosscoderActivations(eqx.Module):
     ``ModelActivations`` per model, same seed). Arguments as ``ModelActivations``; ``names`` name
     the models (default ``("base", "fine_tune")`` for two, ``model0, model1, ...`` otherwise);
     ``tokenizers`` (optional, one per model) are checked to be the same vocabulary, as the models'
-    ``d_vocab`` always are: a crosscoder reads the models on the same tokens."""
+    ``d_vocab`` always are: a crosscoder reads the models on the same tokens. ``memory_budget``
+    bounds each model's forward on its own (the models' activations are not summed against it)."""
 
     sources: tuple[ModelActivations, ...]
     names: tuple[str, ...] = eqx.field(static=True)

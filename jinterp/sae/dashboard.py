@@ -91,9 +91,10 @@ def _stream(sae: SAE, sources, tokens: np.ndarray, chosen: np.ndarray, query: np
     counts = np.zeros(sae.d_sae, np.int64)
     on_query = np.zeros(sae.d_sae)
     values = np.zeros((n_seq, seq, len(chosen)), np.float32)
+    cuts = [source._cut() for source in sources]  # each model cut after the site once, not per chunk
     for i in range(0, n_seq, chunk):
         part = jnp.asarray(tokens[i:i + chunk])
-        x = jnp.concatenate([_compiled_activations(source._cut(), part) for source in sources], axis=-1)
+        x = jnp.concatenate([_compiled_activations(cut, part) for cut in cuts], axis=-1)
         mask = np.zeros(part.size, bool) if query is None else np.isin(np.asarray(part).reshape(-1), query)
         c, q, v = _encode(sae, x, jnp.asarray(chosen, jnp.int32), jnp.asarray(mask))
         counts += np.asarray(c)
@@ -295,7 +296,8 @@ def dashboard(sae, model, tokens, path=None, latents=None, *, n_latents: int = 1
         n_logits: tokens listed whose logits the latent raises / lowers most.
         logit_model: a crosscoder's model whose decoder block and ``W_U`` give the logit effects
             (default the last, e.g. the fine-tune).
-        memory_budget: bytes for one forward's activations (``ModelActivations``).
+        memory_budget: bytes for one forward's activations (``ModelActivations``); a crosscoder's
+            models each get it (their forwards' activations and cut weights are not summed).
     """
     cards = latent_cards(sae, model, tokens, latents, n_latents=n_latents, query=query, n_contexts=n_contexts,
                          quantiles=quantiles, per_quantile=per_quantile, window=window, bins=bins,
