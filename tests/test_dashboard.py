@@ -41,7 +41,7 @@ def direct_latents(model, sae, tokens=TOKENS):
 
 def test_the_cards_show_what_a_direct_computation_gives(toy, sae):
     latents = direct_latents(toy, sae)
-    cards = latent_cards(sae, toy, TOKENS, [3, 0, 7], n_contexts=4, window=2)
+    cards = latent_cards(sae, toy, TOKENS, np.array([3, 0, 7]), n_contexts=4, window=2)  # or a list
     assert [c.latent for c in cards] == [3, 0, 7]
     for card in cards:
         v = latents[..., card.latent]

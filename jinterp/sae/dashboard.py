@@ -131,11 +131,11 @@ def latent_cards(sae, model, tokens, latents=None, *, n_latents: int = 10, query
                          f"(one context per sequence): valid range [1, {n_seq}]")
     sources = _sources(models, tokens, dictionary.site, memory_budget)
     d_sae = dictionary.d_sae
-    if isinstance(latents, str):
-        latents = latents.lower()
-    if latents is None or latents == "index":
+    choice = latents.lower() if isinstance(latents, str) else None  # else indices (a list or an array)
+    if latents is None or choice == "index":
         chosen = np.arange(min(n_latents, d_sae))
-    elif latents in ("density", "query"):
+    elif choice in ("density", "query"):
+        latents = choice
         if latents == "query" and query is None:
             raise ValueError("latents='query' needs query= (token ids whose positions rank the latents)")
         q = None if query is None else np.asarray(query).reshape(-1)
