@@ -179,6 +179,7 @@ class SAELoss(eqx.Module):
     dead_window: Float[Array, ""]
     threshold_rate: Float[Array, ""]
     aux_k: int = eqx.field(static=True)
+    n_models: int = eqx.field(static=True, default=1)  # a crosscoder's: d_in splits into this many models' blocks
 
     def __call__(self, state: SAEState, batch: Float[Array, "n d_in"] | tuple[Array, Array]) -> Array:
         sae = state.sae
@@ -212,7 +213,7 @@ class SAELoss(eqx.Module):
             fired = jnp.any(latents > 0, axis=0)
         loss += jnp.mean(jnp.sum((reconstruction - target) ** 2, axis=-1))
         if sae.architecture == "relu":
-            loss += self.l1_coefficient * jnp.mean(latents @ jnp.linalg.norm(sae.W_dec, axis=-1))
+            loss += self.l1_coefficient * jnp.mean(latents @ decoder_norms(sae.W_dec, self.n_models).sum(axis=-1))
         if sae.architecture == "jumprelu":
             loss += self.l0_coefficient * jnp.mean(jnp.sum(step(pre, sae.threshold, self.bandwidth), axis=-1))
         dead = state.since_fired >= self.dead_window
@@ -234,6 +235,13 @@ class SAELoss(eqx.Module):
         smallest = jnp.where(jnp.isfinite(smallest), smallest, threshold)
         return jnp.where(threshold > 0, (1 - self.threshold_rate) * threshold + self.threshold_rate * smallest,
                          smallest)
+
+
+def decoder_norms(W_dec: Float[Array, "d_sae d_out"], n_models: int = 1) -> Float[Array, "d_sae n_models"]:
+    """Each latent's decoder norm in each of ``n_models`` equal blocks of ``d_out`` (a crosscoder's
+    models, model-major); one block for an SAE. The L1 penalty weights a latent by their sum
+    (Lindsey et al. 2024: for one model, the row's norm)."""
+    return jnp.linalg.norm(W_dec.reshape(W_dec.shape[0], n_models, -1), axis=-1)
 
 
 def _pair(batch) -> tuple[Array, Array]:
@@ -347,6 +355,7 @@ def train_sae(
     apply_b_dec_to_input: bool | None = None,
     site: str | None = None,
     target_site: str | None = None,
+    n_models: int = 1,
     init: SAE | None = None,
     shuffle_buffer: int | None = None,
     sample_size: int = 8192,
@@ -381,6 +390,9 @@ def train_sae(
             a transcoder cannot).
         site: the jinterp site the activations come from, recorded on the SAE (default: the source's).
         target_site: a transcoder's target site, recorded likewise (default: the source's).
+        n_models: a crosscoder's number of models (``jinterp.sae.crosscoder.train_crosscoder`` sets
+            it): ``d_in`` is that many models' activations side by side, and relu's L1 penalty
+            weights each latent by the sum of its per-model decoder norms.
         init: start from this SAE (in normalised units) instead of the literature's initialisation
             (a transcoder's encoder: ``least_squares_encoder``).
         shuffle_buffer: train through a buffer of this many activations (``sources.ShuffleBuffer``):
@@ -437,7 +449,9 @@ def train_sae(
                          f"d_sae={d_sae}, d_out={d_out}, k={k}")
     numbers = (input_scale, target_scale, l1_coefficient, l0_coefficient, bandwidth, aux_coefficient, dead_window,
                threshold_rate)
-    loss = SAELoss(*(jnp.asarray(n, jnp.float32) for n in numbers), aux_k=aux_k)
+    if not isinstance(n_models, int) or n_models < 1 or d_in % n_models:
+        raise ValueError(f"n_models must be a positive int dividing d_in={d_in}, got {n_models!r}")
+    loss = SAELoss(*(jnp.asarray(n, jnp.float32) for n in numbers), aux_k=aux_k, n_models=n_models)
     optimizer = sae_optimizer(architecture, float(lr), steps)
     trained = train(SAEState(init, jnp.zeros(d_sae), buffer), loss, optimizer, source, steps=steps,
                     eval_every=eval_every, evaluate=lambda state: _metrics(state, sample, dead_window),
