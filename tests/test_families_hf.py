@@ -27,6 +27,15 @@ def scaled(values) -> float:
     return REL * max(1.0, float(np.abs(values).max()))
 
 
+def compared(ours, theirs, expected, mask, what: str, ratio=RATIO):
+    """Real tokens of jinterp's, transformers' and the float64 values: within REL x scale of transformers and of
+    float64, refereed (tests/README.md (c)); returns the three as compared."""
+    ours, theirs, expected = (np.asarray(a)[mask] for a in (ours, theirs, expected))
+    np.testing.assert_allclose(ours, theirs, atol=scaled(theirs), rtol=0, err_msg=what)
+    assert_refereed(ours, theirs, expected, bound=scaled(expected), ratio=ratio, what=what)
+    return ours, theirs, expected
+
+
 def batch(d_vocab: int, padded: bool):
     """Six rows of 11 positions (enough values for stable RMS errors); ``padded``: the first holds 8 real tokens
     after 3 padding positions (left padding), the second 8 real tokens before 3 (right padding)."""
@@ -63,10 +72,7 @@ def test_logits_hidden_states_and_patterns_match_transformers(reference, family,
     exact_logits, exact = run64(model, tokens, **options)
 
     def check(ours, theirs, expected, what, ratio=RATIO):
-        ours, theirs, expected = (np.asarray(a)[mask] for a in (ours, theirs, expected))  # real tokens only
-        np.testing.assert_allclose(ours, theirs, atol=scaled(theirs), rtol=0, err_msg=f"{family} {side} {what}")
-        assert_refereed(ours, theirs, expected, bound=scaled(expected), ratio=ratio, what=f"{family} {side} {what}")
-        return ours, theirs, expected
+        return compared(ours, theirs, expected, mask, f"{family} {side} {what}", ratio)
 
     assert np.abs(logits_hf).max() > 1.0  # the check means something
     check(logits, logits_hf, exact_logits, "logits")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import edit_config, random_tokens
 from numerics import EPS32, RATIO, assert_refereed, run64
-from test_families_hf import REL, batch, scaled, transformers_run
+from test_families_hf import REL, batch, compared, transformers_run
 
 torch = pytest.importorskip("torch", reason="the `reference` extra (torch, transformers) is not installed")
 
@@ -50,10 +50,7 @@ def test_logits_hidden_states_patterns_and_router_logits_match_transformers(refe
     exact_logits, exact = run64(model, tokens, **options)
 
     def check(ours, theirs, expected, what, ratio=RATIO):
-        ours, theirs, expected = (np.asarray(a)[mask] for a in (ours, theirs, expected))  # real tokens only
-        np.testing.assert_allclose(ours, theirs, atol=scaled(theirs), rtol=0, err_msg=f"{family} {side} {what}")
-        assert_refereed(ours, theirs, expected, bound=scaled(expected), ratio=ratio, what=f"{family} {side} {what}")
-        return ours, theirs, expected
+        return compared(ours, theirs, expected, mask, f"{family} {side} {what}", ratio)
 
     assert np.abs(logits_hf).max() > 1.0
     check(logits, logits_hf, exact_logits, "logits")
