@@ -29,3 +29,10 @@ def test_training_example_runs(capsys):
     example = next(block for block in blocks if "from jinterp.train import" in block)
     exec(compile(example, str(README), "exec"), {})  # noqa: S102 - our own README
     assert capsys.readouterr().out.splitlines()[-1] == "True (500,)"
+
+
+def test_mixture_of_experts_example_runs(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    example = next(block for block in blocks if "n_experts=8" in block)
+    exec(compile(example, str(README), "exec"), {})  # noqa: S102 - our own README
+    assert capsys.readouterr().out.splitlines()[-1] == "(2, 12, 8) (4, 8) (4, 8)"
