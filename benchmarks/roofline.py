@@ -17,13 +17,12 @@ transformers. Medians of interleaved repeats (machines here are noisy).
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from common import paired, smollm2
+from common import paired, smollm2, timed
 
 import jinterp
 
@@ -48,20 +47,10 @@ def matmul_peak(dtype: str, repeats: int, size: int = 2048) -> dict[str, float]:
     for label, options in (("JAX (jinterp's options)", jinterp.compiler_options()), ("JAX (XLA defaults)", {})):
         a = jnp.asarray(x, dtype)
         f = jax.jit(lambda m: m @ m, compiler_options=options)
-        found[label] = flops / _median(lambda f=f, a=a: f(a).block_until_ready(), repeats)
+        found[label] = flops / timed(lambda f=f, a=a: f(a).block_until_ready(), repeats)
     t = torch.tensor(x, dtype=getattr(torch, dtype))
-    found["PyTorch"] = flops / _median(lambda: t @ t, repeats)
+    found["PyTorch"] = flops / timed(lambda: t @ t, repeats)
     return found
-
-
-def _median(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def main():
