@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 
 from jinterp import sharding
 from jinterp.models.config import choose
+from jinterp.paths import inside
 
 RUN_FILE = "run.json"
 PACKAGES = ("jinterp", "jax", "jaxlib", "equinox", "numpy", "orbax-checkpoint", "tokenizers", "optax")
@@ -291,8 +292,6 @@ class Store:
         sharding.barrier("jinterp store opened")
 
     def _paths(self, name: str) -> tuple[Path, Path]:
-        from jinterp.paths import inside
-
         return inside(self.directory, name), inside(self.directory, f"{name}.json")
 
     def load(self, name: str):
