@@ -87,9 +87,7 @@ class _Writer:
         self.arrays: dict[str, np.ndarray] = {}
 
     def encode(self, value, key: str):
-        if value is None or isinstance(value, (bool, str)):
-            return value
-        if isinstance(value, int):
+        if value is None or isinstance(value, (bool, int, str)):
             return value
         if isinstance(value, float):
             return value if math.isfinite(value) else {"float": repr(value)}
