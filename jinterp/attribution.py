@@ -20,7 +20,7 @@ from jinterp import sharding
 from jinterp._compile import jit
 from jinterp.core import apply, run
 from jinterp.interventions import Add, Capture, Replace
-from jinterp.patching import _captured, _stack, pair, reduce_site, targets
+from jinterp.patching import _captured, _stack, _values, pair, reduce_site, targets
 from jinterp.protocol import Model
 from jinterp.specs import layers_of
 
@@ -42,10 +42,6 @@ def attribution_patching(model: Model, clean, corrupted, metric: Callable, site=
     grads, base_values = _gradients(model, base, tuple(found), metric, options)
     results = [_contributions(_values(source_cache, t), base_values[i], grads[i], t, mesh) for i, t in enumerate(found)]
     return _stack([np.asarray(sharding.to_host(r)) for r in results], found, single)
-
-
-def _values(cache, target):
-    return cache.stack(target.kind) if target.stacked else cache[target.names[0]][None]
 
 
 @jit

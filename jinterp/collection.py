@@ -118,16 +118,18 @@ def collect(
         if mask is None:
             mask = np.ones(leaves[0].shape[:2], bool)
         index = _token_index(mask, positions[:, None] if single else positions).astype(np.int32)
-    rows = lambda tree, chosen: jax.tree.map(lambda a: a[chosen], tree)  # noqa: E731
-    one_options = {k: rows(v, slice(0, 1)) if hasattr(v, "shape") and np.ndim(v) >= 1 and len(v) == n else v
-                   for k, v in options.items()}
-    specs = model.site_specs(rows(inputs, slice(0, 1)), **one_options)
+
+    def rows(tree, chosen):
+        """The per-input arrays (leading axis ``n``) of ``tree`` at the inputs ``chosen``; other leaves as they are."""
+        return jax.tree.map(lambda a: a[chosen] if hasattr(a, "shape") and np.ndim(a) >= 1 and len(a) == n else a, tree)
+
+    one_input, one_options = rows((inputs, options), slice(0, 1))
+    specs = model.site_specs(one_input, **one_options)
     names = match(specs, sites)
     run_options = model.capture_only(names, **options)
     if batch_size is None:
-        one_options = model.capture_only(names, **one_options)
-        batch_size = batch_size_for(model.site_specs(rows(inputs, slice(0, 1)), **one_options), names, memory_budget,
-                                    None if index is None else index.shape[1])
+        batch_size = batch_size_for(model.site_specs(one_input, **model.capture_only(names, **one_options)), names,
+                                    memory_budget, None if index is None else index.shape[1])
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int or None (from memory_budget), got {batch_size!r}")
     batch_size = min(batch_size, n)
@@ -139,10 +141,9 @@ def collect(
 
     def chunk(start):
         chosen = np.arange(start, start + batch_size).clip(max=n - 1)  # the last batch repeats its last input
-        chunk_options = {k: rows(v, chosen) if hasattr(v, "shape") and np.ndim(v) >= 1 and len(v) == n else v
-                         for k, v in run_options.items()}
-        return _chunk(model, rows(inputs, chosen), None if index is None else jnp.asarray(index[chosen]), names,
-                      pos_axes, chunk_options)
+        chunk_inputs, chunk_options = rows((inputs, run_options), chosen)
+        return _chunk(model, chunk_inputs, None if index is None else jnp.asarray(index[chosen]), names, pos_axes,
+                      chunk_options)
 
     shapes = eqx.filter_eval_shape(chunk, 0)
     out = {name: np.empty((n, *shapes[name].shape[1:]), shapes[name].dtype) for name in names}

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jinterp import interventions as iv
+from jinterp import names as S
 from jinterp import recipes
 from jinterp._compile import jit
 from jinterp.cache import Cache
@@ -87,8 +88,6 @@ def run(model: Model, inputs, *, capture=(), edits=(), mesh=None, check: bool = 
 
 def _spelled(intervention: iv.Intervention, kind: str) -> str:
     """The site an intervention names, spelled back from its kind and layers."""
-    from jinterp import names as S
-
     layers = getattr(intervention, "layers", None)
     if layers is None or not iv.concrete(layers):
         return kind if layers is None else S.site_name(kind, "*")

@@ -16,7 +16,7 @@ them: at a site they apply in order (``chain``).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
@@ -136,6 +136,7 @@ class Edit(Intervention):
     site: str = eqx.field(static=True)
     layers: Int[Array, "n"] | None
     indices: dict[str, Int[Array, "n"]]
+    value_field: ClassVar[str | None] = None  # the field holding the edit's value (with ``per_layer``: one per layer)
 
     def _restrict(self, site, layers, positions=None, heads=None, indices=None, experts=None) -> None:
         """Set the site kind and the layer and axis restriction (call from ``__init__``)."""
@@ -156,11 +157,15 @@ class Edit(Intervention):
     def edit(self, value: Array, at: At) -> Array:
         raise NotImplementedError
 
-    def _layer_value(self, stacked: Array, at: At) -> Array:
-        """The slice of a per-layer stack ``[n_layers, ...]`` for the layer being run."""
-        if at.layer is None:
-            raise ValueError(f"per_layer values apply to sites with a layer; {at.kind!r} has none")
-        return stacked[at.layer]
+    def _given(self, value: Array, at: At) -> Array:
+        """The edit's own value (``value_field``) for the layer being run, checked against the site's
+        ``value`` and cast (``_value``); with ``per_layer``, its slice of the stack ``[n_layers, ...]``."""
+        given = getattr(self, self.value_field)
+        if getattr(self, "per_layer", False):
+            if at.layer is None:
+                raise ValueError(f"per_layer values apply to sites with a layer; {at.kind!r} has none")
+            given = given[at.layer]
+        return self._value(value, at, given, f"{type(self).__name__} {self.value_field}")
 
     def __call__(self, value: Array, at: At) -> Array:
         new = self.edit(value, at)
@@ -196,13 +201,11 @@ class Edit(Intervention):
                                      f"jinterp.byo.wrap(..., axes={{{spec.name!r}: (...)}})")
                 one, many = _INDEX_WORDS.get(spec.axes[axis], (f"{name} index", f"{name} indices"))
                 _check_range(indices, spec.shape[axis], f"{where}: {one}", many, negative=name == "pos")
-
-    def _check_per_layer(self, stacked: Array, specs: Sequence[SiteSpec], what: str) -> None:
-        layers = [spec.layer for spec in specs if spec.layer is not None]
-        if getattr(self, "per_layer", False) and layers and stacked.shape[:1] != (max(layers) + 1,):
-            raise ValueError(f"{what} at {self.site!r} is per-layer with leading axis {stacked.shape[:1]}; this "
-                             f"model has {max(layers) + 1} layers (capture every layer of {self.site!r} for a full "
-                             f"stack)")
+        stacked = getattr(self, self.value_field) if getattr(self, "per_layer", False) else None
+        if stacked is not None and layers and stacked.shape[:1] != (max(layers) + 1,):
+            raise ValueError(f"{type(self).__name__} {self.value_field} at {self.site!r} is per-layer with leading "
+                             f"axis {stacked.shape[:1]}; this model has {max(layers) + 1} layers (capture every layer "
+                             f"of {self.site!r} for a full stack)")
 
     def _value(self, value: Array, at: At, given: Array, what: str) -> Array:
         """Check that ``given`` broadcasts to the site's value and has a float dtype; cast it."""
@@ -276,6 +279,7 @@ class Replace(Edit):
 
     value: Float[Array, "..."]
     per_layer: bool = eqx.field(static=True)
+    value_field: ClassVar[str] = "value"
 
     def __init__(self, site, value, *, layers=None, positions=None, heads=None, indices=None, experts=None,
                  per_layer=False):
@@ -283,12 +287,7 @@ class Replace(Edit):
         self.value, self.per_layer = jnp.asarray(value), per_layer
 
     def edit(self, value, at):
-        given = self._layer_value(self.value, at) if self.per_layer else self.value
-        return jnp.broadcast_to(self._value(value, at, given, "Replace value"), value.shape)
-
-    def check(self, specs) -> None:
-        super().check(specs)
-        self._check_per_layer(self.value, specs, "Replace value")
+        return jnp.broadcast_to(self._given(value, at), value.shape)
 
 
 class Add(Edit):
@@ -297,6 +296,7 @@ class Add(Edit):
     vector: Float[Array, "..."]
     scale: Float[Array, ""]
     per_layer: bool = eqx.field(static=True)
+    value_field: ClassVar[str] = "vector"
 
     def __init__(self, site, vector, scale=1.0, *, layers=None, positions=None, heads=None, indices=None, experts=None,
                  per_layer=False):
@@ -304,25 +304,21 @@ class Add(Edit):
         self.vector, self.scale, self.per_layer = jnp.asarray(vector), jnp.asarray(scale, jnp.float32), per_layer
 
     def edit(self, value, at):
-        given = self._layer_value(self.vector, at) if self.per_layer else self.vector
-        return value + self.scale.astype(value.dtype) * self._value(value, at, given, "Add vector")
-
-    def check(self, specs) -> None:
-        super().check(specs)
-        self._check_per_layer(self.vector, specs, "Add vector")
+        return value + self.scale.astype(value.dtype) * self._given(value, at)
 
 
 class Scale(Edit):
     """Multiply the value by ``factor`` (a scalar or anything that broadcasts)."""
 
     factor: Float[Array, "..."]
+    value_field: ClassVar[str] = "factor"
 
     def __init__(self, site, factor, *, layers=None, positions=None, heads=None, indices=None, experts=None):
         self._restrict(site, layers, positions, heads, indices, experts)
         self.factor = jnp.asarray(factor, jnp.float32) if isinstance(factor, (int, float)) else jnp.asarray(factor)
 
     def edit(self, value, at):
-        return value * self._value(value, at, self.factor, "Scale factor")
+        return value * self._given(value, at)
 
 
 class Zero(Edit):
@@ -372,6 +368,7 @@ class Interchange(Edit):
     rotation: Float[Array, "d k"]
     source: Float[Array, "..."]
     per_layer: bool = eqx.field(static=True)
+    value_field: ClassVar[str] = "source"
 
     def __init__(self, site, source, rotation, *, layers=None, positions=None, heads=None, indices=None, experts=None,
                  per_layer=False):
@@ -383,13 +380,8 @@ class Interchange(Edit):
             raise ValueError(f"Interchange rotation at {at.kind!r} has shape {self.rotation.shape}; expected "
                              f"[{value.shape[-1]}, k]")
         q = _orthonormal(self.rotation.astype(value.dtype))
-        source = self._layer_value(self.source, at) if self.per_layer else self.source
-        source = jnp.broadcast_to(self._value(value, at, source, "Interchange source"), value.shape)
+        source = jnp.broadcast_to(self._given(value, at), value.shape)
         return value + ((source - value) @ q) @ q.T
-
-    def check(self, specs) -> None:
-        super().check(specs)
-        self._check_per_layer(self.source, specs, "Interchange source")
 
 
 class Capture(Intervention):

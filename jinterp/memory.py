@@ -25,7 +25,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from jinterp.specs import SiteSpec, Specs
+from jinterp.specs import SiteSpec, Specs, of_kind
 
 
 def nbytes(spec: SiteSpec) -> int:
@@ -56,8 +56,7 @@ def capture_bytes(specs: Specs, names: Iterable[str]) -> int:
         asked.setdefault(specs[name].kind, set()).add(name)
     total = 0
     for kind, chosen in asked.items():
-        of_kind = [spec for spec in specs.values() if spec.kind == kind]
-        every = [spec for spec in of_kind if spec.layer is not None]
+        every = [spec for spec in of_kind(specs, kind) if spec.layer is not None]
         if every and len({spec.shape for spec in every}) == 1:  # one buffer over every layer, filled by the scan
             total += len(every) * nbytes(every[0]) + (values_bytes(specs, chosen) if len(chosen) < len(every) else 0)
         else:

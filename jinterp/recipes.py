@@ -87,9 +87,7 @@ class _Writer:
         self.arrays: dict[str, np.ndarray] = {}
 
     def encode(self, value, key: str):
-        if value is None or isinstance(value, (bool, str)):
-            return value
-        if isinstance(value, int):
+        if value is None or isinstance(value, (bool, int, str)):
             return value
         if isinstance(value, float):
             return value if math.isfinite(value) else {"float": repr(value)}
@@ -147,8 +145,6 @@ def save_edits(path, edits, model, *, note: str = "") -> Path:
     """Save ``edits`` (an intervention or a list, as ``jinterp.run`` takes them), made for ``model``, as a
     recipe: ``path`` (JSON) and the arrays in ``path`` with the suffix ``.safetensors``. Both are written
     to temporary files and renamed into place. ``note``: free text kept in the JSON. Returns ``path``."""
-    from jinterp.core import validate
-
     path = Path(path)
     arrays_path = _arrays_path(path)
     edits = iv.flatten(edits)
@@ -157,7 +153,6 @@ def save_edits(path, edits, model, *, note: str = "") -> Path:
         if specs is not None:
             for i, edit in enumerate(edits):
                 try:
-                    validate(specs, [edit])
                     _check_fit(edit, specs, model)
                 except (ValueError, TypeError) as error:
                     raise ValueError(f"entry {i} ({_describe(edit)}) does not fit this model: {error}") from error
@@ -282,8 +277,6 @@ def load_edits(path, model=None, *, allow_other_model: bool = False) -> tuple[iv
 
 
 def _load(path: Path, model, allow_other_model: bool, specs):
-    from jinterp.core import validate
-
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such recipe file")
     try:
@@ -334,7 +327,6 @@ def _load(path: Path, model, allow_other_model: bool, specs):
             reader.fail(f"a {type(edit).__name__} is not an intervention")
         if specs is not None:
             try:
-                validate(specs, [edit])
                 _check_fit(edit, specs, model)
             except (ValueError, TypeError) as error:
                 reader.fail(f"does not fit this model: {error}")
@@ -404,17 +396,17 @@ def _fits(given: tuple, site: tuple) -> bool:
     return all(g == 1 or not isinstance(s, int) or g == s for g, s in zip(reversed(given), reversed(site)))
 
 
-_VALUES = {"Replace": "value", "Add": "vector", "Scale": "factor", "Interchange": "source"}
-
-
 def _check_fit(edit: iv.Intervention, specs, model) -> None:
-    """The shapes of an edit's arrays against the sites it reaches (what ``check`` leaves to trace time)."""
+    """An edit against the model's sites (``core.validate``), then the shapes of its arrays against the
+    sites it reaches (what ``check`` leaves to trace time)."""
     from jinterp.circuits import EdgePatch
+    from jinterp.core import validate
     from jinterp.sae.splice import SAESplice
 
+    validate(specs, [edit])
     reached = iv.reached(edit, [s for s in specs.values() if s.kind == edit.kinds()[-1]])
     name = type(edit).__name__
-    field = _VALUES.get(name) if isinstance(edit, (iv.Replace, iv.Add, iv.Scale, iv.Interchange)) else None
+    field = edit.value_field if isinstance(edit, (iv.Replace, iv.Add, iv.Scale, iv.Interchange)) else None
     if field is not None:
         value = getattr(edit, field)
         shape = value.shape[1:] if getattr(edit, "per_layer", False) else value.shape

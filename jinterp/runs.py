@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -56,6 +57,7 @@ from tqdm.auto import tqdm
 
 from jinterp import sharding
 from jinterp.models.config import choose
+from jinterp.paths import inside
 
 RUN_FILE = "run.json"
 PACKAGES = ("jinterp", "jax", "jaxlib", "equinox", "numpy", "orbax-checkpoint", "tokenizers", "optax")
@@ -290,8 +292,6 @@ class Store:
         sharding.barrier("jinterp store opened")
 
     def _paths(self, name: str) -> tuple[Path, Path]:
-        from jinterp.paths import inside
-
         return inside(self.directory, name), inside(self.directory, f"{name}.json")
 
     def load(self, name: str):
@@ -373,35 +373,33 @@ class Run:
         ``mesh=`` to sweeps); None with a single device."""
         return sharding.mesh() if len(jax.devices()) > 1 else None
 
-    def step(self, name: str, compute: Callable[[], Any]):
-        """``compute()``'s result, saved under ``name``; restored instead of recomputed when saved."""
+    def _restored_or_computed(self, name: str, compute: Callable[[], Any]) -> tuple[Any, float, bool]:
+        """(values, seconds computing them, whether restored): the checkpoint ``name``, or ``compute()``
+        saved under it."""
         found = self.store.load(name)
         if found is not None:
-            self.timings[name] = {"seconds": found[1]["seconds"], "restored": True}
-            return found[0]
+            return found[0], found[1]["seconds"], True
         start = time.perf_counter()
         values = jax.block_until_ready(compute())
         seconds = time.perf_counter() - start
-        self.timings[name] = {"seconds": seconds, "restored": False}
-        return self.store.save(name, values, seconds)
+        return self.store.save(name, values, seconds), seconds, False
+
+    def step(self, name: str, compute: Callable[[], Any]):
+        """``compute()``'s result, saved under ``name``; restored instead of recomputed when saved."""
+        values, seconds, restored = self._restored_or_computed(name, compute)
+        self.timings[name] = {"seconds": seconds, "restored": restored}
+        return values
 
     def chunked(self, name: str, chunks):
         """A ``Chunks`` (e.g. ``patching.sweep_chunks``) computed chunk by chunk, each saved as it
         completes, then assembled."""
         results, seconds, restored = [], 0.0, 0
         for i in self.progress(range(chunks.n), desc=chunks.description, unit="chunk"):
-            part = f"{name}.chunks/{i:05d}"
-            found = self.store.load(part)
-            if found is not None:
-                value, seal = found
-                restored += 1
-            else:
-                start = time.perf_counter()
-                value = jax.block_until_ready(chunks.compute(i))
-                seal = {"seconds": time.perf_counter() - start}
-                value = self.store.save(part, value, seal["seconds"])
+            part = functools.partial(chunks.compute, i)
+            value, took, was_restored = self._restored_or_computed(f"{name}.chunks/{i:05d}", part)
             results.append(value)
-            seconds += seal["seconds"]
+            seconds += took
+            restored += was_restored
         if 0 < restored < chunks.n:
             self.log(f"{name}: {restored} of {chunks.n} chunks restored from checkpoints, the rest computed")
         self.timings[name] = {"seconds": seconds, "restored": restored == chunks.n, "chunks": chunks.n}

@@ -18,7 +18,6 @@ from jinterp.loading.errors import LoadError
 from jinterp.loading.limits import check_counts, check_fits
 from jinterp.models import flat
 from jinterp.models.config import Config
-from jinterp.models.transformer import Transformer
 
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu", "gelu_new": "gelu_tanh",
                "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
@@ -531,9 +530,3 @@ def read_hf_dir(directory) -> tuple[Config, dict[str, np.ndarray]]:
     arrays = flat.empty(cfg)
     CONVERTERS.get(cfg.architecture, _convert_llama)(tensors, cfg, arrays)
     return cfg, arrays
-
-
-def load_hf_dir(directory, dtype=None) -> Transformer:
-    """Load an HF-format directory (config.json + safetensors, single file or sharded)."""
-    cfg, arrays = read_hf_dir(directory)
-    return flat.from_flat(cfg, arrays, dtype, source=str(directory))

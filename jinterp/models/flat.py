@@ -35,11 +35,6 @@ def empty(cfg: Config) -> dict[str, np.ndarray]:
     return {name: np.full(shape, np.nan, np.float32) for name, shape in shapes(cfg).items()}
 
 
-def to_flat(model: Transformer) -> dict[str, jax.Array]:
-    leaves = jax.tree_util.tree_flatten_with_path(model)[0]
-    return {_name(path): leaf for path, leaf in leaves}
-
-
 def all_finite(array: np.ndarray) -> bool:
     """No NaN or infinity, found through min and max (which propagate NaN) rather than an
     ``isfinite`` mask a quarter the array's size."""

@@ -49,6 +49,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 from safetensors.numpy import load_file, save_file
 
+from jinterp import names as S
 from jinterp.sae.autoencoder import SAE
 from jinterp.sae.saving import CONFIG, FORMAT_VERSION, FROM_SAELENS, TO_SAELENS, WEIGHTS, tl_hook_name
 from jinterp.sae.sources import ModelActivations
@@ -423,8 +424,6 @@ def save_crosscoder(crosscoder: Crosscoder, directory, *, model_names: tuple[str
 
 def load_crosscoder(directory, *, site: str | None = None) -> Crosscoder:
     """Read a directory written by ``save_crosscoder``."""
-    from jinterp import names as S
-
     directory = Path(directory)
     missing = [name for name in (CONFIG, WEIGHTS) if not (directory / name).is_file()]
     if missing:

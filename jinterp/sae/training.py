@@ -62,6 +62,7 @@ from jinterp.models.config import choose
 from jinterp.sae.autoencoder import (
     ARCHITECTURES,
     SAE,
+    _unit_rows,
     batch_topk,
     geometric_median,
     jumprelu,
@@ -247,10 +248,6 @@ def decoder_norms(W_dec: Float[Array, "d_sae d_out"], n_models: int = 1) -> Floa
 def _pair(batch) -> tuple[Array, Array]:
     """(input, target): an autoencoder's batch is both."""
     return batch if isinstance(batch, tuple) else (batch, batch)
-
-
-def _unit_rows(W: Array) -> Array:
-    return W / jnp.linalg.norm(W, axis=-1, keepdims=True)
 
 
 def without_parallel_gradient() -> optax.GradientTransformation:
