@@ -20,6 +20,10 @@ and after an edge fails the rest are retried from there. So edges that stand in 
 not all removed together. ``batched=False`` runs exactly the same trials one forward each (the
 baseline the benchmark compares with).
 
+Since the readers are walked from the output backwards, nothing before a receiver's layer has lost an
+edge when its trials run: every trial resumes from the clean run's residual stream at that layer
+(``start=``), with the writers before it carrying their clean differences (``EdgePatch.written``).
+
 A receiver whose writer no longer reaches the output (a head none of whose outgoing edges is left)
 is skipped: its incoming edges cannot matter, and are removed without trials.
 """
@@ -40,7 +44,7 @@ import numpy as np
 
 from jinterp import memory
 from jinterp._compile import jit
-from jinterp.circuits import Graph, edge_patch
+from jinterp.circuits import _CAPTURE, Graph, _writer_differences, edge_patch
 from jinterp.core import apply, run
 from jinterp.models.transformer import Transformer
 from jinterp.patching import pair
@@ -82,10 +86,11 @@ class ACDCResult:
 
 
 @jit
-def _trials(model, tokens, patch, drops, metric, reference, attention_mask, logit_positions):
+def _trials(model, tokens, patch, drops, metric, reference, attention_mask, logit_positions, start):
     def one(drop):
         edited = eqx.tree_at(lambda p: p.drop, patch, drop)
-        logits = apply(model, tokens, (edited,), attention_mask=attention_mask, logit_positions=logit_positions)[0]
+        logits = apply(model, tokens, (edited,), attention_mask=attention_mask, logit_positions=logit_positions,
+                       start=start)[0]
         return metric(logits, reference)
 
     return jax.vmap(one)(drops)
@@ -111,6 +116,12 @@ def _writers(graph: Graph, cfg) -> list[np.ndarray]:
             j = int(j)
             out.append(np.asarray([index[f"L{layer}H{h}"] for h in range(j * group, (j + 1) * group)]))
     return out
+
+
+def _layers(graph: Graph, n_layers: int) -> np.ndarray:
+    """Each reader's layer (the last one for the logits)."""
+    return np.asarray([int(re.match(r"L(\d+)", name).group(1)) if name != "logits" else n_layers - 1
+                       for name in graph.downstream])
 
 
 def acdc(model: Transformer, clean, corrupted, tau: float, *, metric: Callable | None = None,
@@ -140,27 +151,34 @@ def acdc(model: Transformer, clean, corrupted, tau: float, *, metric: Callable |
     pair(model, clean, corrupted, "denoise", attention_mask=attention_mask)  # checks the two fit together
     clean, corrupted = jnp.asarray(clean), jnp.asarray(corrupted)
     options = dict(attention_mask=attention_mask, logit_positions=logit_positions)
-    clean_logits, _ = run(model, clean, **options)
+    writes = [c for c in _CAPTURE if model.cfg.has_mlp or "mlp" not in c]
+    clean_logits, clean_cache = run(model, clean, capture=writes, **options)
     if metric is None:
         reference, measure = jax.nn.log_softmax(clean_logits.astype(jnp.float32), -1), _kl
     else:
         reference, measure = jnp.zeros(()), _user(metric)
+    _, corrupt_cache = run(model, corrupted, capture=writes, **options)
     _, patch = edge_patch(model, graph.valid, corrupted, **options)  # drop filled in per trial
+    patch = eqx.tree_at(lambda p: p.written, patch, _writer_differences(model, clean_cache, corrupt_cache),
+                        is_leaf=lambda x: x is None)
+    resid, layers = clean_cache.stack("resid_pre"), _layers(graph, model.cfg.n_layers)
     dtype = patch.drop.dtype
     drop = np.zeros(graph.valid.shape, np.float32)
 
-    def evaluate(drops: np.ndarray) -> np.ndarray:
+    def evaluate(drops: np.ndarray, layer: int | None = None) -> np.ndarray:
+        """The metric of each circuit (rows of ``drops``), resumed at ``layer`` (None: the whole forward)."""
+        start = None if layer is None else (jnp.int32(layer), resid[layer])
+        trials = lambda d: _trials(model, clean, patch, jnp.asarray(d, dtype), measure, reference,  # noqa: E731
+                                   attention_mask, logit_positions, start)
         if not batched:
-            return np.asarray([float(_trials(model, clean, patch, jnp.asarray(d[None], dtype), measure, reference,
-                                             attention_mask, logit_positions)[0]) for d in drops])
+            return np.asarray([float(trials(d[None])[0]) for d in drops])
         out = []
         for first in range(0, len(drops), chunk):
             part = drops[first:first + chunk]
             # Powers of two from 8: a few compiled sizes (compiling dominates small models' trials).
             size = min(chunk, max(8, 1 << (len(part) - 1).bit_length()))
             padded = np.concatenate([part, np.repeat(part[-1:], size - len(part), 0)])
-            out.append(np.asarray(_trials(model, clean, patch, jnp.asarray(padded, dtype), measure, reference,
-                                          attention_mask, logit_positions))[:len(part)])
+            out.append(np.asarray(trials(padded))[:len(part)])
         return np.concatenate(out)
 
     specs = model.site_specs(clean, **options)
@@ -187,7 +205,7 @@ def acdc(model: Transformer, clean, corrupted, tau: float, *, metric: Callable |
         def decide(v=v, parents=parents, current=current):
             drops = np.repeat(drop[None], len(parents), 0)
             drops[np.arange(len(parents)), parents, v] = 1.0
-            change = evaluate(drops) - current
+            change = evaluate(drops, layers[v]) - current
             small = lambda x: (np.abs(x) if absolute else x) < tau  # noqa: E731
             # Removed one after another, smallest effect first, each only if the metric then moves by less
             # than tau from the circuit with the removals before it (ACDC's rule): the removals of every
@@ -200,7 +218,7 @@ def acdc(model: Transformer, clean, corrupted, tau: float, *, metric: Callable |
                 prefixes = np.repeat(after[None], len(remaining), 0)
                 for k, i in enumerate(remaining):
                     prefixes[k:, parents[i], v] = 1.0
-                metrics = evaluate(prefixes)
+                metrics = evaluate(prefixes, layers[v])
                 good = small(np.diff(np.concatenate([[new], metrics])))
                 n = int(np.argmin(good)) if not good.all() else len(remaining)
                 for i in remaining[:n]:

@@ -78,7 +78,9 @@ class EdgePatch(Intervention):
     """Feed the edges where ``drop`` is 1 their corrupted value: each reader's input loses
     ``sum_u drop[u, v] * (a_u - a_u_corrupt)`` over the writers u, where a_u is the writer's
     output in this run. One stateful intervention: writers record their difference as the
-    forward passes them; readers subtract what they should not see."""
+    forward passes them; readers subtract what they should not see. ``written``: the differences to
+    start from, for a run resumed at a layer (``start=``), which skips the writers before it
+    (``acdc`` passes the clean run's); None: zeros."""
 
     site: str = eqx.field(static=True)
     drop: Float[Array, "up down"]
@@ -86,18 +88,21 @@ class EdgePatch(Intervention):
     corrupt_z: Array  # [n_layers, batch, pos, heads, d_head]
     corrupt_mlp: Array | None  # [n_layers, batch, pos, d_model]
     W_O: Array
+    written: Array | None  # [n_upstream, batch, pos, d_model]
     cfg: Config = eqx.field(static=True)
 
-    def __init__(self, cfg: Config, drop, corrupt_input, corrupt_z, corrupt_mlp, W_O):
+    def __init__(self, cfg: Config, drop, corrupt_input, corrupt_z, corrupt_mlp, W_O, written=None):
         self.site, self.cfg = "resid_pre", cfg
-        self.drop, self.corrupt_input, self.corrupt_z, self.corrupt_mlp, self.W_O = (
-            drop, corrupt_input, corrupt_z, corrupt_mlp, W_O)
+        self.drop, self.corrupt_input, self.corrupt_z, self.corrupt_mlp, self.W_O, self.written = (
+            drop, corrupt_input, corrupt_z, corrupt_mlp, W_O, written)
 
     def kinds(self):
         kinds = ("resid_pre", "attn.q_input", "attn.k_input", "attn.v_input", "attn.z", "resid_post")
         return kinds + (("mlp_in", "mlp_out") if self.cfg.has_mlp else ())
 
     def initial_state(self, specs):
+        if self.written is not None:
+            return self.written.astype(self.corrupt_input.dtype)
         return jnp.zeros((self.drop.shape[0], *specs["blocks.0.resid_pre"].shape), self.corrupt_input.dtype)
 
     def __call__(self, value, at: At):

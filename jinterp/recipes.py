@@ -446,6 +446,10 @@ def _check_edge_patch(edit, model) -> None:
     for field, shape in expected.items():
         if getattr(edit, field).shape != shape:
             raise ValueError(f"EdgePatch.{field} has shape {getattr(edit, field).shape}; this model's is {shape}")
+    written = None if edit.written is None else edit.written.shape
+    if written is not None and (len(written) != 4 or (written[0], written[3]) != (expected["drop"][0], cfg.d_model)):
+        raise ValueError(f"EdgePatch.written has shape {written}; expected [{expected['drop'][0]}, batch, pos, "
+                         f"{cfg.d_model}]")
     z = edit.corrupt_z.shape
     if len(z) != 5 or (z[0], z[3], z[4]) != (cfg.n_layers, cfg.n_heads, cfg.d_head):
         raise ValueError(f"EdgePatch.corrupt_z has shape {z}; expected [{cfg.n_layers}, batch, pos, {cfg.n_heads}, "
