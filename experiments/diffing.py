@@ -4,15 +4,17 @@ should say what the fine-tune added.
 
 The domain: generated catalogue lines ("Item 17: the copper lantern costs 42 credits and ships from
 Oslo."), a format and vocabulary the base model has to guess at. The fine-tune (``jinterp.train``,
-Adam on every weight) is measured by the next-token loss on held-out domain lines (down) and on
-held-out standard-library docstrings (general text: about flat). The crosscoder (BatchTopK) then
-reads both models at one site on a mix of domain and general text, streamed from the two models
-inside its training step. The report shows the relative decoder norm histogram, the most
+Adam on every weight) sees the domain lines mixed with as many general-text sequences (standard-
+library docstrings: replay, so that it changes the model on the domain only), and is measured by the
+next-token loss on held-out domain lines (down) and on docstrings of held-out modules (general text:
+about flat). The crosscoder then reads both models at one site on a mix of domain and general text:
+both models' activations on the same tokens, computed once (``CrosscoderActivations.all``) and
+trained on for many steps. The report shows the relative decoder norm histogram, the most
 fine-tune-leaning latents that fire on held-out domain text (highest relative norm first) with their
-contexts in a feature dashboard, latent
-scaling of those latents, and a steering check: the base model with a fine-tune-only latent's
-fine-tune decoder direction added at the site, scaled by the latent's mean activation, on held-out
-domain text, compared with the fine-tune by KL divergence (lower is closer).
+contexts in a feature dashboard, latent scaling of those latents, and a steering check: on held-out
+domain text, the base model with the latent's fine-tune decoder direction added at the site, at each
+token times the latent's activation there, compared with the fine-tune by KL divergence (lower is
+closer), for each latent and for all of them together.
 """
 
 from __future__ import annotations
@@ -53,17 +55,21 @@ class Config:
     seq_len: int = option(64, "tokens per sequence (BOS included)")
     domain_lines: int = option(4000, "generated domain lines to fine-tune on")
     finetune_steps: int = option(150, "fine-tuning steps")
-    finetune_batch: int = option(8, "sequences per fine-tuning step")
+    finetune_batch: int = option(8, "sequences per fine-tuning step (half domain, half general text)")
     finetune_lr: float = option(3e-5, "fine-tuning Adam learning rate")
-    site: str = option("blocks.15.resid_post", "the site the crosscoder reads in both models")
+    site: str = option("blocks.25.resid_post", "the site the crosscoder reads in both models")
+    sequences: int = option(1000, "sequences (half domain, half general) whose activations the crosscoder trains on")
+    architecture: str = option("relu", "crosscoder variant: relu (L1 on decoder norms, Lindsey et al.) or batchtopk")
     d_sae: int = option(2304, "crosscoder latents")
-    k: int = option(32, "latents per token (BatchTopK)")
-    steps: int = option(1000, "crosscoder steps")
-    sequences_per_step: int = option(4, "sequences run through both models per crosscoder step")
+    k: int = option(32, "latents per token (batchtopk)")
+    l1_coefficient: float = option(3.0, "L1 penalty on latents times their decoder norms (relu)")
+    steps: int = option(4000, "crosscoder steps")
+    batch_size: int = option(1024, "activations per crosscoder step")
     lr: float = option(4e-4, "crosscoder Adam learning rate")
     held_out: int = option(32, "held-out sequences of each kind (domain, general)")
     latents_shown: int = option(8, "fine-tune-only latents reported")
-    eval_every: int = option(50, "evaluate (and checkpoint) every this many steps")
+    eval_every: int = option(50, "evaluate (and checkpoint) the fine-tune every this many steps")
+    crosscoder_eval_every: int = option(500, "evaluate (and checkpoint) the crosscoder every this many steps")
     seed: int = option(0, "seed of the data, the training orders and the initialisations")
 
 
@@ -84,7 +90,10 @@ def make_data(tokenizer, cfg: Config) -> dict:
             raise ValueError(f"held_out={cfg.held_out}: only {len(array)} held-out {name} sequences")
     rng = np.random.default_rng(cfg.seed)
     mixed = np.concatenate([domain, general[rng.permutation(len(general))[:len(domain)]]])
-    return {"domain": domain, "mixed": mixed, "domain_held_out": domain_held[:cfg.held_out],
+    half = min(cfg.sequences // 2, len(domain))
+    sample = np.concatenate([domain[rng.permutation(len(domain))[:half]],
+                             general[rng.permutation(len(general))[:cfg.sequences - half]]])
+    return {"mixed": mixed, "sample": sample, "domain_held_out": domain_held[:cfg.held_out],
             "general_held_out": general_held[rng.permutation(len(general_held))[:cfg.held_out]]}
 
 
@@ -134,25 +143,29 @@ def compute(run: Run) -> dict:
     domain_held, general_held = data["domain_held_out"], data["general_held_out"]
 
     tuned = train(base, lm_loss, optax.adam(cfg.finetune_lr),
-                  Sequences(jnp.asarray(data["domain"]), cfg.finetune_batch, cfg.seed), steps=cfg.finetune_steps,
+                  Sequences(jnp.asarray(data["mixed"]), cfg.finetune_batch, cfg.seed), steps=cfg.finetune_steps,
                   eval_every=cfg.eval_every, run=run, name="finetune", progress=not run.quiet)
     fine_tuned = tuned.params
     losses = run.step("losses", lambda: {
         f"{model}_{kind}": np.float64(mean_loss(m, tokens)) for model, m in (("base", base), ("fine_tune", fine_tuned))
         for kind, tokens in (("domain", domain_held), ("general", general_held))})
 
-    source = saes.CrosscoderActivations((base, fine_tuned), jnp.asarray(data["mixed"]), cfg.site,
-                                        sequences_per_batch=cfg.sequences_per_step, skip=1, seed=cfg.seed,
-                                        tokenizers=(tokenizer, tokenizer))
-    trained = saes.train_crosscoder(source, "batchtopk", cfg.d_sae, k=cfg.k, steps=cfg.steps, lr=cfg.lr,
-                                    seed=cfg.seed, eval_every=cfg.eval_every, run=run, name="crosscoder",
-                                    progress=not run.quiet)
+    def both(tokens):  # [n_tokens, 2, d_model]: both models at the site, BOS left out
+        return saes.CrosscoderActivations((base, fine_tuned), jnp.asarray(tokens), cfg.site,
+                                          sequences_per_batch=min(8, len(tokens)), skip=1,
+                                          tokenizers=(tokenizer, tokenizer)).all()
+
+    activations = run.step("activations", lambda: {"both": np.asarray(both(data["sample"]))})["both"]
+    options = dict(k=cfg.k) if cfg.architecture == "batchtopk" else dict(l1_coefficient=cfg.l1_coefficient)
+    trained = saes.train_crosscoder(activations, cfg.architecture, cfg.d_sae, steps=cfg.steps,
+                                    batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, site=cfg.site,
+                                    eval_every=cfg.crosscoder_eval_every, run=run, name="crosscoder",
+                                    progress=not run.quiet, **options)
     cc = trained.crosscoder
     saes.save_crosscoder(cc, run.directory / CROSSCODER_DIRECTORY, model_names=(cfg.model, f"{cfg.model}-fine-tune"))
 
     def analyse():
-        held = saes.CrosscoderActivations((base, fine_tuned), jnp.asarray(domain_held), cfg.site,
-                                          sequences_per_batch=min(4, len(domain_held)), skip=1).all()
+        held = both(domain_held)
         latents = np.asarray(cc.encode(held))
         relative = np.asarray(cc.relative_norms())
         frequency = (latents > 0).mean(0)
@@ -160,18 +173,22 @@ def compute(run: Run) -> dict:
         firing = np.flatnonzero(frequency > 0)
         shown = firing[np.argsort(-relative[firing], kind="stable")][:cfg.latents_shown]
         scaling = saes.latent_scaling(cc, held, shown)
-        # Steering: the base plus the latent's fine-tune direction, at its mean activation where it fires.
-        reference, _ = jax.jit(lambda t: jinterp.run(fine_tuned, t))(jnp.asarray(domain_held))
-        kl_base = float(_kl(base, reference, jnp.asarray(domain_held), ()))
-        steered = []
-        for latent in shown:
-            active = latents[:, latent][latents[:, latent] > 0]
-            amount = float(active.mean()) if active.size else 0.0
-            edit = jinterp.Add(cfg.site, cc.W_dec[latent, 1] * amount)
-            steered.append(float(_kl(base, reference, jnp.asarray(domain_held), (edit,))))
+        # Steering: the base plus each latent's fine-tune decoder direction, at every token times the
+        # latent's activation there (what the latent writes into the fine-tune), alone and all together.
+        tokens = jnp.asarray(domain_held)
+        reference, _ = jax.jit(lambda t: jinterp.run(fine_tuned, t))(tokens)
+        per_token = latents.reshape(len(domain_held), cfg.seq_len - 1, -1)  # (BOS was left out)
+
+        def steered(chosen):
+            writes = np.einsum("bsl,ld->bsd", per_token[:, :, chosen], np.asarray(cc.W_dec[chosen, 1]))
+            vector = np.concatenate([np.zeros_like(writes[:, :1]), writes], 1)
+            return float(_kl(base, reference, tokens, (jinterp.Add(cfg.site, vector),)))
+
         return {"relative_norms": relative, "frequency_domain": frequency, "shown": shown.astype(np.int64),
                 "nu_error": scaling.nu_error, "nu_reconstruction": scaling.nu_reconstruction,
-                "kl_base": np.float64(kl_base), "kl_steered": np.asarray(steered, np.float64).reshape(-1),
+                "kl_base": np.float64(_kl(base, reference, tokens, ())),
+                "kl_steered": np.asarray([steered([latent]) for latent in shown], np.float64).reshape(-1),
+                "kl_steered_all": np.float64(steered(list(shown)) if len(shown) else np.nan),
                 "classes": {name: np.int64(len(v)) for name, v in saes.relative_norm_classes(cc).items()}}
 
     analysis = run.step("analysis", analyse)
@@ -191,18 +208,21 @@ def summarise(results: dict) -> dict:
             "explained_variance": float(results["crosscoder_history"]["explained_variance"][-1]),
             "classes": {k: int(v) for k, v in analysis["classes"].items()},
             "shown": [int(i) for i in analysis["shown"]], "kl_base": float(analysis["kl_base"]),
-            "kl_steered": [float(v) for v in analysis["kl_steered"]]}
+            "kl_steered": [float(v) for v in analysis["kl_steered"]],
+            "kl_steered_all": float(analysis["kl_steered_all"])}
 
 
 def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
     summary = summarise(results)
     losses, analysis = summary["losses"], results["analysis"]
     page = Report(f"Model diffing: {cfg.model} vs its fine-tune at {cfg.site}", directory / "plots")
-    page.text(f"Fine-tuned {cfg.finetune_steps} steps on generated catalogue lines: held-out domain loss "
-              f"{losses['base_domain']:.3f} -> {losses['fine_tune_domain']:.3f} nats, general text (standard-library "
-              f"docstrings) {losses['base_general']:.3f} -> {losses['fine_tune_general']:.3f}. A BatchTopK crosscoder "
-              f"of {cfg.d_sae} latents (k = {cfg.k}, {cfg.steps} steps) explains "
-              f"{summary['explained_variance']:.3f} of the variance of both models' activations.")
+    variant = f"BatchTopK (k = {cfg.k})" if cfg.architecture == "batchtopk" else f"L1 ({cfg.l1_coefficient})"
+    page.text(f"Fine-tuned {cfg.finetune_steps} steps on generated catalogue lines mixed with general text: held-out "
+              f"domain loss {losses['base_domain']:.3f} -> {losses['fine_tune_domain']:.3f} nats, general text "
+              f"(standard-library docstrings of held-out modules) {losses['base_general']:.3f} -> "
+              f"{losses['fine_tune_general']:.3f}. A {variant} crosscoder of {cfg.d_sae} latents ({cfg.steps} steps "
+              f"on {cfg.sequences} sequences' activations) explains {summary['explained_variance']:.3f} of the "
+              f"variance of both models' activations.")
     page.heading("Relative decoder norms")
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.hist(np.asarray(analysis["relative_norms"]), bins=40, range=(0, 1))
@@ -216,7 +236,8 @@ def report(cfg: Config, results: dict, directory: Path, info: dict) -> None:
                                          analysis["kl_steered"])]
     page.table(["latent", "relative norm", "domain frequency", "nu_error", "nu_reconstruction",
                 "KL(fine-tune || steered base)"], rows,
-               f"KL(fine-tune || base) without steering: {summary['kl_base']:.4f}; their contexts: dashboard.html")
+               f"KL(fine-tune || base) without steering: {summary['kl_base']:.4f}; with all of these latents "
+               f"together: {summary['kl_steered_all']:.4f}; their contexts: dashboard.html")
     page.run_section(cfg, info, f"This run took {info['seconds']:.1f} s")
     page.write(directory / "report.html")
     write_json(directory / "metrics.json", summary | {"seconds": info.get("seconds"),

@@ -12,8 +12,8 @@ from jinterp.loading import registry
 
 SMOLLM2 = registry.MODELS["smollm2-135m"]
 SHORT = ["seq_len=16", "domain_lines=64", "finetune_steps=3", "finetune_batch=2", "finetune_lr=0.0001",
-         "site=blocks.2.resid_post", "d_sae=64", "k=4", "steps=4", "sequences_per_step=2", "held_out=4",
-         "eval_every=2", "latents_shown=3"]
+         "site=blocks.2.resid_post", "sequences=8", "d_sae=64", "k=4", "steps=4", "batch_size=32", "held_out=4",
+         "eval_every=2", "crosscoder_eval_every=2", "latents_shown=3"]
 
 
 def test_catalogue_lines_are_reproducible_and_held_out_lines_differ():
@@ -33,6 +33,7 @@ def test_shortened_smollm2_run(tmp_path):
     analysis = results["analysis"]
     assert analysis["relative_norms"].shape == (64,)
     assert len(analysis["kl_steered"]) == len(analysis["shown"]) <= 3
+    assert np.isfinite(analysis["kl_steered"]).all() and np.isfinite(float(analysis["kl_steered_all"]))
     metrics = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=pytest.fail)
     assert metrics["classes"].keys() == {"base_only", "fine_tune_only", "shared", "other"}
     assert (tmp_path / "report.html").exists() and (tmp_path / "dashboard.html").exists()
