@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import shutil
 import tempfile
@@ -48,6 +49,15 @@ def corrupted_pair(seed: int) -> tuple[np.ndarray, np.ndarray]:
 def toy_metric(logits):
     """Mean logit difference of tokens 3 and 7 at the last position."""
     return (logits[:, -1, 3] - logits[:, -1, 7]).mean()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Release each test file's compiled programs after it: a worker runs many files, and their XLA
+    executables (with the JIT code each maps) would otherwise pile up for the whole session."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
