@@ -44,7 +44,7 @@ import numpy as np
 
 from jinterp import memory
 from jinterp._compile import jit
-from jinterp.circuits import _CAPTURE, Graph, _writer_differences, edge_patch
+from jinterp.circuits import Graph, edge_patch, writer_sites
 from jinterp.core import apply, run
 from jinterp.models.transformer import Transformer
 from jinterp.patching import pair
@@ -151,16 +151,13 @@ def acdc(model: Transformer, clean, corrupted, tau: float, *, metric: Callable |
     pair(model, clean, corrupted, "denoise", attention_mask=attention_mask)  # checks the two fit together
     clean, corrupted = jnp.asarray(clean), jnp.asarray(corrupted)
     options = dict(attention_mask=attention_mask, logit_positions=logit_positions)
-    writes = [c for c in _CAPTURE if model.cfg.has_mlp or "mlp" not in c]
-    clean_logits, clean_cache = run(model, clean, capture=writes, **options)
+    clean_logits, clean_cache = run(model, clean, capture=writer_sites(model.cfg), **options)
     if metric is None:
         reference, measure = jax.nn.log_softmax(clean_logits.astype(jnp.float32), -1), _kl
     else:
         reference, measure = jnp.zeros(()), _user(metric)
-    _, corrupt_cache = run(model, corrupted, capture=writes, **options)
     _, patch = edge_patch(model, graph.valid, corrupted, **options)  # drop filled in per trial
-    patch = eqx.tree_at(lambda p: p.written, patch, _writer_differences(model, clean_cache, corrupt_cache),
-                        is_leaf=lambda x: x is None)
+    patch = patch.resumed_from(clean_cache)
     resid, layers = clean_cache.stack("resid_pre"), _layers(graph, model.cfg.n_layers)
     dtype = patch.drop.dtype
     drop = np.zeros(graph.valid.shape, np.float32)

@@ -96,6 +96,14 @@ class EdgePatch(Intervention):
         self.drop, self.corrupt_input, self.corrupt_z, self.corrupt_mlp, self.W_O, self.written = (
             drop, corrupt_input, corrupt_z, corrupt_mlp, W_O, written)
 
+    def resumed_from(self, cache) -> EdgePatch:
+        """This patch for runs resumed at a layer (``start=``) from ``cache``, a run of the same tokens
+        with every edge kept that captured ``writer_sites`` (the clean run): the writers before that
+        layer carry their difference from the corrupted run in ``written``."""
+        corrupt = (self.corrupt_input, self.corrupt_z, self.corrupt_mlp)
+        written = _differences(self.W_O, *jax.tree.map(jnp.subtract, _writes(cache, self.cfg), corrupt))
+        return eqx.tree_at(lambda p: p.written, self, written, is_leaf=lambda x: x is None)
+
     def kinds(self):
         kinds = ("resid_pre", "attn.q_input", "attn.k_input", "attn.v_input", "attn.z", "resid_post")
         return kinds + (("mlp_in", "mlp_out") if self.cfg.has_mlp else ())
@@ -134,20 +142,23 @@ class EdgePatch(Intervention):
 
 # --- scores -------------------------------------------------------------------------------------
 
-def _writer_differences(model, source_cache, base_cache) -> Float[Array, "up batch pos d_model"]:
-    """source - base output of every upstream node, in ``Graph.upstream`` order."""
-    cfg = model.cfg
-    dz = source_cache.stack("attn.z") - base_cache.stack("attn.z")
-    heads = jnp.einsum("lbshe,lhed->lhbsd", dz, model.blocks.attn.W_O)
-    per_layer = [heads]
-    if cfg.has_mlp:
-        per_layer.append((source_cache.stack("mlp_out") - base_cache.stack("mlp_out"))[:, None])
+def writer_sites(cfg: Config) -> list[str]:
+    """The sites every upstream node's output is made from: the input, each layer's z and MLP output."""
+    return ["blocks.*.resid_pre", "blocks.*.attn.z"] + (["blocks.*.mlp_out"] if cfg.has_mlp else [])
+
+
+def _writes(cache, cfg: Config) -> tuple:
+    """(input, z of every layer, MLP output of every layer or None) from a run that captured ``writer_sites``."""
+    return cache["blocks.0.resid_pre"], cache.stack("attn.z"), cache.stack("mlp_out") if cfg.has_mlp else None
+
+
+def _differences(W_O, d_input, d_z, d_mlp) -> Float[Array, "up batch pos d_model"]:
+    """Every upstream node's output difference, in ``Graph.upstream`` order, from the differences of its
+    ingredients (``_writes``): a head's is its z difference through its W_O."""
+    heads = jnp.einsum("lbshe,lhed->lhbsd", d_z, W_O)
+    per_layer = [heads] if d_mlp is None else [heads, d_mlp[:, None]]
     layers = jnp.concatenate(per_layer, 1).reshape(-1, *heads.shape[2:])
-    first = source_cache["blocks.0.resid_pre"] - base_cache["blocks.0.resid_pre"]
-    return jnp.concatenate([first[None], layers])
-
-
-_CAPTURE = ("blocks.*.resid_pre", "blocks.*.attn.z", "blocks.*.mlp_out")
+    return jnp.concatenate([d_input[None], layers])
 
 
 def _reader_gradients(model, tokens, metric, attention_mask, logit_positions, embed=None):
@@ -188,10 +199,11 @@ def edge_attribution(model: Transformer, clean, corrupted, metric: Callable, *, 
         raise ValueError(f"ig_steps must be a non-negative int (0 = EAP), got {ig_steps!r}")
     graph = Graph.of(model.cfg)
     base, source = pair(model, clean, corrupted, direction, attention_mask=attention_mask)
-    capture = [c for c in _CAPTURE if model.cfg.has_mlp or "mlp" not in c] + ["embed"]
+    capture = writer_sites(model.cfg) + ["embed"]
     _, base_cache = run(model, base, capture=capture, attention_mask=attention_mask)
     _, source_cache = run(model, source, capture=capture, attention_mask=attention_mask)
-    differences = _writer_differences(model, source_cache, base_cache)
+    differences = _differences(model.blocks.attn.W_O, *jax.tree.map(
+        jnp.subtract, _writes(source_cache, model.cfg), _writes(base_cache, model.cfg)))
     gradient = _reader_gradients_jit
     if ig_steps == 0:
         grads = gradient(model, base, metric, attention_mask, logit_positions, None)
@@ -256,8 +268,7 @@ def edge_patch(model: Transformer, circuit: np.ndarray, corrupted, *, attention_
     circuit = np.asarray(circuit, bool)
     if circuit.shape != graph.valid.shape:
         raise ValueError(f"circuit has shape {circuit.shape}; this model's graph is {graph.valid.shape}")
-    capture = [c for c in _CAPTURE if model.cfg.has_mlp or "mlp" not in c]
-    logits, corrupt = run(model, corrupted, capture=capture, attention_mask=attention_mask,
+    logits, corrupt = run(model, corrupted, capture=writer_sites(model.cfg), attention_mask=attention_mask,
                           logit_positions=logit_positions)
     drop = jnp.asarray(graph.valid & ~circuit, corrupt["blocks.0.resid_pre"].dtype)
     patch = EdgePatch(model.cfg, drop, corrupt["blocks.0.resid_pre"], corrupt.stack("attn.z"),

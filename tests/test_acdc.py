@@ -92,12 +92,9 @@ def test_trials_resumed_at_the_receivers_layer_equal_whole_forwards():
     model = jinterp.Transformer.init(SMALL, jax.random.key(1), std=0.5)
     clean, corrupt = (jnp.asarray(tokens % SMALL.d_vocab) for tokens in corrupted_pair(2))
     graph = circuits.Graph.of(SMALL)
-    writes = ["blocks.*.resid_pre", "blocks.*.attn.z", "blocks.*.mlp_out"]
-    clean_logits, clean_cache = jinterp.run(model, clean, capture=writes)
-    _, corrupt_cache = jinterp.run(model, corrupt, capture=writes)
+    clean_logits, clean_cache = jinterp.run(model, clean, capture=circuits.writer_sites(SMALL))
     _, patch = circuits.edge_patch(model, graph.valid, corrupt)
-    resumable = eqx.tree_at(lambda p: p.written, patch, circuits._writer_differences(model, clean_cache, corrupt_cache),
-                            is_leaf=lambda x: x is None)
+    resumable = patch.resumed_from(clean_cache)
     reference = jax.nn.log_softmax(clean_logits, -1)
     layers = acdc._layers(graph, SMALL.n_layers)
     rng = np.random.default_rng(0)
