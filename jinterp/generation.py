@@ -30,6 +30,7 @@ from jinterp import recipes
 from jinterp._compile import jit
 from jinterp.cache import Cache, from_records
 from jinterp.core import validate
+from jinterp.loading.tokenizer import pad_rows
 from jinterp.models.transformer import KVCache, Transformer, check_inputs
 from jinterp.specs import match
 
@@ -270,12 +271,7 @@ def _prompts(tokenizer, prompts, prepend_bos, pad_id) -> tuple[np.ndarray, np.nd
         if not ids:
             raise ValueError(f"Prompt {i} ({prompt!r}) is empty (no tokens); every prompt needs at least one token")
         rows.append(ids)
-    length = max(map(len, rows))
-    tokens = np.full((len(rows), length), pad_id, np.int32)
-    mask = np.zeros((len(rows), length), bool)
-    for i, ids in enumerate(rows):
-        tokens[i, length - len(ids):], mask[i, length - len(ids):] = ids, True
-    return tokens, mask
+    return pad_rows(rows, pad_id, "left")
 
 
 def _sampling(cfg, temperature, top_k, top_p) -> _Sampling:
@@ -320,11 +316,7 @@ def _stops(tokenizer, stop, d_vocab: int) -> tuple[jax.Array, jax.Array]:
         if bad:
             raise ValueError(f"Stop token id {bad[0]} is outside the vocabulary (valid ids 0..{d_vocab - 1})")
         sequences.append(ids)
-    longest = max(map(len, sequences), default=1)
-    padded = np.full((len(sequences), longest), -1, np.int32)
-    for i, ids in enumerate(sequences):
-        padded[i, longest - len(ids):] = ids
-    return jnp.asarray(padded), jnp.asarray([len(ids) for ids in sequences], jnp.int32)
+    return jnp.asarray(pad_rows(sequences, -1, "left").tokens), jnp.asarray([len(ids) for ids in sequences], jnp.int32)
 
 
 def _check_positions(edits, prompt_len: int) -> None:
