@@ -147,12 +147,6 @@ class Crosscoder(eqx.Module):
         total = na + nb
         return jnp.where(total > 0, nb / jnp.where(total > 0, total, 1.0), 0.5)
 
-    def decoder_cosines(self, a: int | str = 0, b: int | str = 1) -> Float[Array, " d_sae"]:
-        """The cosine between each latent's decoder directions in models ``a`` and ``b`` (0 where either is 0)."""
-        da, db = self.W_dec[:, self.model_index(a)], self.W_dec[:, self.model_index(b)]
-        norms = jnp.linalg.norm(da, axis=-1) * jnp.linalg.norm(db, axis=-1)
-        return jnp.where(norms > 0, jnp.sum(da * db, axis=-1) / jnp.where(norms > 0, norms, 1.0), 0.0)
-
     def model_sae(self, model: int | str) -> SAE:
         """The dictionary as model ``model`` alone sees it: an SAE reading that model's activations
         and writing its reconstruction, the other models' encoder terms left out (as if their
