@@ -331,9 +331,12 @@ class Zero(Edit):
         return jnp.zeros_like(value)
 
 
-def _orthonormal(basis: Array) -> Array:
-    """Orthonormal columns spanning ``basis`` ([d, k]); differentiable (QR)."""
-    return jnp.linalg.qr(basis)[0]
+def _orthonormal(basis: Array, value: Array, at: At, what: str) -> Array:
+    """Orthonormal columns spanning ``basis`` ([d, k], d the site's last axis); differentiable (QR)."""
+    if basis.ndim != 2 or basis.shape[0] != value.shape[-1]:
+        raise ValueError(f"{what} at {at.kind!r} has shape {basis.shape}; expected "
+                         f"[{value.shape[-1]}, k] for the site's last axis ({at.axes[-1]})")
+    return jnp.linalg.qr(basis.astype(value.dtype))[0]
 
 
 class Project(Edit):
@@ -349,15 +352,9 @@ class Project(Edit):
         self.basis, self.keep = basis[:, None] if basis.ndim == 1 else basis, keep
 
     def edit(self, value, at):
-        q = self._basis(value, at)
+        q = _orthonormal(self.basis, value, at, "Project basis")
         inside = (value @ q) @ q.T
         return inside if self.keep else value - inside
-
-    def _basis(self, value, at):
-        if self.basis.ndim != 2 or self.basis.shape[0] != value.shape[-1]:
-            raise ValueError(f"Project basis at {at.kind!r} has shape {self.basis.shape}; expected "
-                             f"[{value.shape[-1]}, k] for the site's last axis ({at.axes[-1]})")
-        return _orthonormal(self.basis.astype(value.dtype))
 
 
 class Interchange(Edit):
@@ -376,10 +373,7 @@ class Interchange(Edit):
         self.source, self.rotation, self.per_layer = jnp.asarray(source), jnp.asarray(rotation), per_layer
 
     def edit(self, value, at):
-        if self.rotation.ndim != 2 or self.rotation.shape[0] != value.shape[-1]:
-            raise ValueError(f"Interchange rotation at {at.kind!r} has shape {self.rotation.shape}; expected "
-                             f"[{value.shape[-1]}, k]")
-        q = _orthonormal(self.rotation.astype(value.dtype))
+        q = _orthonormal(self.rotation, value, at, "Interchange rotation")
         source = jnp.broadcast_to(self._given(value, at), value.shape)
         return value + ((source - value) @ q) @ q.T
 
