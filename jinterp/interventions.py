@@ -82,19 +82,14 @@ def _indices(values, what: str) -> Int[Array, "n"] | None:
 
 
 def _split_site(site, layers) -> tuple[str, Array | None]:
-    """A site name (with or without its layer) plus optional layers -> (kind, layer indices)."""
+    """A site name (with or without its layer) plus optional layers -> (kind, layer indices). A kind
+    jinterp does not know is a site of another model (jinterp.byo): checked against its specs when it runs."""
     parsed = S.site_key(site)
-    if parsed.kind not in S.SITE_AXES:
-        if not isinstance(site, str):
-            raise ValueError(f"Unknown site {site!r}: no site kind {parsed.kind!r}. "
-                             f"Valid kinds: {', '.join(S.SITE_AXES)}.")
-        # A site of another model (jinterp.byo): checked against its specs when it runs.
-        layer = [parsed.layer] if isinstance(parsed.layer, int) else None
-        if layer is not None and layers is not None:
-            raise ValueError(f"Site {site!r} already names layer {parsed.layer}; do not pass layers= too")
-        return parsed.kind, _indices(layer if layers is None else layers, f"layers of {site!r}")
-    in_block = parsed.kind in S.BLOCK_KINDS
-    if parsed.layer is not None and not in_block:
+    known, in_block = parsed.kind in S.SITE_AXES, parsed.kind in S.BLOCK_KINDS
+    if not known and not isinstance(site, str):
+        raise ValueError(f"Unknown site {site!r}: no site kind {parsed.kind!r}. "
+                         f"Valid kinds: {', '.join(S.SITE_AXES)}.")
+    if known and parsed.layer is not None and not in_block:
         raise ValueError(f"Site {site!r}: {parsed.kind!r} is outside the blocks and has no layer")
     if isinstance(parsed.layer, int):
         if layers is not None:
@@ -103,7 +98,7 @@ def _split_site(site, layers) -> tuple[str, Array | None]:
     elif in_block and parsed.layer is None and layers is None:
         raise ValueError(f"Site {site!r} is inside the blocks: name a layer (blocks.3.{parsed.kind}), "
                          f"every layer (blocks.*.{parsed.kind}), or pass layers=[...]")
-    if layers is not None and not in_block:
+    if known and layers is not None and not in_block:
         raise ValueError(f"Site {site!r} is outside the blocks; layers= does not apply")
     return parsed.kind, _indices(layers, f"layers of {site!r}")
 
