@@ -34,6 +34,7 @@ from jinterp._compile import jit
 from jinterp.cache import Cache
 from jinterp.core import run as run_model
 from jinterp.lens import accumulated_resid, readout
+from jinterp.models.config import Config
 from jinterp.models.transformer import Transformer
 from jinterp.train import Trained, shuffled_batches, train
 
@@ -85,12 +86,15 @@ class TunedLens(eqx.Module):
         return readout(model, jnp.concatenate([translated, states[-1:]]))
 
 
-def model_fingerprint(model: Transformer) -> str:
-    """A sha256 of the model's config (sizes and options) and every weight's dtype, shape and bytes."""
-    h = hashlib.sha256()
-    cfg = {k: v for k, v in model.cfg.to_dict().items() if k != "architecture"}  # a label, not the model
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    for leaf in jax.tree.leaves(model):
+def model_fingerprint(model) -> str:
+    """A sha256 of the model's config (sizes and options; a model without a jinterp ``Config``: its class
+    name) and every weight's dtype, shape and bytes."""
+    if isinstance(getattr(model, "cfg", None), Config):
+        cfg = {k: v for k, v in model.cfg.to_dict().items() if k != "architecture"}  # a label, not the model
+        h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    else:
+        h = hashlib.sha256(type(model).__qualname__.encode())
+    for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array)):
         leaf = np.asarray(leaf)
         h.update(f"{leaf.dtype}{leaf.shape}".encode())
         h.update(np.ascontiguousarray(leaf).tobytes())
