@@ -36,7 +36,7 @@ from jinterp.core import run as run_model
 from jinterp.lens import accumulated_resid, readout
 from jinterp.models.config import Config
 from jinterp.models.transformer import Transformer
-from jinterp.train import Trained, shuffled_batches, train
+from jinterp.train import ShuffledRows, Trained, train
 
 WEIGHTS, CONFIG, FORMAT = "translators.safetensors", "tuned_lens.json", "jinterp.tuned_lens/1"
 
@@ -160,19 +160,6 @@ class Distillation(eqx.Module):
         return layer_kl(lens, self.model, tokens, mask).sum()
 
 
-class Windows(eqx.Module):
-    """``step -> (tokens, mask)``: ``batch_size`` rows of ``tokens`` ``[n, pos]``, a fresh shuffle each epoch."""
-
-    tokens: Int[Array, "n pos"]
-    mask: Bool[Array, "n pos"]
-    batch_size: int = eqx.field(static=True)
-    seed: int = eqx.field(static=True)
-
-    def __call__(self, step):
-        rows = shuffled_batches(self.tokens.shape[0], self.batch_size, self.seed)(step)
-        return self.tokens[rows], self.mask[rows]
-
-
 def fit(model: Transformer, tokens, attention_mask=None, *, steps: int, batch_size: int = 4,
         optimizer: optax.GradientTransformation | None = None, seed: int = 0, lens: TunedLens | None = None,
         evaluate=None, eval_every: int = 50, run=None, name: str = "tuned_lens", progress: bool = True) -> Trained:
@@ -189,9 +176,9 @@ def fit(model: Transformer, tokens, attention_mask=None, *, steps: int, batch_si
     if mask.shape != tokens.shape:
         raise ValueError(f"attention_mask has shape {mask.shape}, tokens {tokens.shape}")
     lens = TunedLens.init(model) if lens is None else lens
-    return train(lens, Distillation(model), optimizer or optax.adam(1e-3), Windows(tokens, mask, batch_size, seed),
-                 steps=steps, eval_every=eval_every, evaluate=evaluate, run=run, name=name,
-                 description="tuned lens", progress=progress)
+    batches = ShuffledRows((tokens, mask), batch_size, seed)
+    return train(lens, Distillation(model), optimizer or optax.adam(1e-3), batches, steps=steps, eval_every=eval_every,
+                 evaluate=evaluate, run=run, name=name, description="tuned lens", progress=progress)
 
 
 # Files ---------------------------------------------------------------------------------------------
