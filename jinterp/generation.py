@@ -212,7 +212,8 @@ def generate(model: Transformer, tokenizer, prompts, max_new_tokens: int, *, tem
     if not cfg.causal or not cfg.unembed:
         raise ValueError(f"generate needs a decoder (causal, with an unembedding); this {cfg.architecture!r} model "
                          f"is {'bidirectional' if not cfg.causal else 'without an unembedding'} (an encoder)")
-    prompt, mask = _prompts(tokenizer, prompts, prepend_bos, _pad_id(tokenizer))
+    pad_id = 0 if tokenizer is None else tokenizer.pad_token_id
+    prompt, mask = _prompts(tokenizer, prompts, prepend_bos, pad_id)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     total = prompt.shape[1] + int(max_new_tokens)
@@ -234,7 +235,7 @@ def generate(model: Transformer, tokenizer, prompts, max_new_tokens: int, *, tem
     try:
         out, n_generated, stacked = _generate(model, jnp.asarray(prompt), jnp.asarray(mask), edits, captures, sampling,
                                               jax.random.key(seed), stops, stop_lengths,
-                                              jnp.int32(_pad_id(tokenizer)), int(max_new_tokens))
+                                              jnp.int32(pad_id), int(max_new_tokens))
     except ValueError as error:
         raise ValueError(f"{error}\n(in generate: the prompt pass runs {prompt.shape[1]} positions and every decode "
                          f"step one, so an edit's values must broadcast over any number of positions)") from error
@@ -245,10 +246,6 @@ def generate(model: Transformer, tokenizer, prompts, max_new_tokens: int, *, tem
     if tokenizer is not None:
         texts = [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(out, n_generated)]
     return Generation(out, n_generated, texts, Cache(stacked, layers), prompt, mask)
-
-
-def _pad_id(tokenizer) -> int:
-    return 0 if tokenizer is None else tokenizer.pad_token_id
 
 
 def _prompts(tokenizer, prompts, prepend_bos, pad_id) -> tuple[np.ndarray, np.ndarray]:
