@@ -87,9 +87,7 @@ class Cache(eqx.Module, Mapping):
             yield from (S.site_name(kind, layer) for layer in derived_layers)
 
     def __len__(self) -> int:
-        layers = dict(self.layers)
-        stored = sum(len(layers[key]) if key in layers else 1 for key in self.stacked)
-        return stored + sum(len(derived_layers) for _, _, _, derived_layers in self.derived)
+        return sum(1 for _ in self)
 
     def __contains__(self, name) -> bool:
         if isinstance(name, str) and name in self.stacked and name not in dict(self.layers):

@@ -246,19 +246,16 @@ def faithfulness(model: Transformer, circuit: np.ndarray, clean, corrupted, metr
     and ``normalized`` ((circuit - corrupted) / (clean - corrupted): 1 = the circuit recovers the
     whole effect, 0 = none of it).
     """
-    graph = Graph.of(model.cfg)
-    circuit = np.asarray(circuit, bool)
-    if circuit.shape != graph.valid.shape:
-        raise ValueError(f"circuit has shape {circuit.shape}; this model's graph is {graph.valid.shape}")
     pair(model, clean, corrupted, "denoise", attention_mask=attention_mask)
-    clean_logits, _ = run(model, clean, attention_mask=attention_mask, logit_positions=logit_positions)
     corrupt_logits, patch = edge_patch(model, circuit, corrupted, attention_mask=attention_mask,
-                                       logit_positions=logit_positions)
+                                       logit_positions=logit_positions)  # checks the circuit's shape
+    clean_logits, _ = run(model, clean, attention_mask=attention_mask, logit_positions=logit_positions)
     circuit_logits, _ = run(model, clean, edits=patch, attention_mask=attention_mask,
                             logit_positions=logit_positions)
     clean, corrupted, kept = (float(metric(x)) for x in (clean_logits, corrupt_logits, circuit_logits))
     return dict(clean=clean, corrupted=corrupted, circuit=kept, faithfulness=kept / clean,
-                normalized=(kept - corrupted) / (clean - corrupted), edges=int(circuit.sum()), of=graph.n_edges)
+                normalized=(kept - corrupted) / (clean - corrupted), edges=int(np.count_nonzero(circuit)),
+                of=Graph.of(model.cfg).n_edges)
 
 
 def edge_patch(model: Transformer, circuit: np.ndarray, corrupted, *, attention_mask=None, logit_positions=None):

@@ -38,7 +38,7 @@ from jinterp.core import run as run_model
 from jinterp.interventions import Interchange
 from jinterp.models.transformer import Transformer
 from jinterp.specs import canonical, lookup
-from jinterp.train import Trained, shuffled_batches, train
+from jinterp.train import ShuffledRows, Trained, train
 from jinterp.tuned_lens import model_fingerprint
 
 WEIGHTS, CONFIG, FORMAT = "rotation.safetensors", "das.json", "jinterp.das/1"
@@ -131,21 +131,6 @@ def _positions(positions, n_ctx: int) -> tuple[int, ...]:
 
 # Training -----------------------------------------------------------------------------------------
 
-class Pairs(eqx.Module):
-    """``step -> (base, source, labels)``: ``batch_size`` (base, source) pairs with their counterfactual
-    labels, a fresh shuffle each epoch."""
-
-    base: Int[Array, "n pos"]
-    source: Int[Array, "n pos"]
-    labels: Int[Array, " n"]
-    batch_size: int = eqx.field(static=True)
-    seed: int = eqx.field(static=True)
-
-    def __call__(self, step):
-        rows = shuffled_batches(self.base.shape[0], self.batch_size, self.seed)(step)
-        return self.base[rows], self.source[rows], self.labels[rows]
-
-
 class CounterfactualLoss(eqx.Module):
     """``loss(alignment, (base, source, labels))`` for ``train``: the cross-entropy of the counterfactual
     labels under the interchange. The frozen model is a field, so it is passed, not compiled in."""
@@ -192,7 +177,7 @@ def fit(model: Transformer, site, k: int, positions, base, source, labels, *, st
     if alignment is None:
         alignment = Alignment.init(model, site, k, positions, jax.random.key(seed), variable=variable)
     return train(alignment, CounterfactualLoss(model, logit_positions), optimizer or optax.adam(1e-2),
-                 Pairs(base, source, labels, batch_size, seed), steps=steps, eval_every=eval_every,
+                 ShuffledRows((base, source, labels), batch_size, seed), steps=steps, eval_every=eval_every,
                  evaluate=evaluate, run=run, name=name, description=f"DAS {alignment.site}", progress=progress)
 
 

@@ -30,6 +30,7 @@ from jinterp import recipes
 from jinterp._compile import jit
 from jinterp.cache import Cache, from_records
 from jinterp.core import validate
+from jinterp.loading.tokenizer import pad_rows
 from jinterp.models.transformer import KVCache, Transformer, check_inputs
 from jinterp.specs import match
 
@@ -211,7 +212,8 @@ def generate(model: Transformer, tokenizer, prompts, max_new_tokens: int, *, tem
     if not cfg.causal or not cfg.unembed:
         raise ValueError(f"generate needs a decoder (causal, with an unembedding); this {cfg.architecture!r} model "
                          f"is {'bidirectional' if not cfg.causal else 'without an unembedding'} (an encoder)")
-    prompt, mask = _prompts(tokenizer, prompts, prepend_bos, _pad_id(tokenizer))
+    pad_id = 0 if tokenizer is None else tokenizer.pad_token_id
+    prompt, mask = _prompts(tokenizer, prompts, prepend_bos, pad_id)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     total = prompt.shape[1] + int(max_new_tokens)
@@ -233,7 +235,7 @@ def generate(model: Transformer, tokenizer, prompts, max_new_tokens: int, *, tem
     try:
         out, n_generated, stacked = _generate(model, jnp.asarray(prompt), jnp.asarray(mask), edits, captures, sampling,
                                               jax.random.key(seed), stops, stop_lengths,
-                                              jnp.int32(_pad_id(tokenizer)), int(max_new_tokens))
+                                              jnp.int32(pad_id), int(max_new_tokens))
     except ValueError as error:
         raise ValueError(f"{error}\n(in generate: the prompt pass runs {prompt.shape[1]} positions and every decode "
                          f"step one, so an edit's values must broadcast over any number of positions)") from error
@@ -244,10 +246,6 @@ def generate(model: Transformer, tokenizer, prompts, max_new_tokens: int, *, tem
     if tokenizer is not None:
         texts = [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(out, n_generated)]
     return Generation(out, n_generated, texts, Cache(stacked, layers), prompt, mask)
-
-
-def _pad_id(tokenizer) -> int:
-    return 0 if tokenizer is None else tokenizer.pad_token_id
 
 
 def _prompts(tokenizer, prompts, prepend_bos, pad_id) -> tuple[np.ndarray, np.ndarray]:
@@ -270,12 +268,7 @@ def _prompts(tokenizer, prompts, prepend_bos, pad_id) -> tuple[np.ndarray, np.nd
         if not ids:
             raise ValueError(f"Prompt {i} ({prompt!r}) is empty (no tokens); every prompt needs at least one token")
         rows.append(ids)
-    length = max(map(len, rows))
-    tokens = np.full((len(rows), length), pad_id, np.int32)
-    mask = np.zeros((len(rows), length), bool)
-    for i, ids in enumerate(rows):
-        tokens[i, length - len(ids):], mask[i, length - len(ids):] = ids, True
-    return tokens, mask
+    return pad_rows(rows, pad_id, "left")
 
 
 def _sampling(cfg, temperature, top_k, top_p) -> _Sampling:
@@ -320,11 +313,7 @@ def _stops(tokenizer, stop, d_vocab: int) -> tuple[jax.Array, jax.Array]:
         if bad:
             raise ValueError(f"Stop token id {bad[0]} is outside the vocabulary (valid ids 0..{d_vocab - 1})")
         sequences.append(ids)
-    longest = max(map(len, sequences), default=1)
-    padded = np.full((len(sequences), longest), -1, np.int32)
-    for i, ids in enumerate(sequences):
-        padded[i, longest - len(ids):] = ids
-    return jnp.asarray(padded), jnp.asarray([len(ids) for ids in sequences], jnp.int32)
+    return jnp.asarray(pad_rows(sequences, -1, "left").tokens), jnp.asarray([len(ids) for ids in sequences], jnp.int32)
 
 
 def _check_positions(edits, prompt_len: int) -> None:

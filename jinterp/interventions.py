@@ -82,19 +82,14 @@ def _indices(values, what: str) -> Int[Array, "n"] | None:
 
 
 def _split_site(site, layers) -> tuple[str, Array | None]:
-    """A site name (with or without its layer) plus optional layers -> (kind, layer indices)."""
+    """A site name (with or without its layer) plus optional layers -> (kind, layer indices). A kind
+    jinterp does not know is a site of another model (jinterp.byo): checked against its specs when it runs."""
     parsed = S.site_key(site)
-    if parsed.kind not in S.SITE_AXES:
-        if not isinstance(site, str):
-            raise ValueError(f"Unknown site {site!r}: no site kind {parsed.kind!r}. "
-                             f"Valid kinds: {', '.join(S.SITE_AXES)}.")
-        # A site of another model (jinterp.byo): checked against its specs when it runs.
-        layer = [parsed.layer] if isinstance(parsed.layer, int) else None
-        if layer is not None and layers is not None:
-            raise ValueError(f"Site {site!r} already names layer {parsed.layer}; do not pass layers= too")
-        return parsed.kind, _indices(layer if layers is None else layers, f"layers of {site!r}")
-    in_block = parsed.kind in S.BLOCK_KINDS
-    if parsed.layer is not None and not in_block:
+    known, in_block = parsed.kind in S.SITE_AXES, parsed.kind in S.BLOCK_KINDS
+    if not known and not isinstance(site, str):
+        raise ValueError(f"Unknown site {site!r}: no site kind {parsed.kind!r}. "
+                         f"Valid kinds: {', '.join(S.SITE_AXES)}.")
+    if known and parsed.layer is not None and not in_block:
         raise ValueError(f"Site {site!r}: {parsed.kind!r} is outside the blocks and has no layer")
     if isinstance(parsed.layer, int):
         if layers is not None:
@@ -103,7 +98,7 @@ def _split_site(site, layers) -> tuple[str, Array | None]:
     elif in_block and parsed.layer is None and layers is None:
         raise ValueError(f"Site {site!r} is inside the blocks: name a layer (blocks.3.{parsed.kind}), "
                          f"every layer (blocks.*.{parsed.kind}), or pass layers=[...]")
-    if layers is not None and not in_block:
+    if known and layers is not None and not in_block:
         raise ValueError(f"Site {site!r} is outside the blocks; layers= does not apply")
     return parsed.kind, _indices(layers, f"layers of {site!r}")
 
@@ -331,9 +326,12 @@ class Zero(Edit):
         return jnp.zeros_like(value)
 
 
-def _orthonormal(basis: Array) -> Array:
-    """Orthonormal columns spanning ``basis`` ([d, k]); differentiable (QR)."""
-    return jnp.linalg.qr(basis)[0]
+def _orthonormal(basis: Array, value: Array, at: At, what: str) -> Array:
+    """Orthonormal columns spanning ``basis`` ([d, k], d the site's last axis); differentiable (QR)."""
+    if basis.ndim != 2 or basis.shape[0] != value.shape[-1]:
+        raise ValueError(f"{what} at {at.kind!r} has shape {basis.shape}; expected "
+                         f"[{value.shape[-1]}, k] for the site's last axis ({at.axes[-1]})")
+    return jnp.linalg.qr(basis.astype(value.dtype))[0]
 
 
 class Project(Edit):
@@ -349,15 +347,9 @@ class Project(Edit):
         self.basis, self.keep = basis[:, None] if basis.ndim == 1 else basis, keep
 
     def edit(self, value, at):
-        q = self._basis(value, at)
+        q = _orthonormal(self.basis, value, at, "Project basis")
         inside = (value @ q) @ q.T
         return inside if self.keep else value - inside
-
-    def _basis(self, value, at):
-        if self.basis.ndim != 2 or self.basis.shape[0] != value.shape[-1]:
-            raise ValueError(f"Project basis at {at.kind!r} has shape {self.basis.shape}; expected "
-                             f"[{value.shape[-1]}, k] for the site's last axis ({at.axes[-1]})")
-        return _orthonormal(self.basis.astype(value.dtype))
 
 
 class Interchange(Edit):
@@ -376,10 +368,7 @@ class Interchange(Edit):
         self.source, self.rotation, self.per_layer = jnp.asarray(source), jnp.asarray(rotation), per_layer
 
     def edit(self, value, at):
-        if self.rotation.ndim != 2 or self.rotation.shape[0] != value.shape[-1]:
-            raise ValueError(f"Interchange rotation at {at.kind!r} has shape {self.rotation.shape}; expected "
-                             f"[{value.shape[-1]}, k]")
-        q = _orthonormal(self.rotation.astype(value.dtype))
+        q = _orthonormal(self.rotation, value, at, "Interchange rotation")
         source = jnp.broadcast_to(self._given(value, at), value.shape)
         return value + ((source - value) @ q) @ q.T
 

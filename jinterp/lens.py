@@ -147,13 +147,4 @@ def logit_lens(model: Transformer, cache: Cache, position: int = -1):
 
 def readout(model: Transformer, x: Float[Array, "... d_model"]) -> Float[Array, "... d_vocab"]:
     """The model's final norm and unembedding (bias and soft-cap included) applied to ``x``."""
-    x = normalize(model.ln_final, x, model.cfg, _no_sites, "ln_final")
-    logits = x @ model.W_unembed.astype(x.dtype)
-    if model.b_U is not None:
-        logits = logits + model.b_U
-    cap = model.cfg.final_softcap
-    return logits if cap is None else cap * jnp.tanh(logits / cap)
-
-
-def _no_sites(kind, value):
-    return value
+    return model.unembed(normalize(model.ln_final, x, model.cfg, lambda kind, value: value, "ln_final"))

@@ -352,18 +352,9 @@ def fingerprint(model) -> str:
     held = _FINGERPRINTS.get(id(model))
     if held is not None and held[0]() is model:
         return held[1]
-    cfg = getattr(model, "cfg", None)
-    if isinstance(cfg, Config):
-        from jinterp.tuned_lens import model_fingerprint
+    from jinterp.tuned_lens import model_fingerprint
 
-        digest = model_fingerprint(model)
-    else:
-        h = hashlib.sha256(type(model).__qualname__.encode())
-        for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array)):
-            leaf = np.asarray(leaf)
-            h.update(f"{leaf.dtype}{leaf.shape}".encode())
-            h.update(np.ascontiguousarray(leaf).tobytes())
-        digest = h.hexdigest()
+    digest = model_fingerprint(model)
     try:
         _FINGERPRINTS[id(model)] = (weakref.ref(model), digest)
     except TypeError:

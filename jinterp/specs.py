@@ -146,7 +146,7 @@ def unknown_site(name, specs: Specs, kinds: Iterable[str] = ()) -> ValueError:
                           f"({S.site_name(site.kind, '*')}), or pass layers=[...]")
     layer = site.layer if isinstance(site.layer, int) else 0
     shown = S.site_name(site.kind, layer) if site.layer is not None else site.kind
-    close = difflib.get_close_matches(shown, [n for n in specs if _layer_matches(specs[n], layer)], n=5, cutoff=0.5)
+    close = difflib.get_close_matches(shown, [n for n, s in specs.items() if s.layer in (None, layer)], n=5, cutoff=0.5)
     close = close or difflib.get_close_matches(site.kind, list(by_kind), n=5, cutoff=0.5)
     why = (f"this model has no site {site.kind!r}" if site.kind in S.SITE_AXES or site.kind in kinds
            else f"{site.kind!r} is not a site of this model")
@@ -154,10 +154,6 @@ def unknown_site(name, specs: Specs, kinds: Iterable[str] = ()) -> ValueError:
     listed = ", ".join(list(by_kind)[:40]) + (f", ... ({len(by_kind)} in all)" if len(by_kind) > 40 else "")
     return ValueError(f"Unknown site {name!r}: {why}.{hint} Its site kinds: {listed or 'none'}. "
                       f"jinterp.sites(model) lists every name with its shape.")
-
-
-def _layer_matches(spec: SiteSpec, layer: int) -> bool:
-    return spec.layer is None or spec.layer == layer
 
 
 def _ranges(layers) -> str:

@@ -67,6 +67,20 @@ def shuffled_batches(n_examples: int, batch_size: int, seed: int) -> Callable[[j
     return indices
 
 
+class ShuffledRows(eqx.Module):
+    """``step -> tuple``: the same ``batch_size`` rows (``shuffled_batches``) of each of ``arrays``,
+    which share a leading axis of examples. The arrays are fields, so they are passed to the compiled
+    loop rather than baked into it."""
+
+    arrays: tuple[jax.Array, ...]
+    batch_size: int = eqx.field(static=True)
+    seed: int = eqx.field(static=True)
+
+    def __call__(self, step):
+        rows = shuffled_batches(self.arrays[0].shape[0], self.batch_size, self.seed)(step)
+        return tuple(array[rows] for array in self.arrays)
+
+
 def _scalar_loss(loss, params, batch):
     value = loss(params, batch)
     return value[0] if isinstance(value, tuple) else value

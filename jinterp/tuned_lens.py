@@ -34,8 +34,9 @@ from jinterp._compile import jit
 from jinterp.cache import Cache
 from jinterp.core import run as run_model
 from jinterp.lens import accumulated_resid, readout
+from jinterp.models.config import Config
 from jinterp.models.transformer import Transformer
-from jinterp.train import Trained, shuffled_batches, train
+from jinterp.train import ShuffledRows, Trained, train
 
 WEIGHTS, CONFIG, FORMAT = "translators.safetensors", "tuned_lens.json", "jinterp.tuned_lens/1"
 
@@ -85,12 +86,15 @@ class TunedLens(eqx.Module):
         return readout(model, jnp.concatenate([translated, states[-1:]]))
 
 
-def model_fingerprint(model: Transformer) -> str:
-    """A sha256 of the model's config (sizes and options) and every weight's dtype, shape and bytes."""
-    h = hashlib.sha256()
-    cfg = {k: v for k, v in model.cfg.to_dict().items() if k != "architecture"}  # a label, not the model
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    for leaf in jax.tree.leaves(model):
+def model_fingerprint(model) -> str:
+    """A sha256 of the model's config (sizes and options; a model without a jinterp ``Config``: its class
+    name) and every weight's dtype, shape and bytes."""
+    if isinstance(getattr(model, "cfg", None), Config):
+        cfg = {k: v for k, v in model.cfg.to_dict().items() if k != "architecture"}  # a label, not the model
+        h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    else:
+        h = hashlib.sha256(type(model).__qualname__.encode())
+    for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array)):
         leaf = np.asarray(leaf)
         h.update(f"{leaf.dtype}{leaf.shape}".encode())
         h.update(np.ascontiguousarray(leaf).tobytes())
@@ -156,19 +160,6 @@ class Distillation(eqx.Module):
         return layer_kl(lens, self.model, tokens, mask).sum()
 
 
-class Windows(eqx.Module):
-    """``step -> (tokens, mask)``: ``batch_size`` rows of ``tokens`` ``[n, pos]``, a fresh shuffle each epoch."""
-
-    tokens: Int[Array, "n pos"]
-    mask: Bool[Array, "n pos"]
-    batch_size: int = eqx.field(static=True)
-    seed: int = eqx.field(static=True)
-
-    def __call__(self, step):
-        rows = shuffled_batches(self.tokens.shape[0], self.batch_size, self.seed)(step)
-        return self.tokens[rows], self.mask[rows]
-
-
 def fit(model: Transformer, tokens, attention_mask=None, *, steps: int, batch_size: int = 4,
         optimizer: optax.GradientTransformation | None = None, seed: int = 0, lens: TunedLens | None = None,
         evaluate=None, eval_every: int = 50, run=None, name: str = "tuned_lens", progress: bool = True) -> Trained:
@@ -185,9 +176,9 @@ def fit(model: Transformer, tokens, attention_mask=None, *, steps: int, batch_si
     if mask.shape != tokens.shape:
         raise ValueError(f"attention_mask has shape {mask.shape}, tokens {tokens.shape}")
     lens = TunedLens.init(model) if lens is None else lens
-    return train(lens, Distillation(model), optimizer or optax.adam(1e-3), Windows(tokens, mask, batch_size, seed),
-                 steps=steps, eval_every=eval_every, evaluate=evaluate, run=run, name=name,
-                 description="tuned lens", progress=progress)
+    batches = ShuffledRows((tokens, mask), batch_size, seed)
+    return train(lens, Distillation(model), optimizer or optax.adam(1e-3), batches, steps=steps, eval_every=eval_every,
+                 evaluate=evaluate, run=run, name=name, description="tuned lens", progress=progress)
 
 
 # Files ---------------------------------------------------------------------------------------------

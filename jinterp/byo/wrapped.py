@@ -125,15 +125,7 @@ def site(name: str, value: Array, hook, axes: tuple[str, ...] | None = None) -> 
 
 def scope(hook, prefix: str):
     """A hook that prefixes site names with ``prefix.`` (for a submodule used several times)."""
-    return None if hook is None else _Scoped(hook, prefix)
-
-
-class _Scoped:
-    def __init__(self, hook, prefix: str):
-        self.hook, self.prefix = hook, prefix
-
-    def __call__(self, name, value, axes=None):
-        return self.hook(f"{self.prefix}.{name}", value, axes)
+    return None if hook is None else lambda name, value, axes=None: hook(f"{prefix}.{name}", value, axes)
 
 
 def _specs(model: Wrapped, inputs) -> Specs:

@@ -28,6 +28,17 @@ class Batch(NamedTuple):
     attention_mask: np.ndarray
 
 
+def pad_rows(rows, pad_id: int, padding_side: str = "right") -> Batch:
+    """Token-id lists padded with ``pad_id`` to the longest, on ``padding_side`` ("left" or "right")."""
+    length = max(map(len, rows), default=0)
+    tokens = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), bool)
+    for i, row in enumerate(rows):
+        span = slice(length - len(row), length) if padding_side == "left" else slice(0, len(row))
+        tokens[i, span], mask[i, span] = row, True
+    return Batch(tokens, mask)
+
+
 @dataclass(frozen=True)
 class Specials:
     """Special-token facts a model's tokenizer carries besides its vocabulary."""
@@ -146,14 +157,7 @@ class Tokenizer:
             texts = [texts]
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        rows = [self.encode(text, prepend_bos) for text in texts]
-        length = max(map(len, rows), default=0)
-        tokens = np.full((len(rows), length), self.pad_token_id, np.int32)
-        mask = np.zeros((len(rows), length), bool)
-        for i, row in enumerate(rows):
-            span = slice(length - len(row), length) if padding_side == "left" else slice(0, len(row))
-            tokens[i, span], mask[i, span] = row, True
-        return Batch(tokens, mask)
+        return pad_rows([self.encode(text, prepend_bos) for text in texts], self.pad_token_id, padding_side)
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         ids = [int(i) for i in np.asarray(ids).reshape(-1)]

@@ -174,6 +174,14 @@ class Transformer(Model):
     def W_unembed(self) -> Float[Array, "d_model d_vocab"]:
         return self.W_E.T if self.W_U is None else self.W_U
 
+    def unembed(self, x: Float[Array, "... d_model"]) -> Float[Array, "... d_vocab"]:
+        """Logits from the final (normed) residual stream: unembedding, bias and soft-cap."""
+        logits = x @ self.W_unembed.astype(x.dtype)
+        if self.b_U is not None:
+            logits = logits + self.b_U
+        cap = self.cfg.final_softcap
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
+
     def forward(self, tokens, interventions=(), attention_mask=None, token_type_ids=None, start=None,
                 logit_positions=None, prefix=None, cache=None, hook=None):
         """The forward pass with interventions at its sites (or ``hook``, a ``SiteHook``-like object, instead).
@@ -269,12 +277,7 @@ class Transformer(Model):
                 chosen = jnp.asarray(logit_positions) % seq
                 chosen = jnp.broadcast_to(chosen, (batch, np.shape(logit_positions)[-1]))
                 x = jnp.take_along_axis(x, chosen[..., None], axis=1)
-            x = x @ self.W_unembed.astype(x.dtype)
-            if self.b_U is not None:
-                x = x + self.b_U
-            if cfg.final_softcap is not None:
-                x = cfg.final_softcap * jnp.tanh(x / cfg.final_softcap)
-            x = top("logits", x)
+            x = top("logits", self.unembed(x))
         if not returns_cache:
             return x, top.records, block_records
         # This call's keys and values [n_layers, batch, seq, ...] go into their slots.

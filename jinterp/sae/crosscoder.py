@@ -47,11 +47,11 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from jinterp import names as S
 from jinterp.sae.autoencoder import SAE
-from jinterp.sae.saving import CONFIG, FORMAT_VERSION, FROM_SAELENS, TO_SAELENS, WEIGHTS, tl_hook_name
+from jinterp.sae.saving import CONFIG, FROM_SAELENS, WEIGHTS, write_saelens
 from jinterp.sae.sources import ModelActivations
 from jinterp.sae.training import decoder_norms, train_sae
 from jinterp.specs import lookup
@@ -146,12 +146,6 @@ class Crosscoder(eqx.Module):
         na, nb = norms[:, self.model_index(a)], norms[:, self.model_index(b)]
         total = na + nb
         return jnp.where(total > 0, nb / jnp.where(total > 0, total, 1.0), 0.5)
-
-    def decoder_cosines(self, a: int | str = 0, b: int | str = 1) -> Float[Array, " d_sae"]:
-        """The cosine between each latent's decoder directions in models ``a`` and ``b`` (0 where either is 0)."""
-        da, db = self.W_dec[:, self.model_index(a)], self.W_dec[:, self.model_index(b)]
-        norms = jnp.linalg.norm(da, axis=-1) * jnp.linalg.norm(db, axis=-1)
-        return jnp.where(norms > 0, jnp.sum(da * db, axis=-1) / jnp.where(norms > 0, norms, 1.0), 0.0)
 
     def model_sae(self, model: int | str) -> SAE:
         """The dictionary as model ``model`` alone sees it: an SAE reading that model's activations
@@ -393,33 +387,16 @@ def save_crosscoder(crosscoder: Crosscoder, directory, *, model_names: tuple[str
     sources, optional) and ``layout`` (the axes of each array). SAELens itself has no crosscoder
     class; this is the layout of the public crosscoder replications (model axis before
     ``d_in``). Returns the directory."""
-    sae = crosscoder.sae
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    architecture = TO_SAELENS[sae.architecture]
-    weights = {"W_enc": crosscoder.W_enc, "b_enc": sae.b_enc, "W_dec": crosscoder.W_dec, "b_dec": crosscoder.b_dec}
-    if architecture == "jumprelu":
-        weights["threshold"] = sae.threshold
-    weights = {name: np.ascontiguousarray(np.asarray(value)) for name, value in weights.items()}
     if model_names is not None and len(model_names) != crosscoder.n_models:
         raise ValueError(f"model_names: one per model ({crosscoder.models}), got {model_names!r}")
-    metadata = {"sae_lens_version": FORMAT_VERSION, "sae_lens_training_version": FORMAT_VERSION,
-                "hook_name": None if sae.site is None else tl_hook_name(sae.site), "model_name": None,
-                "written_by": "jinterp", "jinterp_architecture": sae.architecture}
-    config = {"d_in": crosscoder.d_model, "d_sae": sae.d_sae, "n_models": crosscoder.n_models,
-              "dtype": str(sae.W_enc.dtype), "device": "cpu", "apply_b_dec_to_input": sae.apply_b_dec_to_input,
-              "normalize_activations": "none", "reshape_activations": "none", "metadata": metadata,
-              "architecture": architecture,
-              "crosscoder": {"models": list(crosscoder.models),
-                             "model_names": None if model_names is None else list(model_names),
-                             "layout": {"W_enc": ["n_models", "d_in", "d_sae"], "b_enc": ["d_sae"],
-                                        "W_dec": ["d_sae", "n_models", "d_in"], "b_dec": ["n_models", "d_in"],
-                                        "threshold": ["d_sae"]}}}
-    if architecture == "topk":
-        config |= {"k": sae.k, "rescale_acts_by_decoder_norm": False}
-    save_file(weights, str(directory / WEIGHTS))
-    (directory / CONFIG).write_text(json.dumps(config, indent=2))
-    return directory
+    sae = crosscoder.sae
+    weights = {"W_enc": crosscoder.W_enc, "b_enc": sae.b_enc, "W_dec": crosscoder.W_dec, "b_dec": crosscoder.b_dec}
+    layout = {"W_enc": ["n_models", "d_in", "d_sae"], "b_enc": ["d_sae"], "W_dec": ["d_sae", "n_models", "d_in"],
+              "b_dec": ["n_models", "d_in"], "threshold": ["d_sae"]}
+    names = None if model_names is None else list(model_names)
+    return write_saelens(sae, directory, weights, d_in=crosscoder.d_model, n_models=crosscoder.n_models,
+                         reshape_activations="none",
+                         crosscoder={"models": list(crosscoder.models), "model_names": names, "layout": layout})
 
 
 def load_crosscoder(directory, *, site: str | None = None) -> Crosscoder:

@@ -84,14 +84,6 @@ class AttributionGraph:
     def logit_index(self, i: int) -> int:
         return self.n_features + (self.n_layers + 1) * self.n_pos + i
 
-    def feature_index(self, layer: int, position: int, latent: int) -> int:
-        """The node of an active feature (KeyError if it is not active)."""
-        hits = np.flatnonzero((self.features == (layer, position, latent)).all(axis=1))
-        if not len(hits):
-            raise KeyError(f"feature (layer {layer}, position {position}, latent {latent}) is not active on this "
-                           f"prompt, so it is not a node")
-        return int(hits[0])
-
     def labels(self, decode=None) -> list[str]:
         """A name per node; ``decode(token_id) -> str`` (e.g. a tokenizer's) shows tokens as text."""
         show = decode or (lambda t: f"#{int(t)}")

@@ -46,6 +46,13 @@ def tl_hook_name(site: str) -> str:
 
 def save_saelens(sae: SAE, directory, *, model_name: str | None = None) -> Path:
     """Write ``sae`` as SAELens writes it (``SAE.load_from_disk(directory)`` reads it); returns the directory."""
+    weights = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    return write_saelens(sae, directory, weights, model_name=model_name)
+
+
+def write_saelens(sae: SAE, directory, weights: dict, *, model_name: str | None = None, **config) -> Path:
+    """``weights`` (and ``sae``'s threshold, for a jumprelu) and SAELens' ``cfg.json`` for ``sae``, its
+    entries updated with ``config``, written into ``directory`` (``save_crosscoder`` adds a model axis so)."""
     names = TRANSCODER_TO_SAELENS if sae.is_transcoder else TO_SAELENS
     if sae.architecture not in names:
         raise ValueError(f"SAELens has no {sae.architecture} transcoder ({sae.site} -> {sae.target_site}); "
@@ -53,25 +60,24 @@ def save_saelens(sae: SAE, directory, *, model_name: str | None = None) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     architecture = names[sae.architecture]
-    weights = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     if architecture.startswith("jumprelu"):
-        weights["threshold"] = sae.threshold
-    weights = {name: np.ascontiguousarray(np.asarray(value)) for name, value in weights.items()}
+        weights = weights | {"threshold": sae.threshold}
     metadata = {"sae_lens_version": FORMAT_VERSION, "sae_lens_training_version": FORMAT_VERSION,
                 "hook_name": None if sae.site is None else tl_hook_name(sae.site), "model_name": model_name,
                 "written_by": "jinterp", "jinterp_architecture": sae.architecture}
     if sae.is_transcoder:
         metadata["hook_name_out"] = None if sae.target_site is None else tl_hook_name(sae.target_site)
-    config = {"d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": str(sae.W_enc.dtype), "device": "cpu",
-              "apply_b_dec_to_input": sae.apply_b_dec_to_input, "normalize_activations": "none",
-              "reshape_activations": "hook_z" if sae.site and S.parse(sae.site).kind == "attn.z" else "none",
-              "metadata": metadata, "architecture": architecture}
+    written = {"d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": str(sae.W_enc.dtype), "device": "cpu",
+               "apply_b_dec_to_input": sae.apply_b_dec_to_input, "normalize_activations": "none",
+               "reshape_activations": "hook_z" if sae.site and S.parse(sae.site).kind == "attn.z" else "none",
+               "metadata": metadata, "architecture": architecture}
     if architecture == "topk":
-        config |= {"k": sae.k, "rescale_acts_by_decoder_norm": False}
+        written |= {"k": sae.k, "rescale_acts_by_decoder_norm": False}
     if sae.is_transcoder:
-        config["d_out"] = sae.d_out
-    save_file(weights, str(directory / WEIGHTS))
-    (directory / CONFIG).write_text(json.dumps(config, indent=2))
+        written["d_out"] = sae.d_out
+    save_file({name: np.ascontiguousarray(np.asarray(value)) for name, value in weights.items()},
+              str(directory / WEIGHTS))
+    (directory / CONFIG).write_text(json.dumps(written | config, indent=2))
     return directory
 
 
