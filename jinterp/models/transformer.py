@@ -27,6 +27,7 @@ from jinterp.models.layers import (
     MoE,
     Norm,
     block,
+    contract,
     normalize,
     rope_attention_factor,
     rope_frequencies,
@@ -176,7 +177,7 @@ class Transformer(Model):
 
     def unembed(self, x: Float[Array, "... d_model"]) -> Float[Array, "... d_vocab"]:
         """Logits from the final (normed) residual stream: unembedding, bias and soft-cap."""
-        logits = x @ self.W_unembed.astype(x.dtype)
+        logits = contract("...d,dv->...v", x, self.W_unembed.astype(x.dtype), 0)
         if self.b_U is not None:
             logits = logits + self.b_U
         cap = self.cfg.final_softcap
