@@ -78,22 +78,24 @@ class Block(eqx.Module):
 
 # --- functions -----------------------------------------------------------------------------
 
-SUM_BLOCKS = 4  # a float32 product with the weights is summed as this many partial products
+SUM_BLOCKS = 4  # a float32 product's sum is computed as up to this many partial sums...
+MIN_BLOCK = 64  # ...of at least this many terms (shorter sums round little; splitting them costs time)
 
 
 def contract(spec: str, x: Array, W: Array, w_axis: int) -> Array:
     """``einsum(spec, x, W)``, contracting x's last axis with W's axis ``w_axis``; in float32 on CPU, as
-    the sum of ``SUM_BLOCKS`` partial products over consecutive blocks of that axis.
+    the sum of partial products over up to ``SUM_BLOCKS`` consecutive blocks of that axis.
 
     Why: a float32 sum's rounding grows with its length, and XLA:CPU accumulates each output along the
-    whole axis, where PyTorch's ``Linear`` kernel (its vector lanes add interleaved partial sums) rounds
-    2-3x closer to exact on these models' projections. Four partial sums bring jinterp's logits closer
-    to float64 than transformers' (README "Numerics") at no measured cost in speed. bfloat16 is left to
-    the dot's own float32 accumulation; other backends to their own kernels."""
-    if x.dtype != jnp.float32 or jax.default_backend() != "cpu":
-        return jnp.einsum(spec, x, W)
+    whole axis, where PyTorch's kernels for ``Linear`` and for ``q @ k.T`` (their vector lanes add
+    interleaved partial sums) round 2-3x closer to exact on these models. The partial sums bring
+    jinterp's logits closer to float64 than transformers' (README "Numerics"). bfloat16 is left to the
+    dot's own float32 accumulation; other backends to their own kernels."""
     n = x.shape[-1]
-    size = -(-n // SUM_BLOCKS)
+    blocks = min(SUM_BLOCKS, n // MIN_BLOCK)
+    if blocks < 2 or x.dtype != jnp.float32 or jax.default_backend() != "cpu":
+        return jnp.einsum(spec, x, W)
+    size = -(-n // blocks)
     parts = [jnp.einsum(spec, x[..., i:i + size], jax.lax.slice_in_dim(W, i, min(i + size, n), axis=w_axis))
              for i in range(0, n, size)]
     return functools.reduce(jnp.add, parts)
@@ -329,7 +331,7 @@ def attention_scores(q: Float[Array, "batch pos n_heads d_head"], k: Float[Array
     # layout: contracting the heads in place instead makes XLA transpose every score after.
     grouped = q.reshape(batch, seq, cfg.n_kv_heads, cfg.group_size, d_head).transpose(0, 2, 3, 1, 4)
     grouped = grouped.reshape(batch, cfg.n_kv_heads, cfg.group_size * seq, d_head)
-    scores = jnp.einsum("bkxe,bske->bkxs", grouped, k) * jnp.asarray(cfg.attn_scale, q.dtype)
+    scores = contract("bkxe,bske->bkxs", grouped, k, 3) * jnp.asarray(cfg.attn_scale, q.dtype)
     scores = scores.reshape(batch, cfg.n_heads, seq, k.shape[1])
     if cfg.attn_softcap is not None:
         scores = cfg.attn_softcap * jnp.tanh(scores / cfg.attn_softcap)
