@@ -2,8 +2,9 @@
 
 XLA:CPU (jaxlib 0.10) fuses dots, element-wise ops and reductions into YNNPACK kernels whose
 float32 rounding is further from exact than its default kernels' (and than PyTorch's): on
-SmolLM2-135M the median logit error against a float64 run is 1.5-1.8x larger with them, and as
-large with the dot fusions alone (benchmarks/numerics.py; README "Numerics").
+SmolLM2-135M the median logit error against a float64 run was 1.5-1.8x larger with them, as large
+with the dot fusions alone, and is still 1.16x larger with the layers' split sums
+(``models.layers.contract``; benchmarks/numerics.py; README "Numerics").
 jinterp compiles its own programs without those fusions, as an option of each compilation: the
 process, its environment and any other JAX code are left as they are. A function of yours that
 calls jinterp inside your own ``jax.jit`` is compiled with your options; pass
