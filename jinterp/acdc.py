@@ -86,14 +86,15 @@ class ACDCResult:
 
 
 @jit
-def _trials(model, tokens, patch, drops, metric, reference, attention_mask, logit_positions, start):
-    def one(drop):
-        edited = eqx.tree_at(lambda p: p.drop, patch, drop)
+def _trials(model, tokens, patch, columns, metric, reference, attention_mask, logit_positions, start):
+    """The metric with ``patch`` (made ``dropping(drop, receiver)``) feeding its receiver each of ``columns``."""
+    def one(column):
+        edited = eqx.tree_at(lambda p: p.column, patch, column)
         logits = apply(model, tokens, (edited,), attention_mask=attention_mask, logit_positions=logit_positions,
                        start=start)[0]
         return metric(logits, reference)
 
-    return jax.vmap(one)(drops)
+    return jax.vmap(one)(columns)
 
 
 def _writers(graph: Graph, cfg) -> list[np.ndarray]:
@@ -162,21 +163,28 @@ def acdc(model: Transformer, clean, corrupted, tau: float, *, metric: Callable |
     dtype = patch.drop.dtype
     drop = np.zeros(graph.valid.shape, np.float32)
 
-    def evaluate(drops: np.ndarray, layer: int | None = None) -> np.ndarray:
-        """The metric of each circuit (rows of ``drops``), resumed at ``layer`` (None: the whole forward)."""
-        start = None if layer is None else (jnp.int32(layer), resid[layer])
-        trials = lambda d: _trials(model, clean, patch, jnp.asarray(d, dtype), measure, reference,  # noqa: E731
+    def evaluate(columns: np.ndarray, v: int) -> np.ndarray:
+        """The metric with reader ``v`` fed each of ``columns`` (its drops), the rest as ``drop``, each trial
+        resumed at ``v``'s layer."""
+        trial = patch.dropping(jnp.asarray(drop, dtype), receiver=v)
+        start = (jnp.int32(layers[v]), resid[layers[v]])
+        trials = lambda c: _trials(model, clean, trial, jnp.asarray(c, dtype), measure, reference,  # noqa: E731
                                    attention_mask, logit_positions, start)
         if not batched:
-            return np.asarray([float(trials(d[None])[0]) for d in drops])
+            return np.asarray([float(trials(c[None])[0]) for c in columns])
         out = []
-        for first in range(0, len(drops), chunk):
-            part = drops[first:first + chunk]
+        for first in range(0, len(columns), chunk):
+            part = columns[first:first + chunk]
             # Powers of two from 8: a few compiled sizes (compiling dominates small models' trials).
             size = min(chunk, max(8, 1 << (len(part) - 1).bit_length()))
             padded = np.concatenate([part, np.repeat(part[-1:], size - len(part), 0)])
             out.append(np.asarray(trials(padded))[:len(part)])
         return np.concatenate(out)
+
+    def ends() -> np.ndarray:
+        """The metric with every edge and with none (whole forwards)."""
+        patches = [patch.dropping(jnp.asarray(d, dtype)) for d in (drop, graph.valid)]
+        return np.asarray([float(measure(run(model, clean, edits=p, **options)[0], reference)) for p in patches])
 
     specs = model.site_specs(clean, **options)
     per_trial = memory.run_bytes(specs) + graph.valid.shape[0] * clean.size * model.cfg.d_model * 4 * 2
@@ -184,8 +192,7 @@ def acdc(model: Transformer, clean, corrupted, tau: float, *, metric: Callable |
     chunk = max(1, min(most, memory.how_many_fit(memory_budget, per_trial, unit="edge trial",
                                                    hint="use fewer or shorter inputs, or logit_positions")))
     step = step or (lambda name, compute: compute())
-    ends = step("acdc/ends", lambda: evaluate(np.stack([drop, graph.valid.astype(np.float32)])).astype(np.float64))
-    full, empty = (float(x) for x in np.asarray(ends))
+    full, empty = (float(x) for x in np.asarray(step("acdc/ends", ends)))
     forwards, trials, current = 2, 0, full
     effects = np.full(graph.valid.shape, np.nan, np.float32)
     writers = _writers(graph, model.cfg)
@@ -200,27 +207,27 @@ def acdc(model: Transformer, clean, corrupted, tau: float, *, metric: Callable |
             continue
 
         def decide(v=v, parents=parents, current=current):
-            drops = np.repeat(drop[None], len(parents), 0)
-            drops[np.arange(len(parents)), parents, v] = 1.0
-            change = evaluate(drops, layers[v]) - current
+            columns = np.repeat(drop[None, :, v], len(parents), 0)
+            columns[np.arange(len(parents)), parents] = 1.0
+            change = evaluate(columns, v) - current
             small = lambda x: (np.abs(x) if absolute else x) < tau  # noqa: E731
             # Removed one after another, smallest effect first, each only if the metric then moves by less
             # than tau from the circuit with the removals before it (ACDC's rule): the removals of every
             # prefix of the candidates are one vmapped batch; a rejected edge stays and the rest retry.
             remaining = list(np.argsort(change, kind="stable")[small(np.sort(change, kind="stable"))])
             removed = np.zeros(len(parents), bool)
-            after, new, forwards = drop.copy(), current, len(parents)
+            after, new, forwards = drop[:, v].copy(), current, len(parents)
             while remaining:
                 forwards += len(remaining)
                 prefixes = np.repeat(after[None], len(remaining), 0)
                 for k, i in enumerate(remaining):
-                    prefixes[k:, parents[i], v] = 1.0
-                metrics = evaluate(prefixes, layers[v])
+                    prefixes[k:, parents[i]] = 1.0
+                metrics = evaluate(prefixes, v)
                 good = small(np.diff(np.concatenate([[new], metrics])))
                 n = int(np.argmin(good)) if not good.all() else len(remaining)
                 for i in remaining[:n]:
                     removed[i] = True
-                    after[parents[i], v] = 1.0
+                    after[parents[i]] = 1.0
                 new = float(metrics[n - 1]) if n else new
                 remaining = remaining[n + 1:]
             return {"change": change.astype(np.float32), "removed": removed.astype(np.int8), "metric": np.float64(new),

@@ -16,6 +16,7 @@ its corrupted value (edge patching, through one stateful intervention) and compa
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -78,29 +79,54 @@ class EdgePatch(Intervention):
     """Feed the edges where ``drop`` is 1 their corrupted value: each reader's input loses
     ``sum_u drop[u, v] * (a_u - a_u_corrupt)`` over the writers u, where a_u is the writer's
     output in this run. One stateful intervention: writers record their difference as the
-    forward passes them; readers subtract what they should not see. ``written``: the differences to
-    start from, for a run resumed at a layer (``start=``), which skips the writers before it
-    (``acdc`` passes the clean run's); None: zeros."""
+    forward passes them; readers subtract what they should not see. Where fewer edges into a reader
+    are kept than dropped, the same input is made from the other end, with fewer terms: the corrupted
+    run's value there plus the kept writers' differences. ``width``: the most terms a reader adds
+    (from ``drop`` as given; a run whose ``drop`` needs more gives NaN, never a wrong value).
+
+    ``written``: the differences to start from, for a run resumed at a layer (``start=``), which skips
+    the writers before it (``resumed_from``); None: zeros. ``receiver``, ``column``: one reader fed
+    ``column`` (its drops) instead of its column of ``drop``, against the ``written`` differences
+    (ACDC's trials vary one reader's edges: ``column`` is what they vmap over)."""
 
     site: str = eqx.field(static=True)
     drop: Float[Array, "up down"]
-    corrupt_input: Array
-    corrupt_z: Array  # [n_layers, batch, pos, heads, d_head]
-    corrupt_mlp: Array | None  # [n_layers, batch, pos, d_model]
+    corrupt: dict  # the corrupted run's values (see __init__)
     W_O: Array
     written: Array | None  # [n_upstream, batch, pos, d_model]
+    receiver: Array  # int32
+    column: Array | None  # [n_upstream]
+    width: int = eqx.field(static=True)
     cfg: Config = eqx.field(static=True)
 
-    def __init__(self, cfg: Config, drop, corrupt_input, corrupt_z, corrupt_mlp, W_O, written=None):
-        self.site, self.cfg = "resid_pre", cfg
-        self.drop, self.corrupt_input, self.corrupt_z, self.corrupt_mlp, self.W_O, self.written = (
-            drop, corrupt_input, corrupt_z, corrupt_mlp, W_O, written)
+    def __init__(self, cfg: Config, drop, corrupt: dict, W_O, written=None, receiver=-1, column=None):
+        """``corrupt``: the corrupted run's ``resid_pre``, ``mlp_in``, ``z`` and ``mlp_out`` of every layer
+        (stacked; the MLP's None without MLPs) and the last layer's ``resid_post`` as ``out``."""
+        self.site, self.cfg, self.drop, self.corrupt, self.W_O = "resid_pre", cfg, drop, corrupt, W_O
+        self.written, self.receiver, self.column = written, jnp.int32(receiver), column
+        valid = _valid(cfg)
+        if isinstance(drop, jax.core.Tracer):
+            self.width = len(valid)
+        else:
+            dropped = np.count_nonzero(np.asarray(drop), 0)
+            kept = np.count_nonzero(valid - np.asarray(drop), 0)
+            self.width = min(len(valid), 1 << int(np.minimum(dropped, kept).max(initial=1) - 1).bit_length())
+
+    def dropping(self, drop, receiver: int = -1) -> EdgePatch:
+        """This patch with ``drop`` instead; a ``receiver`` >= 0 reads ``column`` (zeros until set) instead
+        of its column of ``drop``, against the ``written`` differences: for runs resumed at the receiver's
+        layer where no reader before it (in ``Graph.downstream`` order) drops an edge."""
+        if receiver >= 0 and self.written is None:
+            raise ValueError("a receiver's column is taken against the writers' differences of a resumed run: "
+                             "make the patch with resumed_from(clean_cache) first")
+        column = None if receiver < 0 else jnp.zeros(self.drop.shape[0], self.drop.dtype)
+        return EdgePatch(self.cfg, drop, self.corrupt, self.W_O, self.written, receiver, column)
 
     def resumed_from(self, cache) -> EdgePatch:
         """This patch for runs resumed at a layer (``start=``) from ``cache``, a run of the same tokens
         with every edge kept that captured ``writer_sites`` (the clean run): the writers before that
         layer carry their difference from the corrupted run in ``written``."""
-        corrupt = (self.corrupt_input, self.corrupt_z, self.corrupt_mlp)
+        corrupt = (self.corrupt["resid_pre"][0], self.corrupt["z"], self.corrupt["mlp_out"])
         written = _differences(self.W_O, *jax.tree.map(jnp.subtract, _writes(cache, self.cfg), corrupt))
         return eqx.tree_at(lambda p: p.written, self, written, is_leaf=lambda x: x is None)
 
@@ -109,35 +135,66 @@ class EdgePatch(Intervention):
         return kinds + (("mlp_in", "mlp_out") if self.cfg.has_mlp else ())
 
     def initial_state(self, specs):
-        if self.written is not None:
-            return self.written.astype(self.corrupt_input.dtype)
-        return jnp.zeros((self.drop.shape[0], *specs["blocks.0.resid_pre"].shape), self.corrupt_input.dtype)
+        """(every writer's difference so far, the receiver's input less its ``column`` of them)."""
+        dtype = self.corrupt["resid_pre"].dtype
+        if self.written is None:
+            written = jnp.zeros((self.drop.shape[0], *specs["blocks.0.resid_pre"].shape), dtype)
+        else:
+            written = self.written.astype(dtype)
+        if self.column is None:
+            return written, None
+        return written, jnp.einsum("u,ubsd->bsd", self.column.astype(dtype), written)
 
     def __call__(self, value, at: At):
         cfg, H, K, mlp = self.cfg, self.cfg.n_heads, self.cfg.n_kv_heads, int(self.cfg.has_mlp)
         up = 1 + at.layer * (H + mlp)  # first upstream row of this layer
         down = at.layer * (H + 2 * K + mlp)  # first downstream column of this layer
-        state = at.state
+        written, received = at.state
         if at.kind == "resid_pre":  # layer 0 reads the input node's write
-            first = jnp.where(at.layer == 0, value - self.corrupt_input, state[0])
-            at.set_state(state.at[0].set(first))
+            first = jnp.where(at.layer == 0, value - self.corrupt["resid_pre"][0], written[0])
+            at.set_state((written.at[0].set(first), received))
         elif at.kind == "attn.z":
-            delta = jnp.einsum("bshe,hed->hbsd", value - self.corrupt_z[at.layer], self.W_O[at.layer])
-            at.set_state(jax.lax.dynamic_update_slice_in_dim(state, delta, up, 0))
+            delta = jnp.einsum("bshe,hed->hbsd", value - self.corrupt["z"][at.layer], self.W_O[at.layer])
+            at.set_state((jax.lax.dynamic_update_slice_in_dim(written, delta, up, 0), received))
         elif at.kind == "mlp_out":
-            delta = (value - self.corrupt_mlp[at.layer])[None]
-            at.set_state(jax.lax.dynamic_update_slice_in_dim(state, delta, up + H, 0))
+            delta = (value - self.corrupt["mlp_out"][at.layer])[None]
+            at.set_state((jax.lax.dynamic_update_slice_in_dim(written, delta, up + H, 0), received))
         elif at.kind in ("attn.q_input", "attn.k_input", "attn.v_input"):
             offset, heads = {"attn.q_input": (0, H), "attn.k_input": (H, K), "attn.v_input": (H + K, K)}[at.kind]
-            drop = jax.lax.dynamic_slice_in_dim(self.drop, down + offset, heads, 1)
-            return value - jnp.einsum("uh,ubsd->bshd", drop, state)
+            return self._fed(value, at.state, down + offset, heads, self.corrupt["resid_pre"][at.layer])
         elif at.kind == "mlp_in":
-            drop = jax.lax.dynamic_index_in_dim(self.drop, down + H + 2 * K, 1, keepdims=False)
-            return value - jnp.einsum("u,ubsd->bsd", drop, state)
+            fed = self._fed(value[:, :, None], at.state, down + H + 2 * K, 1, self.corrupt["mlp_in"][at.layer])
+            return fed[:, :, 0]
         elif at.kind == "resid_post":  # the last layer's output is what the logits read
-            correction = jnp.einsum("u,ubsd->bsd", self.drop[:, -1], state)
-            return jnp.where(at.layer == cfg.n_layers - 1, value - correction, value)
+            fed = self._fed(value[:, :, None], at.state, self.drop.shape[1] - 1, 1, self.corrupt["out"])
+            return jnp.where(at.layer == cfg.n_layers - 1, fed[:, :, 0], value)
         return value
+
+    def _fed(self, value, state, first, count, corrupted):
+        """The inputs of readers ``first .. first + count``, ``value`` being theirs in this run
+        ``[batch, pos, count, d_model]`` and ``corrupted`` the corrupted run's ``[batch, pos, d_model]``."""
+        written, received = state
+        drop = jax.lax.dynamic_slice_in_dim(self.drop, first, count, 1).T  # [count, up]
+        keep = jax.lax.dynamic_slice_in_dim(_valid(self.cfg).astype(drop.dtype), first, count, 1).T - drop
+        from_corrupted = jnp.count_nonzero(keep, 1) < jnp.count_nonzero(drop, 1)
+        weights = jnp.where(from_corrupted[:, None], keep, -drop)
+        if count * self.width < len(written):  # gathering the terms reads fewer rows than the whole state
+            rows = jax.lax.top_k(jnp.abs(weights), self.width)[1]  # [count, width]: every nonzero weight
+            terms = jnp.einsum("cw,cwbsd->bscd", jnp.take_along_axis(weights, rows, 1).astype(written.dtype),
+                               written[rows])
+        else:
+            terms = jnp.einsum("cu,ubsd->bscd", weights.astype(written.dtype), written)
+        fed = jnp.where(from_corrupted[:, None], corrupted[:, :, None], value) + terms
+        if received is not None:
+            fed = jnp.where((first + jnp.arange(count) == self.receiver)[:, None], value - received[:, :, None], fed)
+        too_many = jnp.count_nonzero(weights, 1).max() > self.width
+        return jnp.where(too_many, jnp.nan, fed)
+
+
+@functools.cache
+def _valid(cfg: Config) -> np.ndarray:
+    """``Graph.of(cfg).valid`` as 0/1 floats."""
+    return Graph.of(cfg).valid.astype(np.float32)
 
 
 # --- scores -------------------------------------------------------------------------------------
@@ -261,13 +318,15 @@ def faithfulness(model: Transformer, circuit: np.ndarray, clean, corrupted, metr
 def edge_patch(model: Transformer, circuit: np.ndarray, corrupted, *, attention_mask=None, logit_positions=None):
     """The edge patch that feeds every edge outside ``circuit`` its value from the ``corrupted`` run:
     ``(corrupted logits, EdgePatch)``; run the clean tokens with it (``jinterp.run(..., edits=patch)``)."""
-    graph = Graph.of(model.cfg)
+    cfg, graph = model.cfg, Graph.of(model.cfg)
     circuit = np.asarray(circuit, bool)
     if circuit.shape != graph.valid.shape:
         raise ValueError(f"circuit has shape {circuit.shape}; this model's graph is {graph.valid.shape}")
-    logits, corrupt = run(model, corrupted, capture=writer_sites(model.cfg), attention_mask=attention_mask,
+    reads = [f"blocks.{cfg.n_layers - 1}.resid_post"] + (["blocks.*.mlp_in"] if cfg.has_mlp else [])
+    logits, corrupt = run(model, corrupted, capture=writer_sites(cfg) + reads, attention_mask=attention_mask,
                           logit_positions=logit_positions)
-    drop = jnp.asarray(graph.valid & ~circuit, corrupt["blocks.0.resid_pre"].dtype)
-    patch = EdgePatch(model.cfg, drop, corrupt["blocks.0.resid_pre"], corrupt.stack("attn.z"),
-                      corrupt.stack("mlp_out") if model.cfg.has_mlp else None, model.blocks.attn.W_O)
+    mlp = lambda kind: corrupt.stack(kind) if cfg.has_mlp else None  # noqa: E731
+    values = dict(resid_pre=corrupt.stack("resid_pre"), mlp_in=mlp("mlp_in"), out=corrupt[reads[0]],
+                  z=corrupt.stack("attn.z"), mlp_out=mlp("mlp_out"))
+    patch = EdgePatch(cfg, jnp.asarray(graph.valid & ~circuit, values["out"].dtype), values, model.blocks.attn.W_O)
     return logits, patch

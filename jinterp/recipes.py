@@ -441,13 +441,21 @@ def _check_edge_patch(edit, model) -> None:
     if written is not None and (len(written) != 4 or (written[0], written[3]) != (expected["drop"][0], cfg.d_model)):
         raise ValueError(f"EdgePatch.written has shape {written}; expected [{expected['drop'][0]}, batch, pos, "
                          f"{cfg.d_model}]")
-    z = edit.corrupt_z.shape
+    corrupt = edit.corrupt
+    if not isinstance(corrupt, dict) or set(corrupt) != {"resid_pre", "mlp_in", "out", "z", "mlp_out"}:
+        raise ValueError(f"EdgePatch.corrupt must hold resid_pre, mlp_in, out, z and mlp_out, got "
+                         f"{sorted(corrupt) if isinstance(corrupt, dict) else type(corrupt).__name__}")
+    z = corrupt["z"].shape
     if len(z) != 5 or (z[0], z[3], z[4]) != (cfg.n_layers, cfg.n_heads, cfg.d_head):
-        raise ValueError(f"EdgePatch.corrupt_z has shape {z}; expected [{cfg.n_layers}, batch, pos, {cfg.n_heads}, "
+        raise ValueError(f"EdgePatch.corrupt['z'] has shape {z}; expected [{cfg.n_layers}, batch, pos, {cfg.n_heads}, "
                          f"{cfg.d_head}]")
-    if (edit.corrupt_mlp is None) == cfg.has_mlp:
-        raise ValueError(f"EdgePatch.corrupt_mlp is {'missing' if cfg.has_mlp else 'present'}; this model "
-                         f"{'has' if cfg.has_mlp else 'has no'} MLPs")
+    for kind in ("resid_pre", "mlp_in", "mlp_out"):
+        if kind != "resid_pre" and (corrupt[kind] is None) == cfg.has_mlp:
+            raise ValueError(f"EdgePatch.corrupt['{kind}'] is {'missing' if cfg.has_mlp else 'present'}; this model "
+                             f"{'has' if cfg.has_mlp else 'has no'} MLPs")
+        if corrupt[kind] is not None and corrupt[kind].shape != (cfg.n_layers, *z[1:3], cfg.d_model):
+            raise ValueError(f"EdgePatch.corrupt['{kind}'] has shape {corrupt[kind].shape}; expected "
+                             f"[{cfg.n_layers}, batch, pos, {cfg.d_model}]")
 
 
 # --- paths given as edits --------------------------------------------------------------------------
