@@ -131,15 +131,7 @@ class _Writer:
 def _describe(intervention: iv.Intervention) -> str:
     from jinterp.core import _spelled
 
-    kind = intervention.kinds()[-1]
-    return f"{type(intervention).__name__} at {_spelled(intervention, kind)}"
-
-
-def _arrays_path(path: Path) -> Path:
-    if path.suffix == ".safetensors":
-        raise ValueError(f"{path}: name the recipe's JSON file (e.g. {path.with_suffix('.json').name}); its arrays go "
-                         f"beside it in {path.name}")
-    return path.with_suffix(".safetensors")
+    return f"{type(intervention).__name__} at {_spelled(intervention, intervention.kinds()[-1])}"
 
 
 def save_edits(path, edits, model, *, note: str = "") -> Path:
@@ -147,7 +139,10 @@ def save_edits(path, edits, model, *, note: str = "") -> Path:
     recipe: ``path`` (JSON) and the arrays in ``path`` with the suffix ``.safetensors``. Both are written
     to temporary files and renamed into place. ``note``: free text kept in the JSON. Returns ``path``."""
     path = Path(path)
-    arrays_path = _arrays_path(path)
+    if path.suffix == ".safetensors":
+        raise ValueError(f"{path}: name the recipe's JSON file (e.g. {path.with_suffix('.json').name}); its arrays go "
+                         f"beside it in {path.name}")
+    arrays_path = path.with_suffix(".safetensors")
     edits = iv.flatten(edits)
     specs = None if model is None else _specs(model)
     if specs is not None:
