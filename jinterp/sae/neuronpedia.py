@@ -165,8 +165,7 @@ def export_neuronpedia(cards: list[LatentCard], sae, directory, *, model_id: str
         m = sae.model_index(vector_model if vector_model != -1 else sae.n_models - 1)
         vectors, hook = np.asarray(sae.W_dec[:, m]), dictionary.site
     else:
-        vectors = np.asarray(dictionary.W_dec)
-        hook = dictionary.target_site or dictionary.site
+        vectors, hook = np.asarray(dictionary.W_dec), dictionary.target_site or dictionary.site
     hook_name = None if hook is None else tl_hook_name(hook)
     records = {"features": [], "activations": [], "explanations": []}
     for card in cards:
