@@ -24,9 +24,7 @@ TRIM_THRESHOLD = 1 << 30
 
 def reuse_freed_memory() -> bool:
     """Have glibc's malloc keep and reuse freed memory (see above); True where it applied."""
-    if platform.system() != "Linux":
-        return False
-    if platform.libc_ver()[0] != "glibc":
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -25,8 +25,7 @@ def checked(forward, *args, **kwargs):
     """``forward(*args, **kwargs)`` (a jitted ``(output, cache)`` function); raises ``FloatingPointError``
     on the first NaN made inside it, or on any NaN or inf in what it returns."""
     error, (output, cache) = _checkified(forward, args, kwargs)
-    message = error.get()
-    if message:
+    if message := error.get():
         raise FloatingPointError(f"jinterp.run(check=True): {message.splitlines()[0]}")
     for name, value in [("output", output), *((site, cache[site]) for site in cache)]:
         finite = np.asarray(jnp.isfinite(value))

@@ -302,8 +302,6 @@ def circuit_graph(circuit, graph, effects=None, *, ax=None, title: str = ""):
                 bbox=dict(boxstyle="round,pad=0.3", fc="white", ec="0.5"))
     xs = [x for x, _ in position.values()] or [0]
     ys = [y for _, y in position.values()] or [0]
-    ax.set(xlim=(min(xs) - 1, max(xs) + 1), ylim=(min(ys) - 0.7, max(ys) + 0.7), title=title or
-           f"circuit: {len(edges)} edges")
-    ax.set_ylabel("layer")
-    ax.set_xticks([])
+    ax.set(xlim=(min(xs) - 1, max(xs) + 1), ylim=(min(ys) - 0.7, max(ys) + 0.7), ylabel="layer", xticks=[],
+           title=title or f"circuit: {len(edges)} edges")
     return ax

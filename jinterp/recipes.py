@@ -23,6 +23,7 @@ shapes, an SAE's width, an edge patch's graph).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -130,15 +131,7 @@ class _Writer:
 def _describe(intervention: iv.Intervention) -> str:
     from jinterp.core import _spelled
 
-    kind = intervention.kinds()[-1]
-    return f"{type(intervention).__name__} at {_spelled(intervention, kind)}"
-
-
-def _arrays_path(path: Path) -> Path:
-    if path.suffix == ".safetensors":
-        raise ValueError(f"{path}: name the recipe's JSON file (e.g. {path.with_suffix('.json').name}); its arrays go "
-                         f"beside it in {path.name}")
-    return path.with_suffix(".safetensors")
+    return f"{type(intervention).__name__} at {_spelled(intervention, intervention.kinds()[-1])}"
 
 
 def save_edits(path, edits, model, *, note: str = "") -> Path:
@@ -146,16 +139,18 @@ def save_edits(path, edits, model, *, note: str = "") -> Path:
     recipe: ``path`` (JSON) and the arrays in ``path`` with the suffix ``.safetensors``. Both are written
     to temporary files and renamed into place. ``note``: free text kept in the JSON. Returns ``path``."""
     path = Path(path)
-    arrays_path = _arrays_path(path)
+    if path.suffix == ".safetensors":
+        raise ValueError(f"{path}: name the recipe's JSON file (e.g. {path.with_suffix('.json').name}); its arrays go "
+                         f"beside it in {path.name}")
+    arrays_path = path.with_suffix(".safetensors")
     edits = iv.flatten(edits)
-    if model is not None:
-        specs = _specs(model)
-        if specs is not None:
-            for i, edit in enumerate(edits):
-                try:
-                    _check_fit(edit, specs, model)
-                except (ValueError, TypeError) as error:
-                    raise ValueError(f"entry {i} ({_describe(edit)}) does not fit this model: {error}") from error
+    specs = None if model is None else _specs(model)
+    if specs is not None:
+        for i, edit in enumerate(edits):
+            try:
+                _check_fit(edit, specs, model)
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"entry {i} ({_describe(edit)}) does not fit this model: {error}") from error
     writer = _Writer()
     entries = [dict(describe=_describe(edit), **writer.encode(edit, str(i))) for i, edit in enumerate(edits)]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -250,10 +245,7 @@ class _Reader:
         if value.dtype == np.float64 and not jax.config.read("jax_enable_x64"):
             self.fail(f"{where}: array {key!r} is float64, which JAX keeps only in 64-bit mode: call "
                       f"jax.config.update('jax_enable_x64', True) first")
-        out = jnp.asarray(value)
-        if node.get("weak_type"):
-            out = _weak(out)
-        return out
+        return _weak(jnp.asarray(value)) if node.get("weak_type") else jnp.asarray(value)
 
 
 def _weak(x: jax.Array) -> jax.Array:
@@ -355,10 +347,8 @@ def fingerprint(model) -> str:
     from jinterp.tuned_lens import model_fingerprint
 
     digest = model_fingerprint(model)
-    try:
+    with contextlib.suppress(TypeError):  # a model that takes no weak reference is not memoised
         _FINGERPRINTS[id(model)] = (weakref.ref(model), digest)
-    except TypeError:
-        pass
     return digest
 
 
@@ -382,9 +372,8 @@ def _specs(model):
 def _fits(given: tuple, site: tuple) -> bool:
     """Whether an array of shape ``given`` broadcasts to a site of shape ``site`` (symbolic sizes, such
     as ``"batch"`` and ``"pos"``, take any)."""
-    if len(given) > len(site):
-        return False
-    return all(g == 1 or not isinstance(s, int) or g == s for g, s in zip(reversed(given), reversed(site)))
+    return len(given) <= len(site) and all(g == 1 or not isinstance(s, int) or g == s
+                                           for g, s in zip(reversed(given), reversed(site)))
 
 
 def _check_fit(edit: iv.Intervention, specs, model) -> None:
@@ -462,9 +451,8 @@ def _check_edge_patch(edit, model) -> None:
 
 def is_recipe(value) -> bool:
     """A path given where edits go: a ``PathLike``, or a string naming an existing file or ending in .json."""
-    if isinstance(value, os.PathLike):
-        return True
-    return isinstance(value, str) and (value.endswith(".json") or Path(value).is_file())
+    return isinstance(value, os.PathLike) or (isinstance(value, str)
+                                              and (value.endswith(".json") or Path(value).is_file()))
 
 
 def expand(edits, model, specs=None):

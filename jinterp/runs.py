@@ -236,7 +236,7 @@ def _disk_errno(error: BaseException) -> int | None:
 def _disk_state(directory: Path, needed: int | None) -> int | None:
     """The disk's state, for an error that lost its cause ("Event loop is closed"): read-only, not
     writable, or with less room than the write needs."""
-    try:
+    with contextlib.suppress(OSError):  # the directory cannot be examined: the original error stands
         where = _existing(directory)
         if os.statvfs(where).f_flag & os.ST_RDONLY:
             return errno.EROFS
@@ -244,8 +244,6 @@ def _disk_state(directory: Path, needed: int | None) -> int | None:
             return errno.EACCES
         if needed is not None and _free(where) < needed:
             return errno.ENOSPC
-    except OSError:  # the directory cannot be examined: the original error stands
-        pass
     return None
 
 

@@ -183,8 +183,7 @@ def sweep_view(values, *, per: str | None = None, tokens=None, layers=None, head
     given = {"layer": layers, "head": heads, "position": tokens}
     labels = {}
     for axis in axes:
-        labels[axis] = [str(v) for v in given[axis]] if given[axis] is not None else [str(i) for i in
-                                                                                      range(sizes[axis])]
+        labels[axis] = [str(v) for v in (given[axis] if given[axis] is not None else range(sizes[axis]))]
         if len(labels[axis]) != sizes[axis]:
             raise ValueError(f"sweep_view: {len(labels[axis])} {axis} labels for {sizes[axis]} {axis}s "
                              f"(values shape {values.shape})")
@@ -206,4 +205,3 @@ def _bytes(n: int) -> str:
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
-    return f"{n} B"

@@ -221,9 +221,8 @@ def read_gguf(path, progress: bool = True) -> tuple[Config, dict[str, np.ndarray
             q, k, v = get("attn_q", (H * E, D)), get("attn_k", (K * E, D)), get("attn_v", (K * E, D))
         if cfg.architecture in ("llama", "mixtral"):  # (the others use rotate-half rotary in llama.cpp too)
             q, k = unpermute_rotary(q, H), unpermute_rotary(k, K)
-        out["blocks.attn.W_Q"][i] = q.reshape(H, E, D).transpose(0, 2, 1)
-        out["blocks.attn.W_K"][i] = k.reshape(K, E, D).transpose(0, 2, 1)
-        out["blocks.attn.W_V"][i] = v.reshape(K, E, D).transpose(0, 2, 1)
+        for n, w, heads in (("Q", q, H), ("K", k, K), ("V", v, K)):
+            out[f"blocks.attn.W_{n}"][i] = w.reshape(heads, E, D).transpose(0, 2, 1)
         out["blocks.attn.W_O"][i] = get("attn_output", (D, H * E)).T.reshape(H, E, D)
         if cfg.qk_norm:
             out["blocks.attn.q_norm.w"][i] = get("attn_q_norm", (E,))

@@ -7,7 +7,6 @@ W_Q ``[n_heads, d_model, d_head]``, W_O ``[n_heads, d_head, d_model]``, W_in ``[
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 
 from jinterp.loading.errors import LoadError
 from jinterp.loading.limits import check_counts, check_fits
+from jinterp.loading.tokenizer import _json_object
 from jinterp.models import flat
 from jinterp.models.config import Config
 
@@ -113,7 +113,7 @@ class Tensors:
 
         index = directory / "model.safetensors.index.json"
         if index.exists():
-            weight_map = _read_json(index).get("weight_map")
+            weight_map = _json_object(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise LoadError(index, "no 'weight_map' object")
             files = sorted(set(weight_map.values()))
@@ -156,16 +156,6 @@ class Tensors:
         if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
             raise LoadError(path, f"tensor {name!r} has non-float dtype {array.dtype}")
         return array.astype(np.float32)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise LoadError(path, f"not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise LoadError(path, "expected a JSON object")
-    return data
 
 
 # --- configs --------------------------------------------------------------------------------
@@ -355,9 +345,8 @@ def _convert_llama(t: Tensors, cfg: Config, out: dict) -> None:
             q, k, v = np.split(t.get(a + "qkv_proj.weight", ((H + 2 * K) * E, D)), [H * E, (H + K) * E])
         else:
             q, k, v = (t.get(a + f"{n}_proj.weight", (n_ * E, D)) for n, n_ in (("q", H), ("k", K), ("v", K)))
-        out["blocks.attn.W_Q"][i] = heads_in(q, H, E)
-        out["blocks.attn.W_K"][i] = heads_in(k, K, E)
-        out["blocks.attn.W_V"][i] = heads_in(v, K, E)
+        for n, w, heads in (("Q", q, H), ("K", k, K), ("V", v, K)):
+            out[f"blocks.attn.W_{n}"][i] = heads_in(w, heads, E)
         out["blocks.attn.W_O"][i] = heads_out(t.get(a + "o_proj.weight", (D, H * E)), H, E)
         if cfg.qkv_bias:
             for n, heads in (("Q", H), ("K", K), ("V", K)):
@@ -366,11 +355,9 @@ def _convert_llama(t: Tensors, cfg: Config, out: dict) -> None:
             out["blocks.attn.b_O"][i] = t.get(a + "o_proj.bias", (D,))
         if cfg.qk_norm:  # over each head (d_head weights) or over all heads together (OLMo 2)
             each = cfg.qk_norm_scope == "head"
-            q_shape, k_shape = ((E,), (E,)) if each else ((H * E,), (K * E,))
-            out["blocks.attn.q_norm.w"][i] = t.get(a + "q_norm.weight", q_shape).reshape(
-                out["blocks.attn.q_norm.w"].shape[1:]) + offset
-            out["blocks.attn.k_norm.w"][i] = t.get(a + "k_norm.weight", k_shape).reshape(
-                out["blocks.attn.k_norm.w"].shape[1:]) + offset
+            for n, heads in (("q", H), ("k", K)):
+                w = out[f"blocks.attn.{n}_norm.w"]
+                w[i] = t.get(a + f"{n}_norm.weight", (E,) if each else (heads * E,)).reshape(w.shape[1:]) + offset
         if cfg.n_experts:
             _convert_experts(t, cfg, out, i, p)
         if not cfg.has_dense_mlp:
@@ -521,7 +508,7 @@ def read_hf_dir(directory) -> tuple[Config, dict[str, np.ndarray]]:
     config_path = directory / "config.json"
     if not config_path.exists():
         raise LoadError(directory, "no config.json; an HF-format directory needs config.json and safetensors weights")
-    data = _read_json(config_path)
+    data = _json_object(config_path)
     tensors = Tensors(directory)  # first: missing or pickled weights are the clearer error
     cfg = config_from_hf(data, config_path)
     if cfg.architecture == "bert":

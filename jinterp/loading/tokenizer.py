@@ -133,10 +133,7 @@ class Tokenizer:
     @property
     def pad_token_id(self) -> int:
         """The padding id: the declared one, else EOS, else 0 (masked out either way)."""
-        for candidate in (self.specials.pad_token_id, self.specials.eos_token_id):
-            if candidate is not None:
-                return candidate
-        return 0
+        return next((i for i in (self.specials.pad_token_id, self.specials.eos_token_id) if i is not None), 0)
 
     def encode(self, text: str, prepend_bos: bool | None = None) -> list[int]:
         """Token ids of ``text``. ``prepend_bos``: None = this tokenizer's convention, True = make

@@ -111,8 +111,7 @@ class SAE(eqx.Module):
         W_enc = _unit_rows(jax.random.normal(keys[1], (d_sae, d_in), jnp.float32)).T if transcoder else W_dec.T
         b_dec = jnp.zeros(d_out) if b_dec is None else jnp.asarray(b_dec)
         thresholds = jnp.full(d_sae, threshold) if architecture in THRESHOLDED else None
-        arrays = (W_enc, jnp.zeros(d_sae), W_dec, b_dec, thresholds)
-        arrays = [None if a is None else a.astype(dtype) for a in arrays]
+        arrays = [None if a is None else a.astype(dtype) for a in (W_enc, jnp.zeros(d_sae), W_dec, b_dec, thresholds)]
         if apply_b_dec_to_input is None:
             apply_b_dec_to_input = not transcoder
         return cls(*arrays, architecture=architecture, k=k, apply_b_dec_to_input=apply_b_dec_to_input, site=site,
@@ -137,7 +136,8 @@ class SAE(eqx.Module):
 
     def pre_activations(self, x: Float[Array, "... d_in"]) -> Float[Array, "... d_sae"]:
         """The encoder's affine map, before the sparsifying activation."""
-        self._check_input(x)
+        if x.shape[-1:] != (self.d_in,):
+            raise ValueError(f"SAE input has shape {x.shape}; its last axis must be d_in={self.d_in}")
         x = x.astype(self.W_enc.dtype)
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
@@ -162,10 +162,6 @@ class SAE(eqx.Module):
     def __call__(self, x: Float[Array, "... d_in"]) -> Float[Array, "... d_out"]:
         """The reconstruction of ``x`` (a transcoder: its prediction of the target site)."""
         return self.decode(self.encode(x))
-
-    def _check_input(self, x) -> None:
-        if x.shape[-1:] != (self.d_in,):
-            raise ValueError(f"SAE input has shape {x.shape}; its last axis must be d_in={self.d_in}")
 
     def with_input_scale(self, scale, output_scale=None) -> SAE:
         """The SAE that, given ``x``, does what this one does given ``scale * x`` (then divides the
@@ -230,11 +226,8 @@ def _gather_rows(weights: Float[Array, "n k"], indices, rows: Float[Array, "m d"
 def _scatter_rows(weights: Float[Array, "n k"], indices, vectors: Float[Array, "n d"], m: int) -> Float[Array, "m d"]:
     """``out[indices[t, j]] += weights[t, j] * vectors[t]`` into ``m`` zero rows."""
     out = jnp.zeros((m, vectors.shape[1]), jnp.result_type(weights, vectors))
-
-    def add_slot(j, out):
-        return out.at[indices[:, j]].add(weights[:, j, None] * vectors)
-
-    return jax.lax.fori_loop(0, weights.shape[1], add_slot, out)
+    return jax.lax.fori_loop(0, weights.shape[1],
+                             lambda j, out: out.at[indices[:, j]].add(weights[:, j, None] * vectors), out)
 
 
 def _row_dots(vectors: Float[Array, "n d"], indices, rows: Float[Array, "m d"]) -> Float[Array, "n k"]:

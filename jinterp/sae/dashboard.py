@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import math
 from pathlib import Path
 
 import equinox as eqx
@@ -72,15 +71,10 @@ def _models_and_dictionary(sae, model):
     return (model,), sae
 
 
-def _sources(models, tokens, site, memory_budget):
-    return [ModelActivations(m, jnp.asarray(tokens), site, 1, memory_budget=memory_budget) for m in models]
-
-
 @eqx.filter_jit
 def _encode(sae: SAE, x, chosen, query_mask):
     latents = sae.encode(x)
-    fired = latents > 0
-    return fired.sum(axis=0), jnp.where(query_mask[:, None], latents, 0).sum(axis=0), latents[:, chosen]
+    return (latents > 0).sum(axis=0), jnp.where(query_mask[:, None], latents, 0).sum(axis=0), latents[:, chosen]
 
 
 def _stream(sae: SAE, sources, tokens: np.ndarray, chosen: np.ndarray, query: np.ndarray | None):
@@ -129,18 +123,18 @@ def latent_cards(sae, model, tokens, latents=None, *, n_latents: int = 10, query
     if not isinstance(n_contexts, int) or not 1 <= n_contexts <= n_seq:
         raise ValueError(f"n_contexts={n_contexts!r} top contexts asked for, but {n_seq} sequences are streamed "
                          f"(one context per sequence): valid range [1, {n_seq}]")
-    sources = _sources(models, tokens, dictionary.site, memory_budget)
+    sources = [ModelActivations(m, jnp.asarray(tokens), dictionary.site, 1, memory_budget=memory_budget)
+               for m in models]
     d_sae = dictionary.d_sae
     choice = latents.lower() if isinstance(latents, str) else None  # else indices (a list or an array)
     if latents is None or choice == "index":
         chosen = np.arange(min(n_latents, d_sae))
     elif choice in ("density", "query"):
-        latents = choice
-        if latents == "query" and query is None:
+        if choice == "query" and query is None:
             raise ValueError("latents='query' needs query= (token ids whose positions rank the latents)")
         q = None if query is None else np.asarray(query).reshape(-1)
         counts, on_query, _ = _stream(dictionary, sources, tokens, np.zeros(0, np.int64), q)
-        score = counts if latents == "density" else on_query
+        score = counts if choice == "density" else on_query
         chosen = np.argsort(-score, kind="stable")[:n_latents]
     elif isinstance(latents, str):
         raise ValueError(f"latents={latents!r}: give latent indices or one of {', '.join(CHOICES)}")
@@ -158,9 +152,8 @@ def latent_cards(sae, model, tokens, latents=None, *, n_latents: int = 10, query
     m = sae.model_index(logit_model if logit_model != -1 else sae.n_models - 1) if isinstance(sae, Crosscoder) else 0
     W_dec = np.asarray(sae.W_dec[:, m] if isinstance(sae, Crosscoder) else dictionary.W_dec, np.float64)
     W_U = getattr(models[m], "W_unembed", None)
-    effects = None
-    if W_U is not None and W_U.shape[0] == W_dec.shape[1]:
-        effects = W_dec[chosen] @ np.asarray(W_U, np.float64)
+    fits = W_U is not None and W_U.shape[0] == W_dec.shape[1]
+    effects = W_dec[chosen] @ np.asarray(W_U, np.float64) if fits else None
     norms = np.asarray(sae.decoder_norms()) if isinstance(sae, Crosscoder) else None
 
     cards = []
@@ -302,12 +295,10 @@ def dashboard(sae, model, tokens, path=None, latents=None, *, n_latents: int = 1
     cards = latent_cards(sae, model, tokens, latents, n_latents=n_latents, query=query, n_contexts=n_contexts,
                          quantiles=quantiles, per_quantile=per_quantile, window=window, bins=bins,
                          n_logits=n_logits, logit_model=logit_model, memory_budget=memory_budget)
-    site = sae.site
-    title = title or f"Feature dashboard: {site}"
+    title = title or f"Feature dashboard: {sae.site}"
     kind = "crosscoder" if isinstance(sae, Crosscoder) else "transcoder" if sae.is_transcoder else "SAE"
-    d_sae = sae.d_sae
-    header = (f"<h1>{html.escape(title)}</h1><p class=\"jdash-meta\">{kind}, {d_sae} latents, "
-              f"{np.asarray(tokens).size} tokens ({math.prod(np.asarray(tokens).shape[:1])} sequences)</p>")
+    header = (f"<h1>{html.escape(title)}</h1><p class=\"jdash-meta\">{kind}, {sae.d_sae} latents, "
+              f"{np.asarray(tokens).size} tokens ({len(tokens)} sequences)</p>")
     page = (f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{STYLE}</style></head><body>{header}"
             f"{''.join(_card_html(card, token_strings) for card in cards)}</body></html>")

@@ -196,8 +196,7 @@ def _gradients(model, tokens, frozen, mlp_out, reads, targets, logit_tokens, d_i
     for t, (layer, p, direction) in enumerate(targets):
         cotangents[t, layer, p] = direction
     logit_cotangents = np.zeros((len(cotangents), model.cfg.d_vocab), np.float32)
-    demeaned = np.eye(model.cfg.d_vocab, dtype=np.float32)[logit_tokens] - 1.0 / model.cfg.d_vocab
-    logit_cotangents[n_f:] = demeaned
+    logit_cotangents[n_f:] = np.eye(model.cfg.d_vocab, dtype=np.float32)[logit_tokens] - 1.0 / model.cfg.d_vocab
     chunks = []
     for start in range(0, len(cotangents), batch_size):
         chunk = slice(start, start + batch_size)

@@ -115,14 +115,9 @@ def validate(record: dict, kind: str) -> dict:
         json_type, required = fields[name]
         if value is None and not required:
             continue
-        python = _TYPES[json_type]
-        if not isinstance(value, python) or (json_type in (INT, NUM) and isinstance(value, bool)):
+        if not isinstance(value, _TYPES[json_type]) or (json_type in (INT, NUM) and isinstance(value, bool)):
             raise ValueError(f"Neuronpedia {kind}.{name} must be a JSON {json_type}, got {value!r:.80}")
     return record
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
 
 
 def export_neuronpedia(cards: list[LatentCard], sae, directory, *, model_id: str, source_set: str, layer: int,
@@ -141,7 +136,7 @@ def export_neuronpedia(cards: list[LatentCard], sae, directory, *, model_id: str
             raise ValueError(f"{name} must be a non-empty string without '/', got {value!r}")
     if not isinstance(sae, SAE | Crosscoder):
         raise ValueError(f"export_neuronpedia takes an SAE, a transcoder or a Crosscoder, got {type(sae).__name__}")
-    stamp = created_at or _now()
+    stamp = created_at or datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
     source_id = f"{int(layer)}-{source_set}"
     out = Path(directory) / model_id / source_id
     out.mkdir(parents=True, exist_ok=True)
@@ -170,16 +165,14 @@ def export_neuronpedia(cards: list[LatentCard], sae, directory, *, model_id: str
         m = sae.model_index(vector_model if vector_model != -1 else sae.n_models - 1)
         vectors, hook = np.asarray(sae.W_dec[:, m]), dictionary.site
     else:
-        vectors = np.asarray(dictionary.W_dec)
-        hook = dictionary.target_site or dictionary.site
+        vectors, hook = np.asarray(dictionary.W_dec), dictionary.target_site or dictionary.site
     hook_name = None if hook is None else tl_hook_name(hook)
     records = {"features": [], "activations": [], "explanations": []}
     for card in cards:
         index = str(card.latent)
         counts, edges = card.histogram
         centres = 10 ** ((edges[:-1] + edges[1:]) / 2) if len(edges) else np.zeros(0)
-        pos = [(t, v) for t, v in card.top_logits]
-        neg = [(t, v) for t, v in card.bottom_logits]
+        pos, neg = card.top_logits, card.bottom_logits
         feature = {"modelId": model_id, "layer": source_id, "index": index, "creatorId": creator,
                    "createdAt": stamp, "maxActApprox": card.max_activation, "hasVector": True,
                    "vector": [float(x) for x in vectors[card.latent]], "hookName": hook_name,
