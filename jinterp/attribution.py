@@ -88,20 +88,19 @@ def _embedding_grad(model, tokens, metric, embeds, options):
 
 
 def _embeddings(model, tokens, options):
+    """The token embeddings of ``tokens`` (``run`` checks the inputs)."""
     options = {k: v for k, v in options.items() if k != "logit_positions"}
     return run(model, tokens, capture="embed", **model.capture_only(["embed"], **options))[1]["embed"]
 
 
 def saliency(model: Model, tokens, metric: Callable, **options):
     """The gradient norm of ``metric`` at each input token's embedding: ``[batch, seq]``."""
-    model.check_inputs(tokens, **options)
     embeds = _embeddings(model, tokens, options)
     return jnp.linalg.norm(_embedding_grad(model, jnp.asarray(tokens), metric, embeds, options), axis=-1)
 
 
 def input_x_gradient(model: Model, tokens, metric: Callable, **options):
     """Embedding . gradient, summed over d_model: ``[batch, seq]``."""
-    model.check_inputs(tokens, **options)
     embeds = _embeddings(model, tokens, options)
     return (embeds * _embedding_grad(model, jnp.asarray(tokens), metric, embeds, options)).sum(-1)
 
@@ -119,9 +118,8 @@ def integrated_gradients(model: Model, tokens, metric: Callable, *, baseline_tok
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int (the number of points on the path), got {steps!r}")
-    model.check_inputs(tokens, **options)
-    tokens = jnp.asarray(tokens)
     embeds = _embeddings(model, tokens, options)
+    tokens = jnp.asarray(tokens)
     baseline = jnp.zeros_like(embeds) if baseline_tokens is None else _embeddings(model, baseline_tokens, options)
     alphas = (jnp.arange(steps, dtype=embeds.dtype) + 0.5) / steps
 

@@ -74,9 +74,8 @@ def run(model: Model, inputs, *, capture=(), edits=(), mesh=None, check: bool = 
     validate(specs, edits)
     edited = frozenset(kind for edit in edits for kind in edit.kinds())
     captures, plan = model.plan_captures(specs, match(specs, capture), edited)
-    compiled_model, compiled_inputs, compiled_options = model, inputs, options
-    if mesh is not None:
-        compiled_model, compiled_inputs, compiled_options = model.on_mesh(mesh, inputs, **options)
+    placed = (model, inputs, options) if mesh is None else model.on_mesh(mesh, inputs, **options)
+    compiled_model, compiled_inputs, compiled_options = placed
     if check:
         from jinterp.checks import checked
 

@@ -74,9 +74,8 @@ class FactoredMatrix(eqx.Module):
         batch = self.shape[:-2]
         if len(index) > len(batch):
             raise IndexError(f"{len(index)} indices for {len(batch)} batch axes (shape {self.shape})")
-        A = jnp.broadcast_to(self.A, (*batch, *self.A.shape[-2:]))
-        B = jnp.broadcast_to(self.B, (*batch, *self.B.shape[-2:]))
-        return FactoredMatrix(A[index], B[index])
+        A, B = (jnp.broadcast_to(m, (*batch, *m.shape[-2:]))[index] for m in (self.A, self.B))
+        return FactoredMatrix(A, B)
 
     def __matmul__(self, other) -> FactoredMatrix:
         if isinstance(other, FactoredMatrix):
@@ -104,9 +103,8 @@ class FactoredMatrix(eqx.Module):
 
     def _qr_core(self) -> tuple[Array, Array, Array]:
         """``(Q_A, core, Q_B)`` with ``A B = Q_A core Q_B^T`` and orthonormal columns in ``Q_A``, ``Q_B``."""
-        A, B = self.A, self.B
-        shape = self.shape[:-2]
-        A, B = jnp.broadcast_to(A, (*shape, *A.shape[-2:])), jnp.broadcast_to(B, (*shape, *B.shape[-2:]))
+        batch = self.shape[:-2]
+        A, B = (jnp.broadcast_to(m, (*batch, *m.shape[-2:])) for m in (self.A, self.B))
         qa, ra = jnp.linalg.qr(A)
         qb, rb = jnp.linalg.qr(jnp.swapaxes(B, -1, -2))
         return qa, ra @ jnp.swapaxes(rb, -1, -2), qb

@@ -66,10 +66,16 @@ class Generation:
 
 def _absolute(edits: tuple, prompt_len: int) -> tuple:
     """The edits with negative positions (from the end of the prompt) as slots of the whole sequence:
-    a forward call running the slots from ``cache.index`` on matches them there."""
+    a forward call running the slots from ``cache.index`` on matches them there. A position before
+    the prompt is refused."""
     placed = []
     for edit in edits:
         if isinstance(edit, iv.Edit) and edit.positions is not None:
+            low = int(np.min(np.asarray(edit.positions))) if iv.concrete(edit.positions) else 0
+            if low < -prompt_len:
+                raise ValueError(f"Edit at {edit.site!r}: position {low} is before the prompt; negative positions "
+                                 f"count from the end of the (padded) prompt of {prompt_len} tokens (valid "
+                                 f"-{prompt_len}..-1), non-negative ones are slots of prompt + new tokens")
             slots = jnp.where(edit.positions < 0, edit.positions + prompt_len, edit.positions)
             edit = eqx.tree_at(lambda e: e.indices["pos"], edit, slots)
         placed.append(edit)
@@ -227,7 +233,6 @@ def generate(model: Transformer, tokenizer, prompts, max_new_tokens: int, *, tem
     specs = model.site_specs(jax.ShapeDtypeStruct((prompt.shape[0], total), jnp.int32))
     edits = iv.flatten(recipes.expand(edits, model, specs))
     validate(specs, edits)
-    _check_positions(edits, prompt.shape[1])
     edits = _absolute(edits, prompt.shape[1])
     captures = iv.captures(specs, match(specs, capture))  # every site recorded (none derived)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -242,9 +247,8 @@ def generate(model: Transformer, tokenizer, prompts, max_new_tokens: int, *, tem
     out, n_generated = np.asarray(out), np.asarray(n_generated)
     layers = tuple((c.site, tuple(range(cfg.n_layers)) if c.layers is None else c.layers)
                    for c in captures if c.site in S.BLOCK_KINDS)
-    texts = None
-    if tokenizer is not None:
-        texts = [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True) for row, n in zip(out, n_generated)]
+    texts = None if tokenizer is None else [tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
+                                            for row, n in zip(out, n_generated)]
     return Generation(out, n_generated, texts, Cache(stacked, layers), prompt, mask)
 
 
@@ -314,14 +318,3 @@ def _stops(tokenizer, stop, d_vocab: int) -> tuple[jax.Array, jax.Array]:
             raise ValueError(f"Stop token id {bad[0]} is outside the vocabulary (valid ids 0..{d_vocab - 1})")
         sequences.append(ids)
     return jnp.asarray(pad_rows(sequences, -1, "left").tokens), jnp.asarray([len(ids) for ids in sequences], jnp.int32)
-
-
-def _check_positions(edits, prompt_len: int) -> None:
-    for edit in edits:
-        positions = getattr(edit, "positions", None)
-        if isinstance(edit, iv.Edit) and positions is not None and iv.concrete(positions):
-            low = int(np.min(np.asarray(positions)))
-            if low < -prompt_len:
-                raise ValueError(f"Edit at {edit.site!r}: position {low} is before the prompt; negative positions "
-                                 f"count from the end of the (padded) prompt of {prompt_len} tokens (valid "
-                                 f"-{prompt_len}..-1), non-negative ones are slots of prompt + new tokens")

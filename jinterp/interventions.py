@@ -145,10 +145,6 @@ class Edit(Intervention):
     def positions(self) -> Int[Array, "n"] | None:
         return self.indices.get("pos")
 
-    @property
-    def heads(self) -> Int[Array, "n"] | None:
-        return self.indices.get("head")
-
     def edit(self, value: Array, at: At) -> Array:
         raise NotImplementedError
 

@@ -74,17 +74,11 @@ def decompose_resid(model: Transformer, cache: Cache, layer: int | None = None):
     embeddings, then each earlier layer's ``attn_out`` and ``mlp_out``. They sum to the residual."""
     _need(model, "decompose_resid")
     n = _layer(model, layer)
-    parts, labels = [_get(cache, "embed")], ["embed"]
-    if model.W_pos is not None:
-        parts.append(_get(cache, "pos_embed"))
-        labels.append("pos_embed")
-    for i in range(n):
-        parts.append(_get(cache, f"blocks.{i}.attn_out"))
-        labels.append(f"{i}_attn_out")
-        if model.cfg.has_mlp:
-            parts.append(_get(cache, f"blocks.{i}.mlp_out"))
-            labels.append(f"{i}_mlp_out")
-    return jnp.stack(parts), labels
+    names = ["embed"] + (["pos_embed"] if model.W_pos is not None else [])
+    writers = ["attn_out"] + (["mlp_out"] if model.cfg.has_mlp else [])
+    names += [f"blocks.{i}.{kind}" for i in range(n) for kind in writers]
+    labels = [name.removeprefix("blocks.").replace(".", "_") for name in names]  # blocks.0.attn_out: 0_attn_out
+    return jnp.stack([_get(cache, name) for name in names]), labels
 
 
 def stack_head_results(model: Transformer, cache: Cache, layer: int | None = None):

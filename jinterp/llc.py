@@ -151,8 +151,7 @@ def estimate(loss: Callable[[Any, Any], Array], params, data, key: jax.Array, *,
     averaged after ``burnin`` discarded ones. ``restrict``: which coordinates are sampled (see ``masks``);
     the rest stay at w0. Any Equinox module or pytree works; non-float leaves pass through.
     """
-    n = _n_examples(data)
-    batch_size, nbeta = _check(n, step_size, gamma, nbeta, chains, draws, burnin, batch_size)
+    batch_size, nbeta = _check(data, step_size, gamma, nbeta, chains, draws, burnin, batch_size)
     mask = masks(params, restrict)
     traces = _chains(loss, params, mask, data, jax.random.split(key, chains), nbeta, gamma, step_size,
                      draws=draws, burnin=burnin, batch_size=batch_size)
@@ -160,7 +159,8 @@ def estimate(loss: Callable[[Any, Any], Array], params, data, key: jax.Array, *,
     return summarise(np.asarray(traces)[:, burnin:], float(init_loss), nbeta, warn=warn)
 
 
-def _check(n, step_size, gamma, nbeta, chains, draws, burnin, batch_size):
+def _check(data, step_size, gamma, nbeta, chains, draws, burnin, batch_size):
+    n = _n_examples(data)
     for name, value in (("step_size", step_size), ("gamma", gamma)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0) or \
                 (name == "step_size" and value == 0):
@@ -243,8 +243,7 @@ def head_mask(model, layer: int, head: int) -> Any:
     attn = none.blocks.attn
     chosen = {name: select(getattr(attn, name), head) for name in ("W_Q", "W_O", "b_Q")}
     chosen |= {name: select(getattr(attn, name), kv_head) for name in ("W_K", "W_V", "b_K", "b_V")}
-    names = list(chosen)
-    return eqx.tree_at(lambda m: [getattr(m.blocks.attn, k) for k in names], none, [chosen[k] for k in names],
+    return eqx.tree_at(lambda m: [getattr(m.blocks.attn, k) for k in chosen], none, list(chosen.values()),
                        is_leaf=lambda x: x is None)
 
 
@@ -268,8 +267,7 @@ def per_head(loss: Callable, model, data, key: jax.Array, *, step_size: float = 
     """The refined LLC of every attention head of a jinterp ``Transformer`` (``head_mask``), all heads in
     one program (the chains vmapped over the heads' masks); same arguments as ``estimate``. Every head's
     chains use the same keys, so differences between heads are not sampling noise in the minibatches."""
-    n = _n_examples(data)
-    batch_size, nbeta = _check(n, step_size, gamma, nbeta, chains, draws, burnin, batch_size)
+    batch_size, nbeta = _check(data, step_size, gamma, nbeta, chains, draws, burnin, batch_size)
     cfg = model.cfg
     heads = [(layer, head) for layer in range(cfg.n_layers) for head in range(cfg.n_heads)]
     stacked = jax.tree.map(lambda *m: jnp.stack(m), *[head_mask(model, layer, head) for layer, head in heads])
@@ -318,10 +316,8 @@ def over_training(snapshots: dict[int, Any], loss: Callable, data, key: jax.Arra
     results = []
     steps = sorted(snapshots)
     for step in tqdm(steps, desc=description, unit="snapshot", disable=run is None or run.quiet):
-        if run is None:
-            results.append(one(snapshots[step]))
-        else:
-            results.append(run.step(f"{name}/{step:09d}", lambda step=step: one(snapshots[step])))
+        compute = lambda params=snapshots[step]: one(params)
+        results.append(compute() if run is None else run.step(f"{name}/{step:09d}", compute))
     stacked = {key: np.stack([np.asarray(r[key]) for r in results]) for key in results[0]}
     return {"step": np.asarray(steps, np.int64), **stacked}
 

@@ -212,9 +212,8 @@ def sweep_chunks(model: Model, clean, corrupted, metric: Callable, site="resid_p
     specs = model.site_specs(base, **options)
     found, single = targets(specs, site, per, layers)
     first = 0 if exact else model.reusable_prefix(clean, corrupted, **options)
-    if mesh is not None:
-        model, base, options = _on_mesh(mesh, model, base, options)
-        source = sharding.put(source, mesh)
+    if mesh is not None:  # the inputs on every device: a chunk's patches are what is split
+        model, base, source, options = sharding.replicate((model, base, source, options), sharding.check_mesh(mesh))
     capture = [n for t in found for n in _captured(specs, t)] + list(model.resume_sites(first))
     base_output, base_cache = run(model, base, capture=capture, **options)
     _, source_cache = run(model, source, capture=capture, **options)
@@ -256,13 +255,9 @@ def sweep_chunks(model: Model, clean, corrupted, metric: Callable, site="resid_p
 
     def assemble(results):
         out = [np.full(int(np.prod(t.sizes)), unpatched) for t, *_ in pieces]
-        done = {}
-        for (i, rows, n), result in zip(chunks, results):
-            done.setdefault(i, []).append((rows[:n], sharding.to_host(result)[:n]))
-        for i, parts in done.items():
-            flat = out[i]
-            for rows, values in parts:
-                flat[np.ravel_multi_index(tuple(pieces[i][1][rows].T), pieces[i][0].sizes)] = values
+        for (i, rows, n), result in zip(chunks, results):  # a chunk's first n rows are its own patches
+            target, grid, *_ = pieces[i]
+            out[i][np.ravel_multi_index(tuple(grid[rows[:n]].T), target.sizes)] = sharding.to_host(result)[:n]
         return _stack([o.reshape(t.sizes) for o, (t, *_) in zip(out, pieces)], found, single)
 
     n = sum(len(grid) for _, grid, _, _ in pieces)
@@ -319,14 +314,6 @@ def _suffix(values, target: Target, first: int):
         return values
     axis = 1 + next(i for i, a in enumerate(target.axes) if S.role(a) == "pos")
     return jax.lax.slice_in_dim(values, first, values.shape[axis], axis=axis)
-
-
-def _on_mesh(mesh, model: Model, base, options):
-    mesh = sharding.check_mesh(mesh)
-    model = sharding.replicate(model, mesh)
-    base = sharding.put(base, mesh)
-    options = {k: sharding.put(v, mesh) if hasattr(v, "shape") else v for k, v in options.items()}
-    return model, base, options
 
 
 def _on_device(index: dict, mesh):
@@ -413,15 +400,13 @@ def path_patch_chunks(model, clean, corrupted, metric: Callable, receivers, *, d
     cfg = model.cfg
     receivers = [_receiver(model.site_specs(base), r) for r in receivers]
     if mesh is not None:
-        mesh = sharding.check_mesh(mesh)
-        model, base, source, attention_mask = (sharding.replicate(model, mesh), *(
-            None if t is None else sharding.put(t, mesh) for t in (base, source, attention_mask)))
+        model, base, source, attention_mask = sharding.replicate((model, base, source, attention_mask),
+                                                                 sharding.check_mesh(mesh))
     frozen_kinds = ["attn.z"] + (["mlp_out"] if freeze_mlps else [])
     base_logits, base_cache = run(model, base, capture=[f"blocks.*.{k}" for k in frozen_kinds + ["resid_pre"]],
                                   attention_mask=attention_mask, logit_positions=logit_positions)
     _, source_cache = run(model, source, capture="blocks.*.attn.z", attention_mask=attention_mask)
-    senders = np.stack(np.meshgrid(np.arange(cfg.n_layers), np.arange(cfg.n_heads), indexing="ij"), -1)
-    senders = senders.reshape(-1, 2).astype(np.int32)
+    senders = np.indices((cfg.n_layers, cfg.n_heads)).reshape(2, -1).T.astype(np.int32)  # (layer, head) rows
     chunks = np.array_split(np.arange(len(senders)), cfg.n_layers)  # chunk c: the heads of layer c
     # A head at layer l reaches q/k/v and resid_pre of later layers only, the other sites from its own layer on.
     reach = max(layer + (kind not in ("attn.q", "attn.k", "attn.v", "resid_pre")) for kind, layer, _ in receivers)
@@ -460,10 +445,8 @@ def _receiver(specs: Specs, receiver) -> tuple[str, int, tuple[int, ...] | None]
 def _path_chunk(model, receivers, frozen_kinds, metric, senders, tokens, attention_mask, logit_positions,
                 base_cache, source_cache, resume, mesh):
     freeze = tuple(Replace(f"blocks.*.{k}", base_cache.stack(k), per_layer=True) for k in frozen_kinds)
-    layers_by_kind = {}
-    for kind, layer, _ in receivers:
-        layers_by_kind.setdefault(kind, set()).add(layer)
-    capture = tuple(Capture(kind, sorted(layers)) for kind, layers in layers_by_kind.items())
+    kinds = dict.fromkeys(kind for kind, _, _ in receivers)
+    capture = tuple(Capture(kind, sorted({layer for k, layer, _ in receivers if k == kind})) for kind in kinds)
 
     def one(sender):
         sender_edit = Replace("attn.z", source_cache.stack("attn.z"), per_layer=True, layers=sender[0][None],

@@ -47,8 +47,7 @@ class Probe(eqx.Module):
     def init(cls, mean, scale, n_classes: int) -> Probe:
         """A probe at zero (the loss is convex: no random start is needed) over standardised features."""
         mean, scale = jnp.asarray(mean, jnp.float32), jnp.asarray(scale, jnp.float32)
-        d = mean.shape[0]
-        return cls(jnp.zeros((d, n_classes)), jnp.zeros(n_classes), mean, scale)
+        return cls(jnp.zeros((mean.shape[0], n_classes)), jnp.zeros(n_classes), mean, scale)
 
     def __call__(self, features: Float[Array, "n d"]) -> Float[Array, "n n_classes"]:
         return ((features - self.mean) / self.scale) @ self.W + self.b

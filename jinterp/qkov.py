@@ -121,14 +121,10 @@ def composition_scores(model: Transformer, kind: Kind, *, offset: int | None = N
     """
     if kind not in ("q", "k", "v"):
         raise ValueError(f"Unknown composition kind {kind!r}; valid choices: 'q', 'k', 'v'")
-    cfg = model.cfg
     ov = ov_circuit(model, process=process)
-    if kind == "v":
-        receiver = ov
-    else:
-        qk = qk_circuit(model, offset=offset, process=process)
-        receiver = qk if kind == "q" else qk.T
-    return _scores(ov, receiver, cfg.n_layers, cfg.n_heads)
+    receiver = ov if kind == "v" else qk_circuit(model, offset=offset, process=process)
+    receiver = receiver.T if kind == "k" else receiver
+    return _scores(ov, receiver, model.cfg.n_layers, model.cfg.n_heads)
 
 
 @jax.jit

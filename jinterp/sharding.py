@@ -113,12 +113,10 @@ def shard_model(model, mesh: Mesh):
     if not isinstance(model, Transformer):
         raise TypeError(f"shard_model takes a jinterp.Transformer, got {type(model).__name__}")
     cfg, n = model.cfg, axis_size(check_mesh(mesh), MODEL)
-    if cfg.n_heads % n:
-        raise ValueError(f"n_heads={cfg.n_heads} cannot be split over a 'model' axis of {n} devices: use a model "
-                         f"axis size dividing {cfg.n_heads}")
-    if cfg.has_mlp and cfg.d_mlp % n:
-        raise ValueError(f"d_mlp={cfg.d_mlp} cannot be split over a 'model' axis of {n} devices: use a model "
-                         f"axis size dividing {cfg.d_mlp}")
+    for name, size in (("n_heads", cfg.n_heads), ("d_mlp", cfg.d_mlp if cfg.has_mlp else 0)):
+        if size % n:
+            raise ValueError(f"{name}={size} cannot be split over a 'model' axis of {n} devices: use a model "
+                             f"axis size dividing {size}")
     # Grouped-query kv heads are split too when they divide evenly, otherwise every device keeps them all.
     kv = MODEL if cfg.n_kv_heads % n == 0 else None
     heads, hidden = P(None, MODEL), P(None, None, MODEL)  # [n_layers, heads or d_mlp, ...]; [n_layers, d_model, d_mlp]

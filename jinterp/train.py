@@ -141,10 +141,9 @@ def train(
     ``eval_every``): keep the params at step 0 and every multiple of it in ``Trained.snapshots`` (saved with
     the run, so a resumed run has them all).
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if not isinstance(eval_every, int) or eval_every < 1:
-        raise ValueError(f"eval_every must be a positive int, got {eval_every!r}")
+    for argument, value in (("steps", steps), ("eval_every", eval_every)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{argument} must be a positive int, got {value!r}")
     checkpoint_every = checkpoint_every or eval_every
     if checkpoint_every % eval_every:
         raise ValueError(f"checkpoint_every={checkpoint_every} must be a multiple of eval_every={eval_every}: "

@@ -136,8 +136,7 @@ def mean_layer_kl(lens: TunedLens, model: Transformer, tokens, attention_mask=No
     tokens = np.asarray(tokens, np.int32)
     mask = np.ones(tokens.shape, bool) if attention_mask is None else np.asarray(attention_mask, bool)
     padding = -len(tokens) % batch_size
-    tokens = np.concatenate([tokens, np.zeros((padding, tokens.shape[1]), np.int32)])
-    mask = np.concatenate([mask, np.zeros((padding, tokens.shape[1]), bool)])
+    tokens, mask = (np.pad(rows, ((0, padding), (0, 0))) for rows in (tokens, mask))  # zeros: masked out
     sums, count = np.zeros(lens.n_layers), 0.0
     for start in range(0, len(tokens), batch_size):
         s, c = _kl_sums_jit(lens, model, tokens[start:start + batch_size], mask[start:start + batch_size])

@@ -29,8 +29,7 @@ class NNX(Wrapped):
 
     @classmethod
     def of(cls, module: nnx.Module, axes=()) -> NNX:
-        graphdef, state = nnx.split(module)
-        return cls(graphdef, state, axes=axes)
+        return cls(*nnx.split(module), axes=axes)  # (graphdef, state)
 
     def forward(self, inputs, hook):
         module = nnx.merge(self.graphdef, self.state)

@@ -81,9 +81,8 @@ class Wrapped(Model):
             return _specs(self, inputs)
 
     def apply(self, inputs, interventions=(), **options) -> tuple[Array, Cache]:
-        self.check_inputs(inputs, **options)
         interventions = iv.flatten(interventions)
-        hook = SiteCalls(self, iv.SiteHook.of(interventions, self.site_specs(inputs)))
+        hook = SiteCalls(self, iv.SiteHook.of(interventions, self.site_specs(inputs, **options)))  # (checks inputs)
         output = self.forward(inputs, hook)
         hook.site_hook.finish()
         return output, Cache(hook.records, ())

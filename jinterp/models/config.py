@@ -119,9 +119,7 @@ class Config:
         if self.n_kv_heads is None:
             set_("n_kv_heads", self.n_heads)
         if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"n_heads={self.n_heads} must be a positive multiple of n_kv_heads={self.n_kv_heads}"
-            )
+            raise ValueError(f"n_heads={self.n_heads} must be a positive multiple of n_kv_heads={self.n_kv_heads}")
         if self.n_experts:
             if self.attn_only or not self.gated_mlp:
                 raise ValueError("a mixture of experts needs gated MLPs (gated_mlp=True) and attn_only=False")
@@ -153,9 +151,7 @@ class Config:
             set_("rotary_dim", self.d_head)
         if self.positional == "rotary" and (self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.d_head):
             raise ValueError(f"rotary_dim={self.rotary_dim} must be even and within (0, d_head={self.d_head}]")
-        if self.layer_types is None:
-            set_("layer_types", ("global",) * self.n_layers)
-        set_("layer_types", tuple(self.layer_types))
+        set_("layer_types", ("global",) * self.n_layers if self.layer_types is None else tuple(self.layer_types))
         if len(self.layer_types) != self.n_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for n_layers={self.n_layers}")
         for kind in self.layer_types:
@@ -209,8 +205,8 @@ class Config:
 
     def replace(self, **changes) -> Config:
         """A copy with some fields changed (validated again)."""
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        valid = [f.name for f in dataclasses.fields(self)]
+        unknown = set(changes) - set(valid)
         if unknown:
-            valid = [f.name for f in dataclasses.fields(self)]
             raise ValueError(f"Unknown Config field(s) {sorted(unknown)}; valid fields: {valid}")
         return dataclasses.replace(self, **changes)

@@ -143,10 +143,8 @@ class Transformer(Model):
         if not cfg.causal or not differs.any() or (cfg.qk_norm and cfg.positional != "rotary"):
             return 0  # (cached keys are taken after q/k norm from attn.rot_k)
         first = int(np.argmax(differs))
-        read = None if logit_positions is None else np.asarray(logit_positions)
-        if read is not None and ((read >= 0) & (read < first)).any():
-            return 0
-        return first
+        read = np.asarray([] if logit_positions is None else logit_positions)
+        return 0 if ((read >= 0) & (read < first)).any() else first
 
     def resume_sites(self, first: int = 0) -> tuple[str, ...]:
         """What ``resumed`` reads from the base run: the residual stream, and the keys and values of a prefix."""
