@@ -172,7 +172,7 @@ def acdc(model: Transformer, clean, corrupted, tau: float, *, metric: Callable |
                                    attention_mask, logit_positions, start)
         if not batched:
             return np.asarray([float(trials(c[None])[0]) for c in columns])
-        out = []
+        out, chunk = [], fitting(trial.rows)
         for first in range(0, len(columns), chunk):
             part = columns[first:first + chunk]
             # Powers of two from 8: a few compiled sizes (compiling dominates small models' trials).
@@ -186,11 +186,15 @@ def acdc(model: Transformer, clean, corrupted, tau: float, *, metric: Callable |
         patches = [patch.dropping(jnp.asarray(d, dtype)) for d in (drop, graph.valid)]
         return np.asarray([float(measure(run(model, clean, edits=p, **options)[0], reference)) for p in patches])
 
-    specs = model.site_specs(clean, **options)
-    per_trial = memory.run_bytes(specs) + graph.valid.shape[0] * clean.size * model.cfg.d_model * 4 * 2
-    most = int(graph.valid.sum(0).max())
-    chunk = max(1, min(most, memory.how_many_fit(memory_budget, per_trial, unit="edge trial",
-                                                   hint="use fewer or shorter inputs, or logit_positions")))
+    run_bytes, most = memory.run_bytes(model.site_specs(clean, **options)), int(graph.valid.sum(0).max())
+
+    def fitting(rows: int) -> int:
+        """Trials in a chunk (a power of two): each a run's activations and ``rows`` recorded differences."""
+        per_trial = run_bytes + rows * clean.size * model.cfg.d_model * 4 * 2
+        fit = min(most, memory.how_many_fit(memory_budget, per_trial, unit="edge trial",
+                                            hint="use fewer or shorter inputs, or logit_positions"))
+        return 1 << (fit.bit_length() - 1)
+
     step = step or (lambda name, compute: compute())
     full, empty = (float(x) for x in np.asarray(step("acdc/ends", ends)))
     forwards, trials, current = 2, 0, full

@@ -81,8 +81,9 @@ class EdgePatch(Intervention):
     output in this run. One stateful intervention: writers record their difference as the
     forward passes them; readers subtract what they should not see. Where fewer edges into a reader
     are kept than dropped, the same input is made from the other end, with fewer terms: the corrupted
-    run's value there plus the kept writers' differences. ``width``: the most terms a reader adds
-    (from ``drop`` as given; a run whose ``drop`` needs more gives NaN, never a wrong value).
+    run's value there plus the kept writers' differences. Only the writers some reader's terms need
+    are recorded (``slot``: each writer's row of the state, the last row for the others; a ``drop``
+    swapped in that needs another writer gives NaN, never a wrong value).
 
     ``written``: the differences to start from, for a run resumed at a layer (``start=``), which skips
     the writers before it (``resumed_from``); None: zeros. ``receiver``, ``column``: one reader fed
@@ -96,7 +97,8 @@ class EdgePatch(Intervention):
     written: Array | None  # [n_upstream, batch, pos, d_model]
     receiver: Array  # int32
     column: Array | None  # [n_upstream]
-    width: int = eqx.field(static=True)
+    slot: Array  # int32 [n_upstream]
+    rows: int = eqx.field(static=True)
     cfg: Config = eqx.field(static=True)
 
     def __init__(self, cfg: Config, drop, corrupt: dict, W_O, written=None, receiver=-1, column=None):
@@ -106,11 +108,13 @@ class EdgePatch(Intervention):
         self.written, self.receiver, self.column = written, jnp.int32(receiver), column
         valid = _valid(cfg)
         if isinstance(drop, jax.core.Tracer):
-            self.width = len(valid)
+            needed = np.ones(len(valid), bool)
         else:
-            dropped = np.count_nonzero(np.asarray(drop), 0)
-            kept = np.count_nonzero(valid - np.asarray(drop), 0)
-            self.width = min(len(valid), 1 << int(np.minimum(dropped, kept).max(initial=1) - 1).bit_length())
+            dropped, kept = np.asarray(drop) != 0, (valid - np.asarray(drop)) != 0
+            needed = np.where(kept.sum(0) < dropped.sum(0), kept, dropped).any(1)
+        # Powers of two from 8 (a few compiled sizes), one row more than needed for the rest.
+        self.rows = min(len(valid) + 1, max(8, 1 << int(needed.sum()).bit_length()))
+        self.slot = jnp.asarray(np.where(needed, np.cumsum(needed) - 1, self.rows - 1), jnp.int32)
 
     def dropping(self, drop, receiver: int = -1) -> EdgePatch:
         """This patch with ``drop`` instead; a ``receiver`` >= 0 reads ``column`` (zeros until set) instead
@@ -135,30 +139,30 @@ class EdgePatch(Intervention):
         return kinds + (("mlp_in", "mlp_out") if self.cfg.has_mlp else ())
 
     def initial_state(self, specs):
-        """(every writer's difference so far, the receiver's input less its ``column`` of them)."""
+        """(the recorded writers' differences so far, by ``slot``; the receiver's input less its ``column``
+        of the written ones)."""
         dtype = self.corrupt["resid_pre"].dtype
+        recorded = jnp.zeros((self.rows, *specs["blocks.0.resid_pre"].shape), dtype)
         if self.written is None:
-            written = jnp.zeros((self.drop.shape[0], *specs["blocks.0.resid_pre"].shape), dtype)
-        else:
-            written = self.written.astype(dtype)
-        if self.column is None:
-            return written, None
-        return written, jnp.einsum("u,ubsd->bsd", self.column.astype(dtype), written)
+            return recorded, None
+        written = self.written.astype(dtype)
+        recorded = recorded.at[self.slot].set(written)
+        return recorded, None if self.column is None else jnp.einsum("u,ubsd->bsd", self.column.astype(dtype), written)
 
     def __call__(self, value, at: At):
         cfg, H, K, mlp = self.cfg, self.cfg.n_heads, self.cfg.n_kv_heads, int(self.cfg.has_mlp)
         up = 1 + at.layer * (H + mlp)  # first upstream row of this layer
         down = at.layer * (H + 2 * K + mlp)  # first downstream column of this layer
-        written, received = at.state
+        recorded, received = at.state
         if at.kind == "resid_pre":  # layer 0 reads the input node's write
-            first = jnp.where(at.layer == 0, value - self.corrupt["resid_pre"][0], written[0])
-            at.set_state((written.at[0].set(first), received))
+            first = jnp.where(at.layer == 0, value - self.corrupt["resid_pre"][0], recorded[self.slot[0]])
+            at.set_state((recorded.at[self.slot[0]].set(first), received))
         elif at.kind == "attn.z":
             delta = jnp.einsum("bshe,hed->hbsd", value - self.corrupt["z"][at.layer], self.W_O[at.layer])
-            at.set_state((jax.lax.dynamic_update_slice_in_dim(written, delta, up, 0), received))
+            at.set_state((recorded.at[jax.lax.dynamic_slice_in_dim(self.slot, up, H)].set(delta), received))
         elif at.kind == "mlp_out":
-            delta = (value - self.corrupt["mlp_out"][at.layer])[None]
-            at.set_state((jax.lax.dynamic_update_slice_in_dim(written, delta, up + H, 0), received))
+            delta = value - self.corrupt["mlp_out"][at.layer]
+            at.set_state((recorded.at[self.slot[up + H]].set(delta), received))
         elif at.kind in ("attn.q_input", "attn.k_input", "attn.v_input"):
             offset, heads = {"attn.q_input": (0, H), "attn.k_input": (H, K), "attn.v_input": (H + K, K)}[at.kind]
             return self._fed(value, at.state, down + offset, heads, self.corrupt["resid_pre"][at.layer])
@@ -173,22 +177,18 @@ class EdgePatch(Intervention):
     def _fed(self, value, state, first, count, corrupted):
         """The inputs of readers ``first .. first + count``, ``value`` being theirs in this run
         ``[batch, pos, count, d_model]`` and ``corrupted`` the corrupted run's ``[batch, pos, d_model]``."""
-        written, received = state
+        recorded, received = state
         drop = jax.lax.dynamic_slice_in_dim(self.drop, first, count, 1).T  # [count, up]
         keep = jax.lax.dynamic_slice_in_dim(_valid(self.cfg).astype(drop.dtype), first, count, 1).T - drop
         from_corrupted = jnp.count_nonzero(keep, 1) < jnp.count_nonzero(drop, 1)
         weights = jnp.where(from_corrupted[:, None], keep, -drop)
-        if count * self.width < len(written):  # gathering the terms reads fewer rows than the whole state
-            rows = jax.lax.top_k(jnp.abs(weights), self.width)[1]  # [count, width]: every nonzero weight
-            terms = jnp.einsum("cw,cwbsd->bscd", jnp.take_along_axis(weights, rows, 1).astype(written.dtype),
-                               written[rows])
-        else:
-            terms = jnp.einsum("cu,ubsd->bscd", weights.astype(written.dtype), written)
-        fed = jnp.where(from_corrupted[:, None], corrupted[:, :, None], value) + terms
+        by_row = jnp.zeros((count, self.rows), recorded.dtype).at[:, self.slot].add(weights.astype(recorded.dtype))
+        fed = jnp.where(from_corrupted[:, None], corrupted[:, :, None], value)
+        fed = fed + jnp.einsum("cr,rbsd->bscd", by_row, recorded)
         if received is not None:
             fed = jnp.where((first + jnp.arange(count) == self.receiver)[:, None], value - received[:, :, None], fed)
-        too_many = jnp.count_nonzero(weights, 1).max() > self.width
-        return jnp.where(too_many, jnp.nan, fed)
+        unrecorded = ((weights != 0) & (self.slot == self.rows - 1)).any()
+        return jnp.where(unrecorded, jnp.nan, fed)
 
 
 @functools.cache

@@ -120,14 +120,14 @@ def test_trials_resumed_at_the_receivers_layer_equal_whole_forwards():
             np.testing.assert_allclose(resumed, whole, rtol=1e-6, atol=0)
 
 
-def test_a_drop_needing_more_terms_than_the_patch_was_made_for_gives_nan():
+def test_a_drop_needing_writers_the_patch_does_not_record_gives_nan():
     model = jinterp.Transformer.init(SMALL, jax.random.key(1), std=0.5)
     clean, corrupt = (jnp.asarray(tokens % SMALL.d_vocab) for tokens in corrupted_pair(2))
     graph = circuits.Graph.of(SMALL)
     circuit = graph.valid.copy()
-    circuit[:, -1] = False  # one reader (the logits) with every edge dropped: one term at most per reader
+    circuit[:, -1] = False  # one reader (the logits) with every edge dropped: no writer recorded
     _, patch = circuits.edge_patch(model, circuit, corrupt)
-    assert patch.width == 1
+    assert (np.asarray(patch.slot) == patch.rows - 1).all()
     logits, _ = jinterp.run(model, clean, edits=patch)
     assert np.isfinite(logits).all()
     half = jnp.asarray(graph.valid & (np.arange(graph.valid.shape[0]) % 2 == 0)[:, None], jnp.float32)
