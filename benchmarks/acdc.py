@@ -9,21 +9,26 @@ logit difference, pruned to the same number of edges): the edges both keep, and 
 faithfulness (``circuits.faithfulness``: the share of the clean-corrupted logit difference it
 recovers). The comparison means something only on the whole model (``--layers 30``, an accelerator's
 work; ``--no-loop`` skips the one-forward-per-trial baseline, hours there too, and the warm-up run: the
-one run's time then includes compiling).
+one run's time then includes compiling). ``--checkpoints DIR`` saves each receiver's trials and decision
+there as it completes (``acdc(step=Run.step)``): the whole-graph run can be stopped at any point and
+resumed; its time is then the sum of every step's own compute time, as saved.
 
     .venv/bin/python benchmarks/acdc.py [--layers 2] [--prompts 4] [--tau 0.01] [--compare-eap] [--no-loop]
+        [--checkpoints DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 from common import timed  # noqa: F401 - sets up the process as every benchmark does
 
 import jinterp
 from jinterp import acdc, circuits
+from jinterp.runs import Run
 
 NAMES = [(" Mary", " John"), (" Tom", " James"), (" Anna", " Lisa"), (" David", " Paul"), (" Sarah", " Emma"),
          (" Mark", " Peter"), (" Laura", " Kate"), (" Steve", " Mike")]
@@ -43,6 +48,7 @@ def main() -> None:
     parser.add_argument("--tau", type=float, default=0.01)
     parser.add_argument("--compare-eap", action="store_true", help="ACDC beside EAP at the same edge count")
     parser.add_argument("--no-loop", action="store_true", help="skip the one-forward-per-trial baseline")
+    parser.add_argument("--checkpoints", type=Path, help="save each receiver there: a stopped run resumes")
     args = parser.parse_args()
     model, tokenizer = jinterp.load("smollm2-135m", progress=False)
     model = model.first_layers(args.layers)
@@ -52,9 +58,13 @@ def main() -> None:
     for batched in (True,) if args.no_loop else (True, False):
         if not args.no_loop:  # timed against the loop: both after a run that compiles them
             acdc.acdc(model, clean, corrupt, args.tau, batched=batched, **options)
+        saved = None if args.checkpoints is None else Run(args.checkpoints / ("vmapped" if batched else "loop"), args)
         start = time.perf_counter()
-        runs[batched] = acdc.acdc(model, clean, corrupt, args.tau, batched=batched, **options)
+        runs[batched] = acdc.acdc(model, clean, corrupt, args.tau, batched=batched,
+                                  step=None if saved is None else saved.step, **options)
         runs[batched].seconds = time.perf_counter() - start
+        if saved:  # each step's compute time as first measured, restored or not
+            runs[batched].seconds = sum(t["seconds"] for t in saved.timings.values())
     same = "not run" if args.no_loop else bool((runs[True].circuit == runs[False].circuit).all())
     graph = runs[True].graph
     print(f"SmolLM2-135M, first {args.layers} layers, {args.prompts} IOI prompts of {clean.shape[1]} tokens; "
