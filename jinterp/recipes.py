@@ -412,7 +412,7 @@ def _check_fit(edit: iv.Intervention, specs, model) -> None:
 
 
 def _check_edge_patch(edit, model) -> None:
-    from jinterp.circuits import Graph
+    from jinterp.circuits import EdgePatch, Graph
 
     cfg = getattr(model, "cfg", None)
     if not isinstance(cfg, Config):
@@ -445,6 +445,9 @@ def _check_edge_patch(edit, model) -> None:
         if corrupt[kind] is not None and corrupt[kind].shape != (cfg.n_layers, *z[1:3], cfg.d_model):
             raise ValueError(f"EdgePatch.corrupt['{kind}'] has shape {corrupt[kind].shape}; expected "
                              f"[{cfg.n_layers}, batch, pos, {cfg.d_model}]")
+    made = EdgePatch(cfg, edit.drop, corrupt, edit.W_O)  # what the drop makes of the recorded writers
+    if edit.rows != made.rows or not np.array_equal(edit.slot, made.slot):
+        raise ValueError("EdgePatch.slot and rows are not what its drop makes of them (edited by hand?)")
 
 
 # --- paths given as edits --------------------------------------------------------------------------

@@ -3,6 +3,7 @@ bad files named with their entry and mismatch; run, generate and the CLI take a 
 
 import json
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -117,6 +118,10 @@ def test_shapes_that_do_not_fit_the_model_name_the_entry(toy, tmp_path):
     with pytest.raises(recipes.RecipeError, match=r"entry 0 \(EdgePatch at .*EdgePatch was built for another graph: "
                                                   r"n_heads 6 vs 4, d_model 36 vs 40"):
         jinterp.load_edits(path, other, allow_other_model=True)
+    patch = circuits.edge_patch(toy, circuit, CORRUPT)[1]
+    tampered = eqx.tree_at(lambda p: p.slot, patch, jnp.zeros_like(patch.slot))  # every writer in one row
+    with pytest.raises(ValueError, match=r"EdgePatch\.slot and rows are not what its drop makes of them"):
+        jinterp.save_edits(tmp_path / "t.json", tampered, toy)
     with pytest.raises(ValueError, match=r"entry 0 \(Add at blocks\.1\.resid_post\) does not fit this model"):
         jinterp.save_edits(tmp_path / "x.json", jinterp.Add("blocks.1.resid_post", jnp.ones(D)), other)
 
