@@ -23,6 +23,8 @@ baseline the benchmark compares with).
 Since the readers are walked from the output backwards, nothing before a receiver's layer has lost an
 edge when its trials run: every trial resumes from the clean run's residual stream at that layer
 (``start=``), with the writers before it carrying their clean differences (``EdgePatch.written``).
+The trials of a receiver vary only its own column of drops (``EdgePatch.dropping(drop, receiver=v)``,
+vmapped over ``column``); everything else is the current circuit, shared.
 
 A receiver whose writer no longer reaches the output (a head none of whose outgoing edges is left)
 is skipped: its incoming edges cannot matter, and are removed without trials.
