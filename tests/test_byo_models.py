@@ -140,6 +140,11 @@ def test_equinox_jit_vmap_grad_through_an_edit(mlp):
 
 def test_equinox_errors(mlp):
     wrapped = byo.wrap(mlp)
+    with pytest.raises(TypeError, match=r"Equinox implements jinterp's site protocol already"):
+        byo.wrap(wrapped)
+    with pytest.raises(TypeError, match=r"Transformer implements jinterp's site protocol already"):
+        byo.wrap(jinterp.Transformer.init(jinterp.Config(d_model=8, n_layers=1, n_heads=2, d_head=4, d_vocab=5,
+                                                         n_ctx=4, attn_only=True), jax.random.key(0)))
     with pytest.raises(ValueError, match="Unknown site 'hiden'.*Closest valid names: hidden"):
         jinterp.run(wrapped, CLEAN_X, edits=jinterp.Zero("hiden"))
     with pytest.raises(ValueError, match="Unknown site 'hiden'.*Closest valid names: hidden"):

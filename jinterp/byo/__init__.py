@@ -9,6 +9,7 @@ This package holds only the adapters.
 from __future__ import annotations
 
 from jinterp.byo.wrapped import Wrapped, scope, site
+from jinterp.protocol import Model
 
 
 def wrap(model, variables=None, *, axes=None, call=None, **apply_kwargs) -> Wrapped:
@@ -25,8 +26,9 @@ def wrap(model, variables=None, *, axes=None, call=None, **apply_kwargs) -> Wrap
             ``positions=`` acts on the ``pos`` axis, ``heads=`` on ``head``.
     """
     axes = tuple((pattern, tuple(names)) for pattern, names in (axes or {}).items())
-    if isinstance(model, Wrapped):
-        raise TypeError("This model is already wrapped")
+    if isinstance(model, Model):  # a jinterp transformer, or a model wrapped already
+        raise TypeError(f"{type(model).__name__} implements jinterp's site protocol already "
+                        f"(jinterp.protocol.Model): pass it to jinterp.run & co. as it is")
     import equinox as eqx
 
     if isinstance(model, eqx.Module):
