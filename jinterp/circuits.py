@@ -110,8 +110,7 @@ class EdgePatch(Intervention):
         if isinstance(drop, jax.core.Tracer):
             needed = np.ones(len(valid), bool)
         else:
-            dropped, kept = np.asarray(drop) != 0, (valid - np.asarray(drop)) != 0
-            needed = np.where(kept.sum(0) < dropped.sum(0), kept, dropped).any(1)
+            needed = np.asarray(_terms(jnp.asarray(drop), valid)[0] != 0).any(1)
         # Powers of two from 8 (a few compiled sizes), one row more than needed for the rest.
         self.rows = min(len(valid) + 1, max(8, 1 << int(needed.sum()).bit_length()))
         self.slot = jnp.asarray(np.where(needed, np.cumsum(needed) - 1, self.rows - 1), jnp.int32)
@@ -178,17 +177,24 @@ class EdgePatch(Intervention):
         """The inputs of readers ``first .. first + count``, ``value`` being theirs in this run
         ``[batch, pos, count, d_model]`` and ``corrupted`` the corrupted run's ``[batch, pos, d_model]``."""
         recorded, received = state
-        drop = jax.lax.dynamic_slice_in_dim(self.drop, first, count, 1).T  # [count, up]
-        keep = jax.lax.dynamic_slice_in_dim(_valid(self.cfg).astype(drop.dtype), first, count, 1).T - drop
-        from_corrupted = jnp.count_nonzero(keep, 1) < jnp.count_nonzero(drop, 1)
-        weights = jnp.where(from_corrupted[:, None], keep, -drop)
-        by_row = jnp.zeros((count, self.rows), recorded.dtype).at[:, self.slot].add(weights.astype(recorded.dtype))
+        drop = jax.lax.dynamic_slice_in_dim(self.drop, first, count, 1)  # [up, count]
+        weights, from_corrupted = _terms(drop, jax.lax.dynamic_slice_in_dim(_valid(self.cfg), first, count, 1))
+        by_row = jnp.zeros((self.rows, count), recorded.dtype).at[self.slot].add(weights.astype(recorded.dtype))
         fed = jnp.where(from_corrupted[:, None], corrupted[:, :, None], value)
-        fed = fed + jnp.einsum("cr,rbsd->bscd", by_row, recorded)
+        fed = fed + jnp.einsum("rc,rbsd->bscd", by_row, recorded)
         if received is not None:
             fed = jnp.where((first + jnp.arange(count) == self.receiver)[:, None], value - received[:, :, None], fed)
-        unrecorded = ((weights != 0) & (self.slot == self.rows - 1)).any()
+        unrecorded = ((weights != 0) & (self.slot == self.rows - 1)[:, None]).any()
         return jnp.where(unrecorded, jnp.nan, fed)
+
+
+def _terms(drop, valid):
+    """Each reader's terms by writer ``[up, readers]``: its dropped writers' differences subtracted, or where
+    fewer of its edges are kept than dropped, its kept writers' added to the corrupted value; and whether it
+    starts from the corrupted value ``[readers]``."""
+    keep = valid.astype(drop.dtype) - drop
+    from_corrupted = jnp.count_nonzero(keep, 0) < jnp.count_nonzero(drop, 0)
+    return jnp.where(from_corrupted, keep, -drop), from_corrupted
 
 
 @functools.cache
@@ -325,7 +331,7 @@ def edge_patch(model: Transformer, circuit: np.ndarray, corrupted, *, attention_
     reads = [f"blocks.{cfg.n_layers - 1}.resid_post"] + (["blocks.*.mlp_in"] if cfg.has_mlp else [])
     logits, corrupt = run(model, corrupted, capture=writer_sites(cfg) + reads, attention_mask=attention_mask,
                           logit_positions=logit_positions)
-    mlp = lambda kind: corrupt.stack(kind) if cfg.has_mlp else None  # noqa: E731
+    mlp = lambda kind: corrupt.stack(kind) if cfg.has_mlp else None
     values = dict(resid_pre=corrupt.stack("resid_pre"), mlp_in=mlp("mlp_in"), out=corrupt[reads[0]],
                   z=corrupt.stack("attn.z"), mlp_out=mlp("mlp_out"))
     patch = EdgePatch(cfg, jnp.asarray(graph.valid & ~circuit, values["out"].dtype), values, model.blocks.attn.W_O)
