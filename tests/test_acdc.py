@@ -82,8 +82,8 @@ def test_batched_trials_equal_one_forward_per_trial():
     p, q = jax.nn.log_softmax(full, -1), jax.nn.log_softmax(logits, -1)
     kl = float(jnp.sum(jnp.exp(p) * (p - q), -1).mean())
     # 0.0071: the trials and the edge-patched run sum each reader's terms differently (the receiver's from the
-    # other end): measured 6.3e-8 apart, each about 2.5e-8 from the same check in float64 (x64 mode)
-    assert batched.metric == pytest.approx(kl, abs=3e-7)
+    # other end): measured 6.3e-8 apart, each about 2.5e-8 from the same check in float64 (x64 mode); 6x margin
+    assert batched.metric == pytest.approx(kl, abs=4e-7)
     assert batched.metric_empty > 100 * batched.metric  # 0.795 against 0.0071
 
 
