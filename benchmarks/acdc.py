@@ -2,7 +2,8 @@
 same algorithm with one patched forward per trial in a Python loop (batched=False), in one process, on
 the IOI prompts of SmolLM2-135M (the first --layers layers and the unembedding; the full 30-layer graph
 has 70,651 edges, 35 minutes of vmapped trials on 2 CPU cores). Checks that both find the same circuit; prints the
-seconds, trials per second and the ratio. Both runs are timed after a warm-up run that compiles them.
+seconds, trials per second and the ratio. Both runs are timed after a warm-up run that compiles them
+(with ``--checkpoints``, below, each includes its compiles instead: a warm-up would double hours).
 
 ``--compare-eap`` then sets ACDC's circuit beside EAP's (``circuits.edge_attribution`` with the IOI
 logit difference, pruned to the same number of edges): the edges both keep, and each circuit's
@@ -56,8 +57,8 @@ def main() -> None:
     options = dict(logit_positions=[-1], progress=True)
     runs = {}
     for batched in (True,) if args.no_loop else (True, False):
-        if not args.no_loop:  # timed against the loop: both after a run that compiles them
-            acdc.acdc(model, clean, corrupt, args.tau, batched=batched, **options)
+        if not args.no_loop and args.checkpoints is None:  # timed against the loop: both after a run
+            acdc.acdc(model, clean, corrupt, args.tau, batched=batched, **options)  # that compiles them
         saved = None if args.checkpoints is None else Run(args.checkpoints / ("vmapped" if batched else "loop"), args)
         start = time.perf_counter()
         runs[batched] = acdc.acdc(model, clean, corrupt, args.tau, batched=batched,
