@@ -46,6 +46,8 @@ class Config:
     template: str = option("When {IO} and {S} went to the {PLACE}, {S} gave a {OBJECT} to",
                            "prompt with {IO} once, {S} twice, {PLACE} and {OBJECT}")
     layers: tuple[int, ...] | None = option(None, "sweep only these layers (default: all)")
+    chunk_size: int | None = option(None, "patches per sweep chunk, each checkpointed (default: as many as make "
+                                          "full-size matrix products within the memory budget)")
     name_movers: int = option(3, "path patching receivers: the top name-mover candidates' queries")
     min_attention: float = option(0.1, "a candidate head attends from the end at least this much to IO / S2")
     path_prompts: int = option(8, "prompts used for path patching (its cost grows with the number of heads)")
@@ -126,6 +128,7 @@ def compute(run: Run) -> dict:
     metric = logit_diff_metric(io, s)
     end = [-1]
     layers = None if cfg.layers is None else list(cfg.layers)
+    sweep_options = dict(logit_positions=end, layers=layers, chunk_size=cfg.chunk_size, mesh=run.mesh)
 
     def baseline():
         clean_logits, corrupt_logits = model(clean)[:, -1], model(corrupt)[:, -1]
@@ -140,9 +143,8 @@ def compute(run: Run) -> dict:
 
     base = run.step("baseline", baseline)
     resid = run.chunked("resid_pre", patching.sweep_chunks(model, clean, corrupt, metric, "resid_pre",
-                                                           logit_positions=end, layers=layers, mesh=run.mesh))
-    heads = run.chunked("z", patching.sweep_chunks(model, clean, corrupt, metric, "z", logit_positions=end,
-                                                   layers=layers, mesh=run.mesh))
+                                                           **sweep_options))
+    heads = run.chunked("z", patching.sweep_chunks(model, clean, corrupt, metric, "z", **sweep_options))
     estimates = run.step("attribution", lambda: {
         site: attribution.attribution_patching(model, clean, corrupt, metric, site, logit_positions=end)
         for site in ("resid_pre", "z")})

@@ -17,10 +17,11 @@ How a sweep runs. Every patch is one ``Replace`` edit on the standard interventi
 batch of patches is ``jax.vmap``-ed inside one ``jit``, the layer a traced index, so all the layers
 of a kind are one compiled program. A patch whose source value equals the base value changes
 nothing: it scores as the unpatched base run without being computed. Patches are processed in
-chunks that fit a memory budget, with a progress bar. A model may offer more (``protocol.Model``):
-jinterp's transformer resumes a chunk's patched forwards from the cached residual stream at the
-chunk's first layer, and, causal models, computes only the positions from the first token where the
-two inputs differ, attending to the base run's cached keys and values for the earlier ones.
+chunks of whole sites, as many as make matrix products of about ``ROWS`` rows within a memory budget,
+with a progress bar. A model may offer more (``protocol.Model``): jinterp's transformer resumes a
+chunk's patched forwards from the cached residual stream at the chunk's first layer, and, causal
+models, computes only the positions from the first token where the two inputs differ, attending to
+the base run's cached keys and values for the earlier ones.
 
 Chunks. ``sweep_chunks`` and ``path_patch_chunks`` return the same computation as a ``Chunks``:
 each chunk can be computed on its own (and checkpointed: ``jinterp.runs.Run.chunked`` does), and
@@ -50,6 +51,7 @@ from jinterp.specs import Specs, canonical, match, of_kind
 
 DIRECTIONS = ("denoise", "noise")
 SHORT_NAMES = {"z": "attn.z", "q": "attn.q", "k": "attn.k", "v": "attn.v", "pattern": "attn.pattern"}
+ROWS = 1024  # XLA:CPU's matrix products run far below the machine's peak with fewer rows than this
 PER_PRESETS = {"position": ("pos",), "head": ("head",), "head_position": ("head", "pos"), "layer": (), "site": ()}
 
 
@@ -164,14 +166,17 @@ def _grid(target: Target) -> np.ndarray:
     return np.indices(sizes).reshape(len(sizes), -1).T.astype(np.int32)
 
 
-def _chunk_size(model: Model, specs: Specs, budget: float, per_site: int, devices: int) -> int:
-    """Patches per chunk: at most one site's worth (so a chunk resumes from its own layer), fewer if
-    the activations would not fit ``budget`` bytes."""
+def _chunk_size(specs: Specs, budget: float, per_site: int, rows_per_patch: int, devices: int, exact: bool) -> int:
+    """Patches per chunk: whole sites' worth, enough that each product has about ``ROWS`` rows (a
+    chunk resumes from its first site's layer, so later sites' patches recompute a few layers: a
+    small cost next to products too short for the matrix kernels), one site's worth when ``exact``
+    (each patch runs alone); fewer if the activations would not fit ``budget`` bytes."""
     batch = next(iter(specs.values())).shape[0]
     patch = memory.run_bytes(specs)  # a patch runs every input of the batch
     fits = memory.how_many_fit(budget * devices, patch, unit=f"patch (a run of the {batch} inputs)",
                                hint="use fewer or shorter inputs, or logit_positions to unembed fewer positions")
-    return per_site if fits >= per_site else math.ceil(per_site / math.ceil(per_site / fits))
+    wanted = per_site * (1 if exact else math.ceil(ROWS / (per_site * rows_per_patch)))
+    return wanted if fits >= wanted else math.ceil(wanted / math.ceil(wanted / fits))
 
 
 def sweep(model: Model, clean, corrupted, metric: Callable, site="resid_pre", *, progress: bool = True, **options):
@@ -237,7 +242,7 @@ def sweep_chunks(model: Model, clean, corrupted, metric: Callable, site="resid_p
     chunks = []  # (piece index, patch rows)
     for i, (target, _, todo, _) in enumerate(pieces):
         per_site = int(np.prod(target.sizes[1:], dtype=int))
-        size = chunk_size or _chunk_size(model, specs, memory_budget, per_site, devices)
+        size = chunk_size or _chunk_size(specs, memory_budget, per_site, _rows(target, first), devices, exact)
         size = sharding.pad_to(max(1, min(size, max(len(todo), 1))), mesh)  # a chunk splits evenly over the mesh
         for start in range(0, len(todo), size):
             rows = todo[start:start + size]
@@ -265,6 +270,12 @@ def sweep_chunks(model: Model, clean, corrupted, metric: Callable, site="resid_p
     kinds = ", ".join(dict.fromkeys(t.kind for t in found))
     return Chunks(len(chunks), compute, assemble,
                   f"Patching {kinds} ({n} patches{f', {skipped} change nothing' if skipped else ''})")
+
+
+def _rows(target: Target, first: int) -> int:
+    """Rows a patched run's products have: the batch, times the positions it computes (from ``first``)."""
+    pos = next((n for a, n in zip(target.axes, target.shape) if S.role(a) == "pos"), first + 1)
+    return target.shape[0] * (pos - first)
 
 
 def _captured(specs: Specs, target: Target) -> list[str]:

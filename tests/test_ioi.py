@@ -117,12 +117,13 @@ def jinterp_run(directory: Path, model: Path, *extra) -> list[str]:
 def test_kill_9_mid_sweep_then_rerun_is_bit_identical(tiny_model, tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
-    subprocess.run(jinterp_run(tmp_path / "whole", tiny_model, "--quiet"), env=env, cwd=root, check=True)
+    options = ("chunk_size=4",)  # one layer's 4 heads a chunk: 6 chunks, the run killed between two
+    subprocess.run(jinterp_run(tmp_path / "whole", tiny_model, *options, "--quiet"), env=env, cwd=root, check=True)
 
     killed = tmp_path / "killed"
-    chunks = killed / "checkpoints" / "z.chunks"  # the head sweep: one chunk per layer
+    chunks = killed / "checkpoints" / "z.chunks"
     total = len(list((tmp_path / "whole" / "checkpoints" / "z.chunks").glob("*.json")))
-    process = subprocess.Popen(jinterp_run(killed, tiny_model, "--quiet"), env=env, cwd=root)
+    process = subprocess.Popen(jinterp_run(killed, tiny_model, *options, "--quiet"), env=env, cwd=root)
     deadline = time.monotonic() + 300
     while not (chunks / "00000.json").exists():
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first sweep chunk"
@@ -132,8 +133,8 @@ def test_kill_9_mid_sweep_then_rerun_is_bit_identical(tiny_model, tmp_path):
     sealed = len(list(chunks.glob("*.json")))
     assert 1 <= sealed < total == 6 and not (killed / "checkpoints" / "results.json").exists()
 
-    rerun = subprocess.run(jinterp_run(killed, tiny_model), env=env, cwd=root, check=True, capture_output=True,
-                           text=True)
+    rerun = subprocess.run(jinterp_run(killed, tiny_model, *options), env=env, cwd=root, check=True,
+                           capture_output=True, text=True)
     assert f"z: {sealed} of 6 chunks restored from checkpoints, the rest computed" in rerun.stderr
     store = lambda d: runs.Store(d / "checkpoints", print).load("results")[0]
     assert_identical(store(tmp_path / "whole"), store(killed))

@@ -42,7 +42,8 @@ def make_experiment(toy, calls: list):
             "values": cfg.scale * np.asarray(jax.random.normal(jax.random.key(cfg.seed), (3, 4))),
             "label": cfg.label, "words": ["a", "b"]})[1])
         layers = None if cfg.layers is None else list(cfg.layers)
-        chunks = patching.sweep_chunks(toy, CLEAN, CORRUPT, metric, "resid_pre", layers=layers)
+        chunks = patching.sweep_chunks(toy, CLEAN, CORRUPT, metric, "resid_pre", layers=layers,
+                                       chunk_size=CLEAN.shape[1])  # a layer's positions a chunk: several chunks
         counting = dataclasses.replace(chunks, compute=lambda i: (calls.append(f"chunk{i}"), chunks.compute(i))[1])
         return {"noise": noise, "sweep": run.chunked("sweep", counting)}
 
@@ -214,7 +215,7 @@ except runs.DiskError as error:
 SWEEP = """
     from test_runs import CLEAN, CORRUPT, metric, numpy_toy
     from jinterp import patching
-    chunks = patching.sweep_chunks(numpy_toy(), CLEAN, CORRUPT, metric, "resid_pre")
+    chunks = patching.sweep_chunks(numpy_toy(), CLEAN, CORRUPT, metric, "resid_pre", chunk_size=CLEAN.shape[1])
     def compute(i):
         if i == 1:  # chunk 0 is sealed; chunk 1's checkpoint meets a full disk
             fill_the_disk()
@@ -254,7 +255,7 @@ def _assert_clear(error: dict, checkpoints, name: str):
 def test_a_full_disk_while_saving_a_sweep_chunk_is_one_clear_error_and_the_sweep_resumes(tmp_path):
     error = _disk_fills_in_a_child(SWEEP, tmp_path / "run")
     _assert_clear(error, tmp_path / "run" / "checkpoints", "sweep.chunks/00001")
-    chunks = patching.sweep_chunks(numpy_toy(), CLEAN, CORRUPT, metric, "resid_pre")
+    chunks = patching.sweep_chunks(numpy_toy(), CLEAN, CORRUPT, metric, "resid_pre", chunk_size=CLEAN.shape[1])
     calls = []
     counting = dataclasses.replace(chunks, compute=lambda i: (calls.append(i), chunks.compute(i))[1])
     resumed = runs.Run(tmp_path / "run", None, quiet=True).chunked("sweep", counting)
