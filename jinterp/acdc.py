@@ -102,7 +102,7 @@ def _trials(model, tokens, patch, columns, metric, reference, attention_mask, lo
 def _writers(graph: Graph, cfg) -> list[np.ndarray]:
     """For each reader, the writer rows whose output it feeds (its head, the query heads of its kv head,
     its MLP); empty for the logits."""
-    group = cfg.n_heads // cfg.n_kv_heads
+    group = cfg.group_size
     index = {name: i for i, name in enumerate(graph.upstream)}
     out = []
     for name in graph.downstream:

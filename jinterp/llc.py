@@ -234,7 +234,7 @@ def head_mask(model, layer: int, head: int) -> Any:
     if not 0 <= layer < cfg.n_layers or not 0 <= head < cfg.n_heads:
         raise ValueError(f"head L{layer}H{head} is not in this model: layers 0..{cfg.n_layers - 1}, "
                          f"heads 0..{cfg.n_heads - 1}")
-    kv_head = head // (cfg.n_heads // cfg.n_kv_heads)
+    kv_head = head // cfg.group_size
     none = jax.tree.map(lambda x: jnp.zeros(x.shape, bool), eqx.filter(model, eqx.is_inexact_array))
 
     def select(mask, index):

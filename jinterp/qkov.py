@@ -55,7 +55,7 @@ def _weights(model: Transformer, process: bool) -> Transformer:
 
 def _kv_of(cfg) -> np.ndarray:
     """The key/value head each query head reads: ``h // group_size``."""
-    return np.arange(cfg.n_heads) // (cfg.n_heads // cfg.n_kv_heads)
+    return np.arange(cfg.n_heads) // cfg.group_size
 
 
 def rotation(model: Transformer, offset: int, layer: int | None = None) -> Float[Array, "layers d_head d_head"]:
