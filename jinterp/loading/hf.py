@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jinterp.loading.errors import LoadError
+from jinterp.loading.errors import LoadError, json_object
 from jinterp.loading.limits import check_counts, check_fits
-from jinterp.loading.tokenizer import _json_object
 from jinterp.models import flat
 from jinterp.models.config import Config
 
@@ -113,7 +112,7 @@ class Tensors:
 
         index = directory / "model.safetensors.index.json"
         if index.exists():
-            weight_map = _json_object(index).get("weight_map")
+            weight_map = json_object(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise LoadError(index, "no 'weight_map' object")
             files = sorted(set(weight_map.values()))
@@ -508,7 +507,7 @@ def read_hf_dir(directory) -> tuple[Config, dict[str, np.ndarray]]:
     config_path = directory / "config.json"
     if not config_path.exists():
         raise LoadError(directory, "no config.json; an HF-format directory needs config.json and safetensors weights")
-    data = _json_object(config_path)
+    data = json_object(config_path)
     tensors = Tensors(directory)  # first: missing or pickled weights are the clearer error
     cfg = config_from_hf(data, config_path)
     if cfg.architecture == "bert":

@@ -16,7 +16,7 @@ import numpy as np
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
-from jinterp.loading.errors import LoadError
+from jinterp.loading.errors import LoadError, json_object
 
 CONTROL, USER_DEFINED = 3, 4  # GGUF token types
 
@@ -188,13 +188,13 @@ class Tokenizer:
 def _read_specials(directory: Path, backend: tokenizers.Tokenizer) -> Specials:
     ours = directory / "jinterp_tokenizer.json"
     if ours.exists():
-        found = _json_object(ours)
+        found = json_object(ours)
         fields = set(Specials.__dataclass_fields__)
         if not set(found) <= fields:
             raise LoadError(ours, f"unknown keys {sorted(set(found) - fields)}; valid: {sorted(fields)}")
         return Specials(**found)
     config_path = directory / "tokenizer_config.json"
-    config = _json_object(config_path) if config_path.exists() else {}
+    config = json_object(config_path) if config_path.exists() else {}
 
     def token_id(name):
         token = config.get(name)
@@ -211,16 +211,6 @@ def _read_specials(directory: Path, backend: tokenizers.Tokenizer) -> Specials:
         raise LoadError(config_path, f"chat_template must be a string, got {type(template).__name__}")
     return Specials(bos_token_id=bos, eos_token_id=token_id("eos_token") if token_id("eos_token") is not None
                     else token_id("sep_token"), pad_token_id=token_id("pad_token"), chat_template=template)
-
-
-def _json_object(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise LoadError(path, f"not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise LoadError(path, f"expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 # --- GGUF vocabularies ----------------------------------------------------------------------
