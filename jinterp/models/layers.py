@@ -283,8 +283,7 @@ def attention(
         scores = hook("attn.scores", attention_scores(q, k, mask, cfg))
         z = weighted_values(hook("attn.pattern", pattern_of(scores).astype(v.dtype)), v, cfg)
     else:
-        first_query = 0 if cache is None else cache[2]  # (a traced index, while decoding: every key is read)
-        z = attend(q, k, v, mask, cfg, first_query if cfg.causal and isinstance(first_query, int) else None)
+        z = attend(q, k, v, mask, cfg)
     z = hook("attn.z", z)
     if hook.wants("attn.result"):
         out = hook("attn.result", head_results(z, p.W_O)).sum(2)
@@ -302,28 +301,25 @@ def weighted_values(pattern: Float[Array, "batch n_heads pos key_pos"], v: Float
     return z.transpose(0, 3, 1, 2, 4).reshape(batch, seq, cfg.n_heads, v.shape[-1])
 
 
-def attend(q, k, v, mask, cfg: Config, first_query: int | None = None) -> Float[Array, "batch pos n_heads d_head"]:
+def attend(q, k, v, mask, cfg: Config) -> Float[Array, "batch pos n_heads d_head"]:
     """z of every query, computed ``QUERY_CHUNK`` queries at a time, so that the scores held at once
     grow linearly with the sequence, not quadratically. Each query's softmax and sum are its own:
     chunking changes no value. Under ``grad`` each chunk's scores are recomputed in the backward pass
-    rather than kept for it (``jax.checkpoint``): what a backward keeps stays linear too.
+    rather than kept for it (``jax.checkpoint``): what a backward keeps stays linear too."""
+    batch, seq, heads, d_head = q.shape
 
-    ``first_query``: in a causal model, the key slot of the first query when it is static. A chunk
-    then reads only the keys up to its last query's slot: every later key is masked for the whole
-    chunk and would weigh exactly 0, so skipping them changes no value and saves about half of a long
-    prompt's attention."""
-    seq = q.shape[1]
-
-    @jax.checkpoint
-    def attend_chunk(q, k, v, mask):
+    @functools.partial(jax.checkpoint, prevent_cse=False)  # (inside a loop: the loop keeps them apart)
+    def attend_chunk(q, mask):
         return weighted_values(pattern_of(attention_scores(q, k, mask, cfg)).astype(v.dtype), v, cfg)
 
-    chunks = []
-    for start in range(0, seq, QUERY_CHUNK):
-        end = min(start + QUERY_CHUNK, seq)
-        keys = k.shape[1] if first_query is None else min(first_query + end, k.shape[1])
-        chunks.append(attend_chunk(q[:, start:end], k[:, :keys], v[:, :keys], mask[:, start:end, :keys]))
-    return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks, 1)
+    if seq <= QUERY_CHUNK:
+        return attend_chunk(q, mask)
+    n = -(-seq // QUERY_CHUNK)
+    pad = n * QUERY_CHUNK - seq
+    chunks = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)).reshape(  # noqa: E731
+        batch, n, QUERY_CHUNK, *a.shape[2:]).swapaxes(0, 1)
+    z = jax.lax.map(lambda args: attend_chunk(*args), (chunks(q), chunks(mask)))
+    return z.swapaxes(0, 1).reshape(batch, n * QUERY_CHUNK, heads, d_head)[:, :seq]
 
 
 def attention_scores(q: Float[Array, "batch pos n_heads d_head"], k: Float[Array, "batch key_pos n_kv_heads d_head"],
