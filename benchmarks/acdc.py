@@ -1,9 +1,10 @@
 """ACDC's edge trials, each receiver's as one vmapped program (jinterp.acdc, batched=True), against the
 same algorithm with one patched forward per trial in a Python loop (batched=False), in one process, on
 the IOI prompts of SmolLM2-135M (the first --layers layers and the unembedding; the full 30-layer graph
-has 70,651 edges, 35 minutes of vmapped trials on 2 CPU cores). Checks that both find the same circuit; prints the
-seconds, trials per second and the ratio. Both runs are timed after a warm-up run that compiles them
-(with ``--checkpoints``, below, each includes its compiles instead: a warm-up would double hours).
+has 70,651 edges: 35 minutes of vmapped trials on 2 CPU cores, 65 one forward per trial). Checks that
+both find the same circuit; prints the seconds, trials per second and the ratio. Both runs are timed
+after a warm-up run that compiles them (with ``--checkpoints``, below, each includes its compiles
+instead: a warm-up would double hours).
 
 ``--compare-eap`` then sets ACDC's circuit beside EAP's (``circuits.edge_attribution`` with the IOI
 logit difference, pruned to the same number of edges): the edges both keep, and each circuit's
