@@ -273,9 +273,10 @@ def sweep_chunks(model: Model, clean, corrupted, metric: Callable, site="resid_p
 
 
 def _rows(target: Target, first: int) -> int:
-    """Rows a patched run's products have: the batch, times the positions it computes (from ``first``)."""
-    pos = next((n for a, n in zip(target.axes, target.shape) if S.role(a) == "pos"), first + 1)
-    return target.shape[0] * (pos - first)
+    """Rows a patched run's products have: the batch, times the positions it computes (from ``first``;
+    one at a site without positions)."""
+    computed = next((n - first for a, n in zip(target.axes, target.shape) if S.role(a) == "pos"), 1)
+    return target.shape[0] * computed
 
 
 def _captured(specs: Specs, target: Target) -> list[str]:
