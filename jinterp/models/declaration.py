@@ -22,7 +22,7 @@ import numpy as np
 from jinterp import names as S
 from jinterp._compile import jit
 from jinterp.models.config import Config
-from jinterp.models.layers import QUERY_CHUNK, attention_scores, centred, head_results, mlp_post, pattern_of, per_head
+from jinterp.models.layers import attention_scores, centred, head_results, mlp_post, pattern_of, per_head, query_chunk
 from jinterp.specs import SiteSpec, Specs
 
 
@@ -98,8 +98,8 @@ def site_specs(cfg: Config, batch="batch", seq="pos", n_logits=None, keys=None) 
     """Every site of a model with this config, in forward order; ``n_logits``: the positions unembedded."""
     found = kinds(cfg)
     dtypes = dict(found.dtypes)
-    # The plain forward holds the scores and pattern of QUERY_CHUNK queries at a time.
-    chunk = min(1.0, QUERY_CHUNK / seq) if isinstance(seq, int) else 1.0
+    # The plain forward holds the scores and weights of a chunk of queries at a time.
+    chunk = min(1.0, query_chunk(seq) / seq) if isinstance(seq, int) else 1.0
 
     # A mixture's experts run one at a time: its working set is one expert's hidden values (gate, up, their
     # product) and output, [batch, pos, 3 d_expert + d_model], counted as that share of moe.expert_out.

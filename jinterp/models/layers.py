@@ -20,7 +20,9 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jinterp.models.config import Config
 
-QUERY_CHUNK = 512  # queries whose attention scores the plain forward holds at once
+QUERY_CHUNK = 512  # queries whose attention scores the plain forward holds at once, at most...
+MIN_QUERY_CHUNK = 128  # ...and at least, in chunks of the whole prompt...
+QUERY_CHUNKS = 16  # ...of which there are this many where those bounds allow (each chunk compiles on its own)
 
 if TYPE_CHECKING:
     from jinterp.interventions import SiteHook as Hook
@@ -283,7 +285,8 @@ def attention(
         scores = hook("attn.scores", attention_scores(q, k, mask, cfg))
         z = weighted_values(hook("attn.pattern", pattern_of(scores).astype(v.dtype)), v, cfg)
     else:
-        z = attend(q, k, v, mask, cfg)
+        first_query = 0 if cache is None else cache[2]  # (a traced index, while decoding: every key is read)
+        z = attend(q, k, v, mask, cfg, first_query if cfg.causal and isinstance(first_query, int) else None)
     z = hook("attn.z", z)
     if hook.wants("attn.result"):
         out = hook("attn.result", head_results(z, p.W_O)).sum(2)
@@ -301,25 +304,38 @@ def weighted_values(pattern: Float[Array, "batch n_heads pos key_pos"], v: Float
     return z.transpose(0, 3, 1, 2, 4).reshape(batch, seq, cfg.n_heads, v.shape[-1])
 
 
-def attend(q, k, v, mask, cfg: Config) -> Float[Array, "batch pos n_heads d_head"]:
-    """z of every query, computed ``QUERY_CHUNK`` queries at a time, so that the scores held at once
+def query_chunk(seq: int) -> int:
+    """How many queries ``attend`` computes at once in a prompt of ``seq`` positions."""
+    return min(QUERY_CHUNK, max(MIN_QUERY_CHUNK, -(-seq // QUERY_CHUNKS)))
+
+
+def attend(q, k, v, mask, cfg: Config, first_query: int | None = None) -> Float[Array, "batch pos n_heads d_head"]:
+    """z of every query, computed ``query_chunk(seq)`` queries at a time, so that the scores held at once
     grow linearly with the sequence, not quadratically. Each query's softmax and sum are its own:
-    chunking changes no value. Under ``grad`` each chunk's scores are recomputed in the backward pass
-    rather than kept for it (``jax.checkpoint``): what a backward keeps stays linear too."""
-    batch, seq, heads, d_head = q.shape
+    chunking changes no value. As in flash attention, a query's weights are normalised once, on its
+    weighted sum of values, rather than on each of its key's weights. Under ``grad`` each chunk's scores
+    are recomputed in the backward pass rather than kept for it (``jax.checkpoint``): what a backward
+    keeps stays linear too.
 
-    @functools.partial(jax.checkpoint, prevent_cse=False)  # (inside a loop: the loop keeps them apart)
-    def attend_chunk(q, mask):
-        return weighted_values(pattern_of(attention_scores(q, k, mask, cfg)).astype(v.dtype), v, cfg)
+    ``first_query``: in a causal model, the key slot of the first query when it is static. A chunk
+    then reads only the keys up to its last query's slot: every later key is masked for the whole
+    chunk and would weigh exactly 0, so skipping them changes no value and saves about half of a long
+    prompt's attention."""
+    seq, size = q.shape[1], query_chunk(q.shape[1])
 
-    if seq <= QUERY_CHUNK:
-        return attend_chunk(q, mask)
-    n = -(-seq // QUERY_CHUNK)
-    pad = n * QUERY_CHUNK - seq
-    chunks = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)).reshape(  # noqa: E731
-        batch, n, QUERY_CHUNK, *a.shape[2:]).swapaxes(0, 1)
-    z = jax.lax.map(lambda args: attend_chunk(*args), (chunks(q), chunks(mask)))
-    return z.swapaxes(0, 1).reshape(batch, n * QUERY_CHUNK, heads, d_head)[:, :seq]
+    @jax.checkpoint
+    def attend_chunk(q, k, v, mask):
+        scores = attention_scores(q, k, mask, cfg).astype(accurate(q.dtype))
+        weights = jnp.exp(scores - scores.max(-1, keepdims=True))
+        total = weights.sum(-1).transpose(0, 2, 1)[..., None]  # [batch, pos, n_heads, 1]
+        return (weighted_values(weights.astype(v.dtype), v, cfg) / total).astype(v.dtype)
+
+    chunks = []
+    for start in range(0, seq, size):
+        end = min(start + size, seq)
+        keys = k.shape[1] if first_query is None else min(first_query + end, k.shape[1])
+        chunks.append(attend_chunk(q[:, start:end], k[:, :keys], v[:, :keys], mask[:, start:end, :keys]))
+    return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks, 1)
 
 
 def attention_scores(q: Float[Array, "batch pos n_heads d_head"], k: Float[Array, "batch key_pos n_kv_heads d_head"],
