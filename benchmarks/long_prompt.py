@@ -79,8 +79,10 @@ def main():
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
         worst = max(worst, r["peak_rss_gb"])
+        phases = ("forward", "forward_again", "run_capture", "z_sweep", "attribution_z")  # the first to reach the peak
+        reached = next(p for p in phases if r[f"{p}_peak_gb"] >= r["peak_rss_gb"])
         print(f"{length:>6} | {r['forward_again_s']:8.2f} {r['run_capture_s']:11.2f} {r['z_sweep_s']:8.2f} "
-              f"{r['attribution_z_s']:11.2f} | {r['peak_rss_gb']:8.2f} {r['estimate_gb']:8.2f}")
+              f"{r['attribution_z_s']:11.2f} | {r['peak_rss_gb']:8.2f} {r['estimate_gb']:8.2f}   peak in {reached}")
     print(f"largest peak {worst:.2f} GiB: {'within' if worst <= args.limit_gb else 'OVER'} {args.limit_gb} GiB")
 
 

@@ -7,8 +7,9 @@
    PyTorch. The fastest float32 figure is the peak a float32 forward is held to.
 2. Workloads: SmolLM2-135M's forward (random tokens) at 8 x 14, 4 x 64, 2 x 256 and 1 x 1024, timed
    in interleaved repeats with transformers' on the same weights. FLOPs are counted from the config:
-   2 x (multiply-adds of every matmul) per token, attention's scores and weighted sum over every key
-   (the masked half included: both libraries compute it) and the unembedding.
+   2 x (multiply-adds of every matmul) per token, attention's scores and weighted sum over the keys
+   each query may read (its own and earlier ones: both libraries skip the later, masked keys) and the
+   unembedding.
 
 Prints each workload's achieved FLOP/s, its fraction of the peak, and jinterp's speed relative to
 transformers. Medians of interleaved repeats (machines here are noisy).
@@ -30,11 +31,12 @@ SHAPES = ((8, 14), (4, 64), (2, 256), (1, 1024))
 
 
 def forward_flops(cfg, batch: int, seq: int) -> float:
-    """FLOPs of one forward: matmuls (2 per multiply-add), attention over every key, the unembedding."""
+    """FLOPs of one forward: matmuls (2 per multiply-add), causal attention (query i reads i + 1 keys), the
+    unembedding."""
     d, heads, kv, e, m = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp
     projections = d * (heads * e + 2 * kv * e) + heads * e * d  # q, k, v and the output
     mlp = (3 if cfg.gated_mlp else 2) * d * m
-    attention = 2 * heads * e * seq  # scores and the weighted sum of values, per query
+    attention = 2 * heads * e * (seq + 1) / 2  # scores and the weighted sum of values, per query on average
     per_token = 2 * cfg.n_layers * (projections + mlp + attention) + 2 * d * cfg.d_vocab
     return float(per_token * batch * seq)
 
