@@ -107,4 +107,4 @@ def test_a_sweep_resumed_after_the_shared_prefix_is_unchanged_by_query_chunks(mo
 def test_chunk_sizes_keep_few_programs_and_bounded_scores():
     """Chunks of at least MIN_QUERY_CHUNK queries, at most QUERY_CHUNK, QUERY_CHUNKS of them where those allow."""
     assert [layers.query_chunk(n) for n in (14, 256, 1024, 2048, 4096, 8192, 32768)] == [
-        128, 128, 128, 128, 256, 512, 512]
+        256, 256, 256, 256, 512, 512, 512]

@@ -21,8 +21,8 @@ from jaxtyping import Array, Bool, Float, Int
 from jinterp.models.config import Config
 
 QUERY_CHUNK = 512  # queries whose attention scores the plain forward holds at once, at most...
-MIN_QUERY_CHUNK = 128  # ...and at least, in chunks of the whole prompt...
-QUERY_CHUNKS = 16  # ...of which there are this many where those bounds allow (each chunk compiles on its own)
+MIN_QUERY_CHUNK = 256  # ...and at least, in chunks of the whole prompt...
+QUERY_CHUNKS = 8  # ...of which there are this many where those bounds allow (each chunk compiles on its own)
 
 if TYPE_CHECKING:
     from jinterp.interventions import SiteHook as Hook
@@ -323,10 +323,13 @@ def attend(q, k, v, mask, cfg: Config, first_query: int | None = None) -> Float[
     prompt's attention."""
     seq, size = q.shape[1], query_chunk(q.shape[1])
 
-    @jax.checkpoint
-    def attend_chunk(q, k, v, mask):
+    # Each chunk takes the whole arrays and slices them itself: what a backward keeps for it is then
+    # the arrays every chunk shares, not a copy of its slices.
+    @functools.partial(jax.checkpoint, static_argnums=(4, 5, 6), prevent_cse=False)  # (in the layers' scan)
+    def attend_chunk(q, k, v, mask, start, end, keys):
+        q, k, v, mask = q[:, start:end], k[:, :keys], v[:, :keys], mask[:, start:end, :keys]
         scores = attention_scores(q, k, mask, cfg).astype(accurate(q.dtype))
-        weights = jnp.exp(scores - scores.max(-1, keepdims=True))
+        weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))  # (any constant would do)
         total = weights.sum(-1).transpose(0, 2, 1)[..., None]  # [batch, pos, n_heads, 1]
         return (weighted_values(weights.astype(v.dtype), v, cfg) / total).astype(v.dtype)
 
@@ -334,7 +337,7 @@ def attend(q, k, v, mask, cfg: Config, first_query: int | None = None) -> Float[
     for start in range(0, seq, size):
         end = min(start + size, seq)
         keys = k.shape[1] if first_query is None else min(first_query + end, k.shape[1])
-        chunks.append(attend_chunk(q[:, start:end], k[:, :keys], v[:, :keys], mask[:, start:end, :keys]))
+        chunks.append(attend_chunk(q, k, v, mask, start, end, keys))
     return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks, 1)
 
 
