@@ -2,7 +2,8 @@
 
 ``jinterp.reuse_freed_memory()`` is an explicit call: on glibc, large blocks then come from the reused
 arena, not from fresh ``mmap``s that are returned to the kernel on free (so a repeated forward does not
-fault its output pages in again; the time that saves is in benchmarks/forward_and_capture.py)."""
+fault its output pages in again; the time that saves is in benchmarks/forward_and_capture.py), up to
+a threshold beyond which blocks are mmap'd again (so that huge ones cannot fragment the arena)."""
 
 import os
 import platform
@@ -11,7 +12,7 @@ import sys
 
 import pytest
 
-# How many bytes glibc holds in mmap'd blocks (mallinfo2's hblkhd) while a 256 MiB array is alive.
+# How many bytes glibc holds in mmap'd blocks (mallinfo2's hblkhd) while an array of argv[2] bytes is alive.
 PROGRAM = """
 import ctypes
 import sys
@@ -30,22 +31,26 @@ class MallInfo2(ctypes.Structure):
 
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
-block = np.ones(64 * 2 ** 20, np.float32)
+block = np.ones(int(sys.argv[2]), np.uint8)
 print(libc.mallinfo2().hblkhd)
 """
 
 
-def mmapped_bytes(how: str) -> int:
-    result = subprocess.run([sys.executable, "-c", PROGRAM, how], capture_output=True, text=True, check=True)
+def mmapped_bytes(how: str, size: int) -> int:
+    result = subprocess.run([sys.executable, "-c", PROGRAM, how, str(size)], capture_output=True, text=True,
+                            check=True)
     return int(result.stdout.split()[-1])
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                     reason="jinterp tunes glibc's malloc only (Linux); other platforms are left as they are")
 def test_large_blocks_come_from_the_reused_arena_once_asked_for():
-    block = 256 * 2 ** 20
-    assert mmapped_bytes("reuse") < block
-    assert mmapped_bytes("import only") >= block  # glibc's default: a fresh mmap, unmapped on free
+    from jinterp._allocator import MMAP_THRESHOLD
+
+    block = MMAP_THRESHOLD // 2
+    assert mmapped_bytes("reuse", block) < block
+    assert mmapped_bytes("import only", block) >= block  # glibc's default: a fresh mmap, unmapped on free
+    assert mmapped_bytes("reuse", 2 * MMAP_THRESHOLD) >= 2 * MMAP_THRESHOLD  # beyond the threshold: mmap'd
 
 
 def test_import_changes_nothing_outside_jinterp():
