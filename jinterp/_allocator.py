@@ -12,10 +12,10 @@ instead of returning it to the system, as caching allocators do (its resident si
 peak). Blocks of 512 MiB and more are still mmap'd and returned: in the one arena such blocks left
 holes that the next call's did not fit, and a 2,048-token SmolLM2 forward's second call grew the
 process from 2.9 to 4.7 GiB (with them mmap'd, the whole benchmark peaks at 3.4-3.6 GiB, and at 3.3
-without this function; benchmarks/long_prompt.py). Smaller blocks,
-every block of a 2 x 256-token run capturing every site included, are reused. It changes the
-whole process, so jinterp never calls it for you: call it first thing in a script (before JAX
-starts its backend, whose threads then share the one arena). Other platforms are unaffected.
+without this function; benchmarks/long_prompt.py). Smaller blocks, every block of a 2 x 256-token
+run capturing every site included, are reused. It changes the whole process, so jinterp never calls
+it for you: call it first thing in a script (before JAX starts its backend, whose threads then share
+the one arena). Other platforms are unaffected.
 """
 
 from __future__ import annotations

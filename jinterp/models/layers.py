@@ -329,7 +329,8 @@ def attend(q, k, v, mask, cfg: Config, first_query: int | None = None) -> Float[
     def attend_chunk(q, k, v, mask, start, end, keys):
         q, k, v, mask = q[:, start:end], k[:, :keys], v[:, :keys], mask[:, start:end, :keys]
         scores = attention_scores(q, k, mask, cfg).astype(accurate(q.dtype))
-        weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))  # (any constant would do)
+        # Less each query's largest score, so that exp stays in range: z does not depend on it, nor its gradient.
+        weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
         total = weights.sum(-1).transpose(0, 2, 1)[..., None]  # [batch, pos, n_heads, 1]
         return (weighted_values(weights.astype(v.dtype), v, cfg) / total).astype(v.dtype)
 
