@@ -30,6 +30,8 @@ each chunk can be computed on its own (and checkpointed: ``jinterp.runs.Run.chun
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,6 +65,7 @@ class Chunks:
     compute: Callable[[int], jax.Array]
     assemble: Callable[[list], jax.Array]
     description: str
+    layout: str = ""  # a digest of what each chunk holds, where that can change (``runs.Run.chunked`` checks it)
 
     def run(self, progress: bool = True) -> jax.Array:
         """Every chunk in order, with a progress bar."""
@@ -268,8 +271,11 @@ def sweep_chunks(model: Model, clean, corrupted, metric: Callable, site="resid_p
     n = sum(len(grid) for _, grid, _, _ in pieces)
     skipped = n - sum(len(todo) for _, _, todo, _ in pieces)
     kinds = ", ".join(dict.fromkeys(t.kind for t in found))
+    # Which sites' patches each chunk holds: another budget, chunk size or version cuts them otherwise.
+    layout = json.dumps([[pieces[i][0].names, grid[rows].tolist(), n] for i, rows, n in chunks])
     return Chunks(len(chunks), compute, assemble,
-                  f"Patching {kinds} ({n} patches{f', {skipped} change nothing' if skipped else ''})")
+                  f"Patching {kinds} ({n} patches{f', {skipped} change nothing' if skipped else ''})",
+                  hashlib.sha256(layout.encode()).hexdigest())
 
 
 def _rows(target: Target, first: int) -> int:

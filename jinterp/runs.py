@@ -10,6 +10,7 @@ JSON and an HTML report. ``execute`` runs one in a directory:
         NAME/               one completed step, an orbax PyTree checkpoint ...
         NAME.json           ... and its seal: a sha256 of the restored values and the compute time
         NAME.chunks/00003/  one completed chunk of a chunked step (a sweep layer), sealed the same way
+        NAME.chunks/layout.json  which patches each chunk holds: chunks cut otherwise are computed again
         results/            everything ``compute`` returned
       metrics.json, report.html, plots/*.png    written by the experiment's ``report``
 
@@ -390,7 +391,11 @@ class Run:
 
     def chunked(self, name: str, chunks):
         """A ``Chunks`` (e.g. ``patching.sweep_chunks``) computed chunk by chunk, each saved as it
-        completes, then assembled."""
+        completes, then assembled. Chunks saved under another ``layout`` (the same work cut otherwise:
+        another memory budget, chunk size or jinterp version) are discarded and computed again, never
+        assembled into the wrong rows."""
+        if chunks.layout:
+            self._keep_only_layout(name, chunks.layout)
         results, seconds, restored = [], 0.0, 0
         for i in self.progress(range(chunks.n), desc=chunks.description, unit="chunk"):
             part = functools.partial(chunks.compute, i)
@@ -402,6 +407,24 @@ class Run:
             self.log(f"{name}: {restored} of {chunks.n} chunks restored from checkpoints, the rest computed")
         self.timings[name] = {"seconds": seconds, "restored": restored == chunks.n, "chunks": chunks.n}
         return np.asarray(chunks.assemble([np.asarray(r) for r in results]))
+
+
+    def _keep_only_layout(self, name: str, layout: str) -> None:
+        """Deletes ``name``'s saved chunks unless they were saved under ``layout``; records ``layout``."""
+        record = inside(self.store.directory, f"{name}.chunks/layout.json")
+        if record.exists() and json.loads(record.read_text()) == {"layout": layout}:
+            return
+        saved = sorted(p.stem for p in record.parent.glob("*.json") if p != record)
+        if saved:
+            self.log(f"{name}: {len(saved)} saved chunks were cut another way (another memory budget, chunk "
+                     "size or version): computing them again")
+        for chunk in saved:
+            self.store.delete(f"{name}.chunks/{chunk}")
+        if sharding.is_main_process():
+            with writing(self.store.directory, f"create {record.parent}"):
+                record.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomically(record, json.dumps({"layout": layout}))
+        sharding.barrier(f"jinterp recorded the layout of {name}")
 
 
 def environment() -> dict:

@@ -130,6 +130,25 @@ def test_resume_after_losing_chunks_is_bit_identical(toy, tmp_path, capsys):
     assert_identical(first, resumed)
 
 
+def test_chunks_saved_under_another_chunking_are_computed_again(toy, tmp_path, capsys):
+    """A sweep resumed with another chunk size holds other patches in each chunk: the saved chunks are
+    discarded rather than assembled into the wrong rows."""
+    def sweep(directory, size):
+        calls = []
+        chunks = patching.sweep_chunks(toy, CLEAN, CORRUPT, metric, "resid_pre", chunk_size=size)
+        counting = dataclasses.replace(chunks, compute=lambda i: (calls.append(i), chunks.compute(i))[1])
+        return runs.Run(directory, None).chunked("sweep", counting), calls
+
+    _, computed = sweep(tmp_path / "run", CLEAN.shape[1])
+    _, again = sweep(tmp_path / "run", CLEAN.shape[1])
+    assert len(computed) > 1 and again == []  # the same chunking: every chunk restored
+    resized, computed = sweep(tmp_path / "run", CLEAN.shape[1] - 1)
+    assert computed == list(range(len(computed)))
+    assert "sweep: 3 saved chunks were cut another way" in capsys.readouterr().err
+    uninterrupted, _ = sweep(tmp_path / "uninterrupted", CLEAN.shape[1] - 1)
+    assert resized.dtype == uninterrupted.dtype and resized.tobytes() == uninterrupted.tobytes()
+
+
 @pytest.mark.parametrize("damage", ["flip a byte", "truncate", "delete a file"])
 def test_corrupt_checkpoints_are_detected_and_recomputed(toy, tmp_path, capsys, damage):
     calls = []
