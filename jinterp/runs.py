@@ -412,7 +412,8 @@ class Run:
     def _keep_only_layout(self, name: str, layout: str) -> None:
         """Deletes ``name``'s saved chunks unless they were saved under ``layout``; records ``layout``."""
         record = inside(self.store.directory, f"{name}.chunks/layout.json")
-        if record.exists() and json.loads(record.read_text()) == {"layout": layout}:
+        # Every process takes the same branch (the deletes are collective), before process 0 writes the record.
+        if sharding.everywhere(record.exists() and json.loads(record.read_text()) == {"layout": layout}):
             return
         saved = sorted(p.stem for p in record.parent.glob("*.json") if p != record)
         if saved:
