@@ -38,7 +38,7 @@ def metric(logits):
 def test_attention_in_chunks_of_queries_equals_attention_at_once(model, monkeypatch):
     tokens, mask = tokens_and_mask()
     whole, whole_cache = jinterp.run(model, tokens, attention_mask=mask, capture="blocks.*.attn.z")
-    monkeypatch.setattr(layers, "QUERY_CHUNK", 8)  # 5 chunks of 8 queries, the last with 3
+    monkeypatch.setattr(layers, "QUERY_CHUNK", 8)  # 5 chunks of 8 queries, the last with 5
     chunked, chunked_cache = jinterp.run(model, tokens, attention_mask=mask, capture="blocks.*.attn.z")
     # Measured 0 (each query's scores, softmax and sum are computed alike); another program that happens
     # to agree bit for bit: 8 eps32 x scale (tests/README.md), room for a different kernel on the smaller product.
