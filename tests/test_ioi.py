@@ -122,7 +122,7 @@ def test_kill_9_mid_sweep_then_rerun_is_bit_identical(tiny_model, tmp_path):
 
     killed = tmp_path / "killed"
     chunks = killed / "checkpoints" / "z.chunks"
-    total = len(list((tmp_path / "whole" / "checkpoints" / "z.chunks").glob("*.json")))
+    total = len(list((tmp_path / "whole" / "checkpoints" / "z.chunks").glob("[0-9]*.json")))  # (not layout.json)
     process = subprocess.Popen(jinterp_run(killed, tiny_model, *options, "--quiet"), env=env, cwd=root)
     deadline = time.monotonic() + 300
     while not (chunks / "00000.json").exists():
@@ -130,7 +130,7 @@ def test_kill_9_mid_sweep_then_rerun_is_bit_identical(tiny_model, tmp_path):
         time.sleep(0.002)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    sealed = len(list(chunks.glob("*.json")))
+    sealed = len(list(chunks.glob("[0-9]*.json")))
     assert 1 <= sealed < total == 6 and not (killed / "checkpoints" / "results.json").exists()
 
     rerun = subprocess.run(jinterp_run(killed, tiny_model, *options), env=env, cwd=root, check=True,
